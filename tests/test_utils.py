@@ -1,0 +1,203 @@
+"""The pure parts of utils.py: validators, group names, pruning, detectors, baselines, files."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from torcheval.metrics.functional import multiclass_accuracy, multiclass_f1_score
+
+import utils
+
+
+def parse(*args: str) -> dict:
+    return vars(utils.get_arg_parser().parse_args(list(args)))
+
+
+# ---- command line
+
+
+def test_defaults_match_the_design():
+    opts = parse()
+    assert (opts["epochs"], opts["batch_size"], opts["optimizer"], opts["lr"]) == (10, 128, "adam", 1e-3)
+    assert (opts["momentum"], opts["weight_decay"], opts["hidden"], opts["grad_clipping"]) == (0.0, 0.0, (512, 512), 0.0)
+    assert (opts["val_size"], opts["save"], opts["abort_irrelevant"], opts["verbose"]) == (5000, False, True, 1)
+    assert (opts["data_path"], opts["output_path"], opts["wandb_project"], opts["epoch_timeout"]) == ("data", "outputs", None, 0.0)
+    assert [opts[k] for k in ("overfitting_threshold", "vanishing_threshold", "exploding_threshold",
+                              "std_threshold", "rnd_threshold", "mp_threshold")] == [0.5, 1e-5, 1e7, 200.0, 0.1, 0.1]
+
+
+def test_both_flag_forms_and_every_boolean_spelling():
+    assert parse("--lr", "0.01")["lr"] == parse("--lr=0.01")["lr"] == 0.01
+    for text, value in [("yes", True), ("No", False), ("True", True), ("FALSE", False), ("1", True), ("0", False)]:
+        assert parse(f"--save={text}")["save"] is value
+    assert parse("--hidden=256,128,64")["hidden"] == (256, 128, 64)
+    assert parse("--hidden=")["hidden"] == ()
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--epochs", "0"], "--epochs"), (["--epochs", "2.5"], "--epochs"), (["--batch_size", "-1"], "--batch_size"),
+    (["--optimizer", "rmsprop"], "--optimizer"), (["--lr", "0"], "--lr"), (["--lr", "nan"], "--lr"),
+    (["--lr", "fast"], "--lr"), (["--momentum", "1"], "--momentum"), (["--momentum", "-0.1"], "--momentum"),
+    (["--weight_decay", "-1"], "--weight_decay"), (["--hidden", "512,x"], "--hidden"),
+    (["--hidden", "512,0"], "--hidden"), (["--dropout", "1"], "--dropout"), (["--grad_clipping", "-1"], "--grad_clipping"),
+    (["--val_size", "0"], "--val_size"), (["--seed", "one"], "--seed"), (["--save", "maybe"], "--save"),
+    (["--abort_irrelevant", "2"], "--abort_irrelevant"), (["--verbose", "3"], "--verbose"),
+    (["--epoch_timeout", "-1"], "--epoch_timeout"), (["--std_threshold", "-5"], "--std_threshold"),
+    (["--unknown", "1"], "--unknown"),
+])
+def test_bad_values_end_with_a_usage_error_naming_the_flag(args, flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        utils.get_arg_parser().parse_args(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and flag in err and "Traceback" not in err
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        utils.get_arg_parser().parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for action in utils.get_arg_parser()._actions[1:]:
+        assert action.option_strings[0] in out
+    assert "(default: 0.001)" in out and "(default: 512,512)" in out and "(default: adam)" in out
+
+
+# ---- group names
+
+
+def test_group_name_ignores_seed_and_housekeeping_and_flag_order():
+    name = utils.generate_name(parse("--lr", "0.001", "--optimizer", "sgd"))
+    assert name == utils.generate_name(parse("--optimizer=sgd", "--lr=1e-3", "--seed", "7", "--save", "yes",
+                                             "--verbose", "0", "--std_threshold", "3", "--data_path", "x"))
+    assert name != utils.generate_name(parse("--lr", "0.002", "--optimizer", "sgd"))
+    assert name != utils.generate_name(parse("--lr", "0.001", "--optimizer", "sgd", "--hidden", "512"))
+
+
+def test_group_name_is_the_same_on_any_machine():
+    # Pinned: a change here regroups every user's existing runs.
+    assert utils.generate_name(parse()) == "wise-swan-5a9944d9"
+    word, noun, digest = utils.generate_name(parse("--epochs", "3")).split("-")
+    assert word in utils._words("adjectives.txt") and noun in utils._words("nouns.txt") and len(digest) == 8
+
+
+def test_a_hyperparameter_added_to_the_parser_joins_the_group_name(monkeypatch):
+    original = utils.get_arg_parser
+
+    def with_label_smoothing():
+        parser = original()
+        group = next(g for g in parser._action_groups if g.title == utils.HYPERPARAMETERS)
+        group.add_argument("--label_smoothing", type=utils.Number(float, min=0), default=0.0)
+        return parser
+
+    monkeypatch.setattr(utils, "get_arg_parser", with_label_smoothing)
+    assert "label_smoothing" in utils.hyperparameter_names()
+    plain = vars(with_label_smoothing().parse_args([]))
+    smooth = vars(with_label_smoothing().parse_args(["--label_smoothing", "0.1"]))
+    assert utils.generate_name(plain) != utils.generate_name(smooth)
+
+
+def test_housekeeping_is_not_a_hyperparameter():
+    names = utils.hyperparameter_names()
+    assert set(names) == {"epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "hidden",
+                          "dropout", "grad_clipping", "val_size"}
+
+
+def test_negative_seed_is_time_based_and_recorded():
+    assert utils.resolve_seed(5) == 5
+    assert utils.resolve_seed(-1) >= 0
+
+
+# ---- pruning
+
+
+def test_prune_flags_momentum_with_adam_only():
+    assert utils.prune_hyperparameters(parse("--optimizer", "adam", "--momentum", "0.9"))
+    assert utils.prune_hyperparameters(parse("--optimizer", "sgd", "--momentum", "0.9")) == []
+    assert utils.prune_hyperparameters(parse()) == []
+
+
+# ---- detectors
+
+
+OPTS = parse()
+
+
+def test_gradient_tags():
+    assert utils.gradient_tags(0.1, 10.0, 1.0, OPTS) == []
+    assert utils.gradient_tags(1e-6, 10.0, 1.0, OPTS) == ["Vanishing gradient"]
+    assert utils.gradient_tags(0.1, 1e8, 1.0, OPTS) == ["Exploding gradient"]
+    assert utils.gradient_tags(0.1, 10.0, 201.0, OPTS) == ["High StdDev"]
+
+
+def test_nonfinite_step_names_the_first_bad_batch():
+    assert utils.nonfinite_step([1.0, 2.0], [1.0, 1.0]) is None
+    assert utils.nonfinite_step([1.0, float("nan"), float("inf")], [1.0] * 3) == (1, "NaN loss")
+    assert utils.nonfinite_step([1.0, float("inf"), float("nan")], [1.0] * 3) == (1, "Inf loss")
+    assert utils.nonfinite_step([1.0, 1.0], [1.0, float("inf")]) == (1, "NaN gradient")
+    assert utils.nonfinite_step([float("nan")], [float("nan")]) == (0, "NaN loss")
+
+
+def test_overfitting_and_guessing_tags():
+    row = {"gap/accuracy": 0.6, "gap/f1": 0.2}
+    assert utils.overfitting_tags(row, 0.5, utils.OVERFITTING_LEARNING) == ["Overfitting accuracy (learning)"]
+    assert utils.overfitting_tags(row, 0.5, utils.OVERFITTING_END) == ["Overfitting accuracy (end)"]
+    row = {"val/accuracy": 0.15, "val/f1": 0.9, "val/random_accuracy": 0.1, "val/random_f1": 0.1}
+    assert utils.guessing_tags(row, "random", 0.1, utils.RANDOM_GUESSING) == ["Random guessing accuracy (val)"]
+
+
+def test_baselines_agree_with_torcheval():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    train_counts = [10, 40, 5]  # the training set's most frequent class is 1
+    mp = utils.most_probable_baseline(train_counts, torch.bincount(labels).tolist())
+    constant = torch.full_like(labels, 1)
+    assert mp["accuracy"] == pytest.approx(multiclass_accuracy(constant, labels).item())
+    assert mp["f1"] == pytest.approx(multiclass_f1_score(constant, labels, num_classes=3, average="macro").item())
+    # Uniform guessing, made exact: every sample of every class predicted as each class in turn.
+    rnd = utils.random_baseline(torch.bincount(labels).tolist())
+    every = torch.arange(3).repeat(len(labels))
+    repeated = labels.repeat_interleave(3)
+    assert rnd["accuracy"] == pytest.approx(multiclass_accuracy(every, repeated).item())
+    assert rnd["f1"] == pytest.approx(multiclass_f1_score(every, repeated, num_classes=3, average="macro").item())
+
+
+def test_failed_and_tag_bookkeeping():
+    tags = []
+    utils.add_tags(tags, ["Vanishing gradient", "Vanishing gradient"])
+    utils.add_tags(tags, ["Vanishing gradient", "NaN loss"])
+    assert tags == ["Vanishing gradient", "NaN loss"]
+    assert utils.failed(tags) and not utils.failed(["Success", "Overfitting f1 (end)"])
+    assert {t.template for t in utils.TAGS if t.error} == {
+        "Irrelevant hyperparameters", "User abort", "Timeout", "NaN loss", "Inf loss", "NaN gradient"}
+
+
+def test_readme_tables_are_the_code_tables():
+    readme = (utils.HERE / "README.md").read_text()
+    assert utils.tags_table() in readme
+    assert utils.thresholds_table() in readme
+
+
+# ---- files
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "results.json"
+    utils.write_json(path, {"status": "running", "loss": float("nan")})
+    assert json.loads(path.read_text()) == {"status": "running", "loss": "NaN"}
+
+    def broken(f):
+        f.write(b'{"half":')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        utils.atomic_write(path, broken)
+    assert json.loads(path.read_text())["status"] == "running"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_validators_describe_themselves_through_public_attributes():
+    assert utils.Number(int, min=1).describe() == "int >= 1"
+    assert utils.Number(float, min=0, max=1, max_open=True).describe() == "float >= 0 and < 1"
+    assert utils.Boolean().kind is bool and utils.Widths().kind is tuple
+    with pytest.raises(argparse.ArgumentTypeError):
+        utils.Boolean()("maybe")

@@ -1,0 +1,75 @@
+"""Read a W&B run back from its offline file, as `wandb sync` would upload it.
+
+The file `run-ID.wandb` is a LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1, version),
+then 32 KiB blocks of records, each with a 7-byte header (CRC32C, length, type: full, first,
+middle or last chunk), whose payloads are serialised `wandb_internal_pb2.Record` messages.
+wandb no longer ships a Python reader for it, so the tests carry this small one.
+"""
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2 as pb
+
+BLOCK, HEADER = 32768, 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def records(path: Path):
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, payload = HEADER, b""
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER:  # too small for a record header: the writer padded the block
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        if kind == 0:  # zero padding at the end of a block
+            pos += left
+            continue
+        chunk = data[pos + HEADER:pos + HEADER + length]
+        pos += HEADER + length
+        payload = chunk if kind in (FULL, FIRST) else payload + chunk
+        if kind in (FULL, LAST):
+            record = pb.Record()
+            record.ParseFromString(payload)
+            yield record
+
+
+@dataclass
+class Run:
+    group: str = ""
+    tags: list = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    exit_code: int | None = None
+
+
+def read_run(path: Path) -> Run:
+    run = Run()
+    for record in records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run.group = record.run.run_group or run.group
+            run.tags = list(record.run.tags) or run.tags
+            run.config.update({u.key: json.loads(u.value_json) for u in record.run.config.update})
+        elif kind == "config":
+            run.config.update({u.key: json.loads(u.value_json) for u in record.config.update})
+        elif kind == "history":
+            run.history.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                                for i in record.history.item})
+        elif kind == "summary":
+            run.summary.update({(u.key or "/".join(u.nested_key)): json.loads(u.value_json)
+                                for u in record.summary.update})
+        elif kind == "exit":
+            run.exit_code = record.exit.exit_code
+    return run
+
+
+def find_run(wandb_dir: Path, run_id: str) -> Run:
+    [path] = Path(wandb_dir).glob(f"wandb/*-{run_id}/run-{run_id}.wandb")
+    return read_run(path)

@@ -1,0 +1,387 @@
+"""Everything main.py needs that is not the experiment itself.
+
+Argument validators and the parser, the tag table, the event detectors (pure functions over
+plain numbers, so they are tested without training), hyper-parameter pruning, group names,
+seeding and atomic file writes. Nothing here imports torch or wandb: `python main.py --help`
+answers before either is loaded.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------------------------
+# Validators: argparse `type=` callables. Their limits are public attributes so that tools (the
+# README generator) can describe a flag without parsing error messages.
+
+
+class Validator:
+    """Base of the validators: `kind` is the Python type a flag's value has once parsed."""
+
+    kind: type = str
+
+    @property
+    def __name__(self) -> str:  # argparse names the type in some of its messages
+        return self.kind.__name__
+
+    def describe(self) -> str:
+        return self.kind.__name__
+
+    def __call__(self, text: str):
+        return text
+
+
+@dataclass(frozen=True)
+class Number(Validator):
+    """An int or a float, optionally bounded."""
+
+    kind: type = float
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    max_open: bool = False
+
+    def describe(self) -> str:
+        bounds = [f"{'>' if self.min_open else '>='} {self.min:g}"] if self.min is not None else []
+        bounds += [f"{'<' if self.max_open else '<='} {self.max:g}"] if self.max is not None else []
+        return " and ".join([self.kind.__name__ + (" " + bounds[0] if bounds else "")] + bounds[1:])
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}") from None
+        too_low = self.min is not None and (value <= self.min if self.min_open else value < self.min)
+        too_high = self.max is not None and (value >= self.max if self.max_open else value > self.max)
+        if math.isnan(value) or too_low or too_high:
+            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class Boolean(Validator):
+    """yes/no, true/false or 1/0 in any letter case (the W&B agent passes True/False)."""
+
+    kind: type = bool
+
+    def describe(self) -> str:
+        return "yes/no"
+
+    def __call__(self, text: str) -> bool:
+        if text.lower() in ("yes", "true", "1"):
+            return True
+        if text.lower() in ("no", "false", "0"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected one of yes/no/true/false/1/0, got {text!r}")
+
+
+@dataclass(frozen=True)
+class Widths(Validator):
+    """Comma-separated layer widths, e.g. 512,512; empty for no hidden layer."""
+
+    kind: type = tuple
+
+    def describe(self) -> str:
+        return "comma-separated ints >= 1"
+
+    def __call__(self, text: str) -> tuple[int, ...]:
+        try:
+            widths = tuple(int(w) for w in text.split(",")) if text.strip() else ()
+        except ValueError:
+            widths = (0,)
+        if any(w < 1 for w in widths):
+            raise argparse.ArgumentTypeError(f"expected {self.describe()} like 512,512, got {text!r}")
+        return widths
+
+
+# ----------------------------------------------------------------------------------------------
+# The parser: the one place to add a hyper-parameter. Options in the HYPERPARAMETERS group change
+# results and make up the group name; every other group is housekeeping.
+
+HYPERPARAMETERS = "hyper-parameters"
+THRESHOLDS = "detector thresholds"
+
+
+def get_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train an MLP on MNIST with a hand-written loop; log, group and tag the run in W&B.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    yes_no, text = Boolean(), Validator()
+
+    hyper = parser.add_argument_group(HYPERPARAMETERS, "they change results, so they name the W&B group")
+    hyper.add_argument("--epochs", type=Number(int, min=1), default=10, help="passes over the training split")
+    hyper.add_argument("--batch_size", type=Number(int, min=1), default=128, help="samples per optimizer step")
+    hyper.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="optimizer")
+    hyper.add_argument("--lr", type=Number(float, min=0, min_open=True), default=1e-3, help="learning rate")
+    hyper.add_argument("--momentum", type=Number(float, min=0, max=1, max_open=True), default=0.0,
+                       help="SGD momentum (irrelevant with adam)")
+    hyper.add_argument("--weight_decay", type=Number(float, min=0), default=0.0, help="L2 penalty")
+    hyper.add_argument("--hidden", type=Widths(), default="512,512",
+                       help="hidden layer widths of the MLP, comma-separated")
+    hyper.add_argument("--dropout", type=Number(float, min=0, max=1, max_open=True), default=0.0,
+                       help="dropout probability after each hidden layer")
+    hyper.add_argument("--grad_clipping", type=Number(float, min=0), default=0.0,
+                       help="max total gradient norm (norm clipping), 0 = off")
+    hyper.add_argument("--val_size", type=Number(int, min=1), default=5000,
+                       help="samples held out of the official training set for validation")
+
+    exp = parser.add_argument_group("experiment")
+    exp.add_argument("--seed", type=Number(int), default=0, help="random seed; negative = time-based")
+    exp.add_argument("--device", type=text, default=None,
+                     help="cpu, cuda, cuda:N, ...; unset: $DEVICE, else cuda if available, else cpu")
+    exp.add_argument("--data_path", type=text, default="data", help="folder holding MNIST/raw/")
+    exp.add_argument("--epoch_timeout", type=Number(float, min=0), default=0.0,
+                     help="minutes an epoch may take before the run stops with Timeout, 0 = off")
+    exp.add_argument("--abort_irrelevant", type=yes_no, default=True,
+                     help="do not train a redundant hyper-parameter combination")
+    exp.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
+                     help="0 quiet, 1 epoch progress and summaries, 2 batch progress too")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--wandb_project", type=text, default=None, help="W&B project; unset = no W&B")
+    out.add_argument("--save", type=yes_no, default=False,
+                     help="save model.pt, config.json and results.json under --output_path")
+    out.add_argument("--output_path", type=text, default="outputs", help="folder for saved runs")
+
+    thr = parser.add_argument_group(THRESHOLDS, "when the detectors tag a run (see the tags table)")
+    thr.add_argument("--overfitting_threshold", type=Number(float, min=0), default=0.5,
+                     help="train minus test metric above this is overfitting")
+    thr.add_argument("--vanishing_threshold", type=Number(float, min=0), default=1e-5,
+                     help="a total gradient norm below this is vanishing")
+    thr.add_argument("--exploding_threshold", type=Number(float, min=0), default=1e7,
+                     help="a total gradient norm above this is exploding")
+    thr.add_argument("--std_threshold", type=Number(float, min=0), default=200.0,
+                     help="a std of the gradient norm within an epoch above this is high")
+    thr.add_argument("--rnd_threshold", type=Number(float, min=0), default=0.1,
+                     help="a metric within this of random guessing is random guessing")
+    thr.add_argument("--mp_threshold", type=Number(float, min=0), default=0.1,
+                     help="a metric within this of always guessing the most frequent class")
+    return parser
+
+
+def option_groups(parser: argparse.ArgumentParser) -> dict[str, list[argparse.Action]]:
+    """The parser's options by group title. argparse has no public API for groups, so this one
+    function reads its private lists; everything else goes through here."""
+    return {
+        group.title: [a for a in group._group_actions if a.dest != "help"]
+        for group in parser._action_groups
+    }
+
+
+def hyperparameter_names(parser: argparse.ArgumentParser | None = None) -> list[str]:
+    return [a.dest for a in option_groups(parser or get_arg_parser())[HYPERPARAMETERS]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pruning: combinations that would only repeat another run. Add a rule as one more `if`.
+
+
+def prune_hyperparameters(opts: dict, parser: argparse.ArgumentParser | None = None) -> list[str]:
+    """Why this combination is redundant; empty when it is not."""
+    default = (parser or get_arg_parser()).get_default
+    reasons = []
+    if opts["optimizer"] == "adam" and opts["momentum"] != default("momentum"):
+        reasons.append("--momentum only acts with --optimizer sgd, so this run repeats momentum "
+                       f"{default('momentum')}")
+    return reasons
+
+
+# ----------------------------------------------------------------------------------------------
+# Group names: a readable word pair plus a hash of the hyper-parameters, the same on any machine.
+
+
+def _words(name: str) -> list[str]:
+    return (HERE / name).read_text().split()
+
+
+def generate_name(opts: dict) -> str:
+    hyper = {name: opts[name] for name in hyperparameter_names()}
+    canonical = json.dumps(hyper, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    adjectives, nouns = _words("adjectives.txt"), _words("nouns.txt")
+    adjective = adjectives[int(digest[8:16], 16) % len(adjectives)]
+    noun = nouns[int(digest[16:24], 16) % len(nouns)]
+    return f"{adjective}-{noun}-{digest[:8]}"
+
+
+def resolve_seed(seed: int) -> int:
+    """A negative seed asks for a time-based one; the result is what gets recorded."""
+    return seed if seed >= 0 else time.time_ns() % 2**31
+
+
+# ----------------------------------------------------------------------------------------------
+# Tags: the one table of what a run can be tagged with. README tables are rendered from it.
+
+
+@dataclass(frozen=True)
+class Tag:
+    template: str  # fields in braces: {metric} is accuracy or f1, {split} is train, val or test
+    error: bool  # an error tag ends the run as Failed, with exit status 1
+    meaning: str
+
+    def __call__(self, **fields) -> str:
+        return self.template.format(**fields)
+
+    @property
+    def pattern(self) -> str:
+        return self.template.replace("{metric}", "METRIC").replace("{split}", "SPLIT")
+
+
+SUCCESS = Tag("Success", False, "training completed every epoch")
+OVERFITTING_LEARNING = Tag("Overfitting {metric} (learning)", False,
+                           "train minus test METRIC above --overfitting_threshold at some epoch")
+OVERFITTING_END = Tag("Overfitting {metric} (end)", False,
+                      "train minus test METRIC still above --overfitting_threshold at the last epoch")
+RANDOM_GUESSING = Tag("Random guessing {metric} ({split})", False,
+                      "at the end, METRIC on SPLIT within --rnd_threshold of guessing uniformly at random")
+MOST_PROBABLE_GUESSING = Tag("Most probable guessing {metric} ({split})", False,
+                             "at the end, METRIC on SPLIT within --mp_threshold of always guessing "
+                             "the training set's most frequent class")
+VANISHING_GRADIENT = Tag("Vanishing gradient", False,
+                         "total gradient norm below --vanishing_threshold for some batch")
+EXPLODING_GRADIENT = Tag("Exploding gradient", False,
+                         "total gradient norm above --exploding_threshold for some batch")
+HIGH_STD = Tag("High StdDev", False,
+               "standard deviation of the gradient norm within an epoch above --std_threshold")
+IRRELEVANT = Tag("Irrelevant hyperparameters", True,
+                 "a redundant combination (see prune_hyperparameters); not trained with --abort_irrelevant yes")
+USER_ABORT = Tag("User abort", True, "stopped by SIGINT (Ctrl+C) at the next batch; history so far kept")
+TIMEOUT = Tag("Timeout", True, "an epoch took longer than --epoch_timeout; history so far kept")
+NAN_LOSS = Tag("NaN loss", True, "the loss was NaN; training stopped, no step taken with it")
+INF_LOSS = Tag("Inf loss", True, "the loss was infinite; training stopped, no step taken with it")
+NAN_GRADIENT = Tag("NaN gradient", True,
+                   "the total gradient norm was NaN or infinite with a finite loss; training stopped, "
+                   "no step taken with it")
+
+TAGS = (SUCCESS, OVERFITTING_LEARNING, OVERFITTING_END, RANDOM_GUESSING, MOST_PROBABLE_GUESSING,
+        VANISHING_GRADIENT, EXPLODING_GRADIENT, HIGH_STD,
+        IRRELEVANT, USER_ABORT, TIMEOUT, NAN_LOSS, INF_LOSS, NAN_GRADIENT)
+ERROR_TAGS = frozenset(tag.template for tag in TAGS if tag.error)
+
+
+def failed(tags: list[str]) -> bool:
+    return any(tag in ERROR_TAGS for tag in tags)
+
+
+def add_tags(tags: list[str], new: list[str]) -> None:
+    """Append in order of first occurrence: a tag raised every epoch is listed once."""
+    tags.extend(t for t in dict.fromkeys(new) if t not in tags)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def tags_table() -> str:
+    return markdown_table(["tag", "kind", "meaning"],
+                          [[f"`{t.pattern}`", "error" if t.error else "info", t.meaning] for t in TAGS])
+
+
+def thresholds_table(parser: argparse.ArgumentParser | None = None) -> str:
+    actions = option_groups(parser or get_arg_parser())[THRESHOLDS]
+    return markdown_table(["flag", "default", "meaning"],
+                          [[f"`{a.option_strings[0]}`", f"{a.default:g}", a.help] for a in actions])
+
+
+# ----------------------------------------------------------------------------------------------
+# Detectors: pure functions over plain numbers. main.py reads the device once per epoch and
+# feeds them; tests feed them directly.
+
+METRICS = ("accuracy", "f1")
+SPLITS = ("train", "val", "test")
+
+
+def gradient_tags(norm_min: float, norm_max: float, norm_std: float, opts: dict) -> list[str]:
+    tags = []
+    if norm_min < opts["vanishing_threshold"]:
+        tags.append(VANISHING_GRADIENT())
+    if norm_max > opts["exploding_threshold"]:
+        tags.append(EXPLODING_GRADIENT())
+    if norm_std > opts["std_threshold"]:
+        tags.append(HIGH_STD())
+    return tags
+
+
+def nonfinite_step(losses: list[float], norms: list[float]) -> tuple[int, str] | None:
+    """The first batch whose loss or gradient norm is not finite, and the error tag it earns."""
+    for i, (loss, norm) in enumerate(zip(losses, norms)):
+        if math.isnan(loss):
+            return i, NAN_LOSS()
+        if math.isinf(loss):
+            return i, INF_LOSS()
+        if not math.isfinite(norm):
+            return i, NAN_GRADIENT()
+    return None
+
+
+def overfitting_tags(row: dict, threshold: float, tag: Tag) -> list[str]:
+    return [tag(metric=m) for m in METRICS if row.get(f"gap/{m}", -math.inf) > threshold]
+
+
+def guessing_tags(row: dict, baseline: str, threshold: float, tag: Tag) -> list[str]:
+    """`baseline` names the row's baseline keys, e.g. val/random_accuracy for val/accuracy."""
+    return [tag(metric=m, split=s) for s in SPLITS for m in METRICS
+            if f"{s}/{m}" in row and row[f"{s}/{m}"] <= row[f"{s}/{baseline}_{m}"] + threshold]
+
+
+def random_baseline(counts: list[int]) -> dict[str, float]:
+    """Expected accuracy and macro F1 of guessing uniformly among the classes, given the split's
+    label counts: class c has precision p_c and recall 1/K."""
+    k, n = len(counts), sum(counts)
+    f1 = [2 * (c / n) / k / (c / n + 1 / k) for c in counts]
+    return {"accuracy": 1 / k, "f1": sum(f1) / k}
+
+
+def most_probable_baseline(train_counts: list[int], counts: list[int]) -> dict[str, float]:
+    """Accuracy and macro F1 of always predicting the training set's most frequent class on a
+    split with these label counts. As in torcheval, classes absent from both the labels and the
+    predictions do not count in the macro average."""
+    guess = max(range(len(train_counts)), key=train_counts.__getitem__)
+    share = counts[guess] / sum(counts)
+    present = sum(1 for c, n in enumerate(counts) if n > 0 or c == guess)
+    return {"accuracy": share, "f1": 2 * share / (1 + share) / present}
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: written whole or not at all, so a run killed while saving never leaves half a file.
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(file) on a temporary file beside `path`, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def json_safe(value):
+    """Strict JSON has no NaN or Infinity: write them as the strings "NaN", "Infinity"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, obj) -> None:
+    data = json.dumps(json_safe(obj), indent=2, allow_nan=False).encode() + b"\n"
+    atomic_write(path, lambda f: f.write(data))
