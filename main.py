@@ -72,7 +72,7 @@ def load_mnist(data_path: str, device: torch.device) -> dict[str, tuple[torch.Te
         except (RuntimeError, OSError) as e:
             raise MissingData(
                 f"MNIST is not in {Path(data_path, 'MNIST', 'raw').resolve()} and could not be downloaded "
-                f"({str(e).splitlines()[0]}).\nPut the four files train-images-idx3-ubyte, "
+                f"({str(e).strip().splitlines()[-1]}).\nPut the four files train-images-idx3-ubyte, "
                 "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte there "
                 "(from a machine with network: python -c \"from torchvision.datasets import MNIST; "
                 "MNIST('data', download=True)\"), or pass --data_path to the folder that holds MNIST/."

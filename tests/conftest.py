@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL_MNIST = ROOT.parent / "shared" / "data"
+REAL_MNIST = Path(os.environ.get("MNIST_DATA", ROOT.parent / "shared" / "data"))  # the real MNIST, never downloaded in tests
 
 
 def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:

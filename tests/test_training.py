@@ -139,7 +139,7 @@ def test_unusable_device_is_a_usage_error(tiny_data, tmp_path, capsys, monkeypat
 
 def test_real_mnist_one_epoch_reaches_96_percent(tmp_path):
     if not (REAL_MNIST / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists():
-        pytest.fail(f"the real MNIST is expected in {REAL_MNIST}")
+        pytest.fail(f"the real MNIST is expected in {REAL_MNIST}: set MNIST_DATA to the folder holding MNIST/raw/")
     assert run_main("--data_path", str(REAL_MNIST), "--epochs", "1", "--device", "cpu", "--verbose", "0",
                     "--save", "yes", "--output_path", str(tmp_path)) == 0
     accuracy = results(tmp_path)[1]["history"][0]["test/accuracy"]

@@ -201,3 +201,9 @@ def test_validators_describe_themselves_through_public_attributes():
     assert utils.Boolean().kind is bool and utils.Widths().kind is tuple
     with pytest.raises(argparse.ArgumentTypeError):
         utils.Boolean()("maybe")
+
+
+def test_ci_runs_the_readme_test_command():
+    command = "pip install -r requirements.txt && python -m pytest"
+    assert f"    {command}\n" in (utils.HERE / "README.md").read_text()
+    assert (utils.HERE / ".ci" / "run").read_text().strip().endswith(command)

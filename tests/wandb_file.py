@@ -42,6 +42,7 @@ def records(path: Path):
 @dataclass
 class Run:
     group: str = ""
+    sweep_id: str = ""
     tags: list = field(default_factory=list)
     config: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
@@ -55,6 +56,7 @@ def read_run(path: Path) -> Run:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run.group = record.run.run_group or run.group
+            run.sweep_id = record.run.sweep_id or run.sweep_id
             run.tags = list(record.run.tags) or run.tags
             run.config.update({u.key: json.loads(u.value_json) for u in record.run.config.update})
         elif kind == "config":

@@ -1,0 +1,85 @@
+"""main.py as users start it: a real `python main.py` process, real signals, real exit statuses."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import ROOT, small_run, start_main
+from wandb_file import find_run
+
+OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+def test_ctrl_c_stops_cleanly_keeps_history_and_fails_the_run(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    args = small_run(tiny_data, out, "--epochs", "100000", "--verbose", "1", "--wandb_project", "boilerplate-tests")
+    proc = start_main(args, env={**OFFLINE, "WANDB_DIR": str(tmp_path)})
+    try:
+        for line in proc.stdout:  # wait until an epoch has been trained, logged and saved
+            if line.startswith("epoch 2/"):
+                break
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl+C in a terminal does: the whole foreground group
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, stderr
+    assert "Traceback" not in stderr and "Run failed" in stdout and "User abort" in stdout
+    [path] = out.glob("*/*/results.json")
+    res = json.loads(path.read_text())
+    assert res["status"] == "failed" and "User abort" in res["tags"] and "Success" not in res["tags"]
+    assert len(res["history"]) >= 2 and [r["epoch"] for r in res["history"]] == list(range(1, len(res["history"]) + 1))
+    run = find_run(tmp_path, path.parent.name)
+    assert run.exit_code == 1 and "User abort" in run.tags and len(run.history) == len(res["history"])
+
+
+def test_standalone_prints_a_summary_per_epoch_and_the_outcome(tiny_data, tmp_path):
+    args = small_run(tiny_data, tmp_path / "out", "--verbose", "1", "--save", "no")
+    proc = start_main(args)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "epoch 1/2" in stdout and "epoch 2/2" in stdout and "test" in stdout
+    assert "Run finished" in stdout and "Tags: Success" in stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_says_where_it_looked_and_exits_1(tmp_path):
+    # A proxy on a closed local port stands in for a machine without network: the download fails at once.
+    closed = "http://127.0.0.1:9"
+    proc = start_main(["--data_path", str(tmp_path / "nowhere"), "--device", "cpu"],
+                      env={"http_proxy": closed, "https_proxy": closed, "HTTP_PROXY": closed, "HTTPS_PROXY": closed})
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert str(tmp_path / "nowhere" / "MNIST" / "raw") in stderr and "--data_path" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_bad_command_line_exits_2_without_traceback(tmp_path):
+    proc = start_main(["--lr=-1"])
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "argument --lr" in stderr and "Traceback" not in stderr
+
+
+def test_help_answers_without_loading_torch_or_wandb():
+    code = ("import runpy, sys\nsys.argv = ['main.py', '--help']\n"
+            "try:\n    runpy.run_path('main.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'wandb', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    assert "--wandb_project" in out and out.strip().endswith("[]")
+
+
+def test_sweep_agent_style_run_joins_grouped_and_tagged(tiny_data, tmp_path):
+    # What `wandb agent` does: WANDB_SWEEP_ID and the project in the environment, --key=value arguments
+    # (booleans as True/False), no --wandb_project. Offline, since no W&B server is reachable here.
+    args = [a for pair in zip(*[iter(small_run(tiny_data, tmp_path / "out"))] * 2) for a in (f"{pair[0]}={pair[1]}",)]
+    args = [a.replace("--save=yes", "--save=True") for a in args] + ["--seed=4", "--abort_irrelevant=False"]
+    env = {**OFFLINE, "WANDB_DIR": str(tmp_path), "WANDB_SWEEP_ID": "sweep123", "WANDB_PROJECT": "boilerplate-tests"}
+    proc = start_main(args, env=env)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    [path] = (tmp_path / "out").glob("*/*/results.json")
+    res = json.loads(path.read_text())
+    run = find_run(tmp_path, path.parent.name)
+    assert run.sweep_id == "sweep123" and run.group == res["group"] and run.config["seed"] == 4
+    assert run.tags == ["Success"] and run.exit_code == 0
