@@ -15,6 +15,7 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from tqdm import tqdm
 NUM_CLASSES = 10
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 VAL_SPLIT_SEED = 0  # the validation split is fixed: it never moves with --seed
-SYNC_EVERY = 50  # batches between the host's looks at the non-finite flag
+SYNC_EVERY = 50  # batches between the host's looks at the non-finite flag on an accelerator
 EVAL_BATCH = 4096
 
 
@@ -60,23 +61,27 @@ def build_model(hidden: tuple[int, ...], dropout: float) -> nn.Sequential:
 # of a seeded permutation, so there is no per-sample Python and no DataLoader.
 
 
-class MissingData(Exception):
-    pass
+class StartError(Exception):
+    """The run cannot start (no data, no place to save, no W&B); the message says what to do."""
 
 
 def load_mnist(data_path: str, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    raw = Path(data_path, "MNIST", "raw").resolve()
+    missing = [Path(name).stem for name, _ in MNIST.resources if not (raw / Path(name).stem).exists()]
+    how = ("Put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+           f"t10k-labels-idx1-ubyte in {raw} (on a machine with network: python -c \"from torchvision.datasets "
+           "import MNIST; MNIST('data', download=True)\"), or pass --data_path to the folder that holds MNIST/.")
     splits = {}
     for name, train in (("train", True), ("test", False)):
         try:
-            ds = MNIST(data_path, train=train, download=True)
-        except (RuntimeError, OSError) as e:
-            raise MissingData(
-                f"MNIST is not in {Path(data_path, 'MNIST', 'raw').resolve()} and could not be downloaded "
-                f"({str(e).strip().splitlines()[-1]}).\nPut the four files train-images-idx3-ubyte, "
-                "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte there "
-                "(from a machine with network: python -c \"from torchvision.datasets import MNIST; "
-                "MNIST('data', download=True)\"), or pass --data_path to the folder that holds MNIST/."
-            ) from None
+            ds = MNIST(data_path, train=train, download=bool(missing))
+        except (RuntimeError, OSError, ValueError) as e:
+            reason = str(e).strip().splitlines()[-1]
+            if missing:
+                raise StartError(f"MNIST is not in {raw} ({', '.join(missing)} missing) and could not be "
+                                 f"downloaded ({reason}).\n{how}") from None
+            raise StartError(f"the MNIST files in {raw} could not be read ({reason}); they may be truncated "
+                             f"or corrupted.\n{how}") from None
         x = ((ds.data.float() / 255 - MNIST_MEAN) / MNIST_STD).reshape(len(ds.data), -1)
         splits[name] = (x.to(device), ds.targets.to(device))
     return splits
@@ -130,6 +135,8 @@ def train_epoch(model, optimizer, x, y, opts, generator, stop, verbose) -> tuple
     nonfinite = torch.zeros((), device=y.device)
     optimizer.found_inf = nonfinite
 
+    # On the CPU reading the flag costs nothing, so look after every batch and stop at once.
+    sync_every = 1 if y.device.type == "cpu" else SYNC_EVERY
     stop_tag, done = None, 0
     for i in tqdm(range(n_batches), leave=False, disable=verbose < 2, desc="batches"):
         if stop.requested:
@@ -151,8 +158,8 @@ def train_epoch(model, optimizer, x, y, opts, generator, stop, verbose) -> tuple
         losses[i], norms[i] = loss.detach(), norm
         predictions[i * bs:(i + 1) * bs] = logits.detach().argmax(1)
         done = i + 1
-        # Sync point, once every SYNC_EVERY batches: stop soon after a non-finite step.
-        if done % SYNC_EVERY == 0 and nonfinite.item():
+        # Sync point, every sync_every batches: stop soon after a non-finite loss or gradient.
+        if done % sync_every == 0 and nonfinite.item():
             break
 
     # Sync point, once per epoch: read the epoch's statistics to the host.
@@ -219,8 +226,20 @@ def start_wandb(opts: dict, config: dict):
         return None
     import wandb  # only runs that log pay for its import
 
-    # Under `wandb agent` (WANDB_SWEEP_ID set) the project comes from the sweep.
-    return wandb.init(project=opts["wandb_project"], group=config["group"], config=config)
+    try:  # under `wandb agent` (WANDB_SWEEP_ID set) the project comes from the sweep
+        return wandb.init(project=opts["wandb_project"], group=config["group"], config=config)
+    except wandb.Error as e:
+        raise StartError(f"W&B could not start: {e}\nLog in with `wandb login`, or run with "
+                         "WANDB_MODE=offline (upload later with `wandb sync`).") from None
+
+
+def check_writable(path: str) -> None:
+    """Fail before training, not after it, when results could not be saved."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise StartError(f"cannot save under --output_path {path}: {e.strerror or e}") from None
 
 
 def run_folder(opts: dict, config: dict, run) -> Path | None:
@@ -236,7 +255,7 @@ def save_results(folder: Path | None, config: dict, run, history: list, tags: li
     if folder:
         utils.write_json(folder / "results.json", {
             "history": history, "tags": tags, "status": status, "group": config["group"],
-            "seed": config["seed"], "wandb_run_path": run.path if run else None})
+            "seed": config["seed"], "wandb_run_path": run.path if run and not run.disabled else None})
 
 
 def finish(opts, config, run, folder, history, tags) -> int:
@@ -275,24 +294,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --device: {device!r} cannot be used here ({str(e).splitlines()[0]})")
     opts["device"] = device
     config = {**opts, "group": utils.generate_name(opts)}
-    tags, history = [], []
 
     reasons = utils.prune_hyperparameters(opts, parser)
     for reason in reasons:
         print(f"Warning: irrelevant hyper-parameters: {reason}", file=sys.stderr)
-    if reasons and opts["abort_irrelevant"]:
-        run = start_wandb(opts, config)
-        tags.append(utils.IRRELEVANT())
-        return finish(opts, config, run, run_folder(opts, config, run), history, tags)
-
     try:
+        if opts["save"]:
+            check_writable(opts["output_path"])
+        if reasons and opts["abort_irrelevant"]:
+            run = start_wandb(opts, config)
+            return finish(opts, config, run, run_folder(opts, config, run), [], [utils.IRRELEVANT()])
         data = load_mnist(opts["data_path"], torch.device(device))
-    except MissingData as e:
+        if opts["val_size"] >= len(data["train"][1]):
+            parser.error(f"argument --val_size: {opts['val_size']} leaves no training data "
+                         f"(the training set has {len(data['train'][1])} samples)")
+        run = start_wandb(opts, config)
+    except StartError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
-    if opts["val_size"] >= len(data["train"][1]):
-        parser.error(f"argument --val_size: {opts['val_size']} leaves no training data "
-                     f"(the training set has {len(data['train'][1])} samples)")
     data["train"], data["val"] = hold_out(*data["train"], opts["val_size"])
     guesses = baselines(data)
 
@@ -305,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         optimizer = torch.optim.SGD(model.parameters(), lr=opts["lr"], momentum=opts["momentum"],
                                     weight_decay=opts["weight_decay"], fused=True)
 
-    run = start_wandb(opts, config)
     folder = run_folder(opts, config, run)
+    tags, history = [], []
     with StopRequest() as stop:
         for epoch in tqdm(range(1, opts["epochs"] + 1), disable=opts["verbose"] < 1, desc="epochs"):
             stats, stop_tag = train_epoch(model, optimizer, *data["train"], opts, generator, stop, opts["verbose"])

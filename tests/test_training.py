@@ -3,6 +3,7 @@ IDX files, real W&B in offline mode read back from its run file. Every tag provo
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,43 @@ def test_timeout_keeps_the_history_so_far(tiny_data, tmp_path):
     _, res = results(tmp_path)
     assert code == 1 and res["status"] == "failed" and res["tags"] == ["Timeout"]
     assert len(res["history"]) == 1 and 0 < res["history"][0]["train/batches"] < 500
+
+
+def test_wandb_disabled_trains_and_records_no_run_path(tiny_data, wandb_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert run_main(*small_run(tiny_data, tmp_path / "out", "--wandb_project", "boilerplate-tests")) == 0
+    _, res = results(tmp_path / "out")
+    assert res["tags"] == ["Success"] and res["wandb_run_path"] is None
+    assert not list(wandb_dir.glob("wandb/*run-*"))
+
+
+def test_wandb_without_login_is_a_clear_error_before_training(tiny_data, wandb_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert run_main(*small_run(tiny_data, tmp_path / "out", "--wandb_project", "boilerplate-tests")) == 1
+    err = capsys.readouterr().err
+    assert "W&B could not start" in err and "wandb login" in err and "WANDB_MODE=offline" in err
+    assert not list((tmp_path / "out").glob("*/*"))  # nothing trained, nothing saved
+
+
+def test_unwritable_output_path_fails_before_training(tiny_data, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert run_main(*small_run(tiny_data, blocker / "out")) == 1
+    assert "--output_path" in capsys.readouterr().err
+
+
+def test_corrupted_mnist_file_is_a_clear_error(tiny_data, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_data, broken)
+    images = broken / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])  # truncated, as by an interrupted copy
+    assert run_main(*small_run(broken, tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert "could not be read" in err and str(images.parent) in err
 
 
 def test_val_size_larger_than_the_training_set_is_a_usage_error(tiny_data, tmp_path, capsys):
