@@ -325,6 +325,13 @@ def nonfinite_step(losses: list[float], norms: list[float]) -> tuple[int, str] |
     return None
 
 
+def describe(values: list[float]) -> tuple[float, float, float, float]:
+    """Mean, population standard deviation, min and max, leaving NaN out (it has its own tag)."""
+    values = [v for v in values if not math.isnan(v)] or [math.nan]
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)), min(values), max(values)
+
+
 def overfitting_tags(row: dict, threshold: float, tag: Tag) -> list[str]:
     return [tag(metric=m) for m in METRICS if row.get(f"gap/{m}", -math.inf) > threshold]
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import main
+import utils
 from conftest import REAL_MNIST, small_run
 from wandb_file import find_run
 
@@ -99,6 +100,20 @@ def test_overflow_stops_training_with_finite_weights(data, lr, hidden, tag, wand
     assert all(torch.isfinite(t).all() for t in torch.load(folder / "model.pt").values())
     run = find_run(wandb_dir, folder.name)
     assert run.exit_code == 1 and tag in run.tags
+
+
+def test_between_host_looks_the_fused_optimizer_skips_non_finite_steps():
+    # What an accelerator does (main.py looks at the flag every SYNC_EVERY batches there), on the CPU.
+    torch.manual_seed(0)
+    x, y = torch.randn(400, 784), torch.randint(0, 10, (400,))
+    opts = vars(utils.get_arg_parser().parse_args(["--batch_size", "8", "--optimizer", "sgd"]))
+    for optimizer_class in (torch.optim.SGD, torch.optim.Adam):
+        model = main.build_model((64,), 0.0)
+        optimizer = optimizer_class(model.parameters(), lr=1e30, fused=True)
+        stats, tag = main.train_epoch(model, optimizer, x, y, opts, torch.Generator().manual_seed(0),
+                                      main.StopRequest(), sync_every=main.SYNC_EVERY, verbose=0)
+        assert tag in ("NaN loss", "Inf loss", "NaN gradient") and stats["train/batches"] < 50
+        assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_irrelevant_combination_is_not_trained(tiny_data, wandb_dir, tmp_path):
