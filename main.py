@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import utils
@@ -24,8 +25,6 @@ import utils
 if __name__ == "__main__":
     # Parse before torch loads (2 s): --help and usage errors answer at once. main() parses again.
     utils.get_arg_parser().parse_args()
-
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -269,7 +268,8 @@ def finish(opts, config, run, folder, history, tags) -> int:
 def summary_line(row: dict, epochs: int) -> str:
     line = f"epoch {row['epoch']}/{epochs}  loss {row['train/loss']:.4f}"
     for metric in utils.METRICS:
-        line += f"  {metric} " + " ".join(f"{s} {row[f'{s}/{metric}']:.4f}" for s in utils.SPLITS if f"{s}/{metric}" in row)
+        line += f"  {metric} " + " ".join(f"{s} {row[f'{s}/{metric}']:.4f}"
+                                          for s in utils.SPLITS if f"{s}/{metric}" in row)
     return line + f"  ({sum(v for k, v in row.items() if k.endswith('/time')):.1f} s)"
 
 

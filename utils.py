@@ -141,14 +141,14 @@ def get_arg_parser() -> argparse.ArgumentParser:
     exp.add_argument("--data_path", type=text, default="data", help="folder holding MNIST/raw/")
     exp.add_argument("--epoch_timeout", type=Number(float, min=0), default=0.0,
                      help="minutes an epoch may take before the run stops with Timeout, 0 = off")
-    exp.add_argument("--abort_irrelevant", type=yes_no, default=True,
+    exp.add_argument("--abort_irrelevant", type=yes_no, default="yes", metavar="{yes,no}",
                      help="do not train a redundant hyper-parameter combination")
     exp.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
                      help="0 quiet, 1 epoch progress and summaries, 2 batch progress too")
 
     out = parser.add_argument_group("output")
     out.add_argument("--wandb_project", type=text, default=None, help="W&B project; unset = no W&B")
-    out.add_argument("--save", type=yes_no, default=False,
+    out.add_argument("--save", type=yes_no, default="no", metavar="{yes,no}",
                      help="save model.pt, config.json and results.json under --output_path")
     out.add_argument("--output_path", type=text, default="outputs", help="folder for saved runs")
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL_MNIST = Path(os.environ.get("MNIST_DATA", ROOT.parent / "shared" / "data"))  # the real MNIST, never downloaded in tests
+# The real MNIST, never downloaded by the tests.
+REAL_MNIST = Path(os.environ.get("MNIST_DATA", ROOT.parent / "shared" / "data"))
 
 
 def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REAL_MNIST, small_run
+from wandb_file import find_run
 
 import main
 import utils
-from conftest import REAL_MNIST, small_run
-from wandb_file import find_run
 
 
 def results(out: Path) -> tuple[Path, dict]:

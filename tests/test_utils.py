@@ -20,9 +20,10 @@ def parse(*args: str) -> dict:
 def test_defaults_match_the_design():
     opts = parse()
     assert (opts["epochs"], opts["batch_size"], opts["optimizer"], opts["lr"]) == (10, 128, "adam", 1e-3)
-    assert (opts["momentum"], opts["weight_decay"], opts["hidden"], opts["grad_clipping"]) == (0.0, 0.0, (512, 512), 0.0)
-    assert (opts["val_size"], opts["save"], opts["abort_irrelevant"], opts["verbose"]) == (5000, False, True, 1)
-    assert (opts["data_path"], opts["output_path"], opts["wandb_project"], opts["epoch_timeout"]) == ("data", "outputs", None, 0.0)
+    assert (opts["momentum"], opts["weight_decay"], opts["grad_clipping"], opts["dropout"]) == (0.0, 0.0, 0.0, 0.0)
+    assert (opts["hidden"], opts["val_size"], opts["seed"], opts["device"]) == ((512, 512), 5000, 0, None)
+    assert (opts["save"], opts["abort_irrelevant"], opts["verbose"], opts["epoch_timeout"]) == (False, True, 1, 0.0)
+    assert (opts["data_path"], opts["output_path"], opts["wandb_project"]) == ("data", "outputs", None)
     assert [opts[k] for k in ("overfitting_threshold", "vanishing_threshold", "exploding_threshold",
                               "std_threshold", "rnd_threshold", "mp_threshold")] == [0.5, 1e-5, 1e7, 200.0, 0.1, 0.1]
 
@@ -40,7 +41,8 @@ def test_both_flag_forms_and_every_boolean_spelling():
     (["--optimizer", "rmsprop"], "--optimizer"), (["--lr", "0"], "--lr"), (["--lr", "nan"], "--lr"),
     (["--lr", "fast"], "--lr"), (["--momentum", "1"], "--momentum"), (["--momentum", "-0.1"], "--momentum"),
     (["--weight_decay", "-1"], "--weight_decay"), (["--hidden", "512,x"], "--hidden"),
-    (["--hidden", "512,0"], "--hidden"), (["--dropout", "1"], "--dropout"), (["--grad_clipping", "-1"], "--grad_clipping"),
+    (["--hidden", "512,0"], "--hidden"), (["--dropout", "1"], "--dropout"),
+    (["--grad_clipping", "-1"], "--grad_clipping"),
     (["--val_size", "0"], "--val_size"), (["--seed", "one"], "--seed"), (["--save", "maybe"], "--save"),
     (["--abort_irrelevant", "2"], "--abort_irrelevant"), (["--verbose", "3"], "--verbose"),
     (["--epoch_timeout", "-1"], "--epoch_timeout"), (["--std_threshold", "-5"], "--std_threshold"),
