@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import wandb
 from conftest import REAL_MNIST, small_run
 from wandb_file import find_run
 
@@ -22,6 +23,13 @@ def results(out: Path) -> tuple[Path, dict]:
 
 def run_main(*args: str) -> int:
     return main.main(list(args))
+
+
+def wandb_run(wandb_dir: Path, run_id: str):
+    """The run as W&B wrote it. W&B's service writes the file behind the process's back; at exit
+    Python waits for it, here this test does, as the process would."""
+    wandb.teardown()
+    return find_run(wandb_dir, run_id)
 
 
 def test_success_with_wandb_and_save(tiny_data, wandb_dir, tmp_path):
@@ -41,7 +49,7 @@ def test_success_with_wandb_and_save(tiny_data, wandb_dir, tmp_path):
     state = torch.load(folder / "model.pt")
     assert [tuple(t.shape) for t in state.values()] == [(64, 784), (64,), (10, 64), (10,)]
 
-    run = find_run(wandb_dir, folder.name)
+    run = wandb_run(wandb_dir, folder.name)
     assert res["wandb_run_path"].endswith(folder.name)
     assert run.group == res["group"] and run.tags == ["Success"] and run.exit_code == 0
     assert run.config["seed"] == 3 and run.config["lr"] == 1e-3 and run.config["group"] == res["group"]
@@ -98,7 +106,7 @@ def test_overflow_stops_training_with_finite_weights(data, lr, hidden, tag, wand
     assert [t for t in res["tags"] if t in ("NaN loss", "Inf loss", "NaN gradient")] == [tag]
     assert len(res["history"]) == 1 and res["history"][0]["train/batches"] < 16  # stopped in the first epoch
     assert all(torch.isfinite(t).all() for t in torch.load(folder / "model.pt").values())
-    run = find_run(wandb_dir, folder.name)
+    run = wandb_run(wandb_dir, folder.name)
     assert run.exit_code == 1 and tag in run.tags
 
 
@@ -121,7 +129,7 @@ def test_irrelevant_combination_is_not_trained(tiny_data, wandb_dir, tmp_path):
     folder, res = results(tmp_path)
     assert code == 1 and res["tags"] == ["Irrelevant hyperparameters"] and res["history"] == []
     assert not (folder / "model.pt").exists()
-    run = find_run(wandb_dir, folder.name)
+    run = wandb_run(wandb_dir, folder.name)
     assert run.exit_code == 1 and run.tags == ["Irrelevant hyperparameters"] and run.history == []
 
 
@@ -197,3 +205,12 @@ def test_real_mnist_one_epoch_reaches_96_percent(tmp_path):
                     "--save", "yes", "--output_path", str(tmp_path)) == 0
     accuracy = results(tmp_path)[1]["history"][0]["test/accuracy"]
     assert accuracy >= 0.96 and math.isfinite(accuracy)
+
+
+def test_verbosity_levels(tiny_data, tmp_path, capsys):
+    assert run_main(*small_run(tiny_data, tmp_path / "quiet")) == 0
+    quiet = capsys.readouterr()
+    assert quiet.out == "" and "epochs" not in quiet.err
+    assert run_main(*small_run(tiny_data, tmp_path / "loud"), "--verbose", "2") == 0
+    loud = capsys.readouterr()
+    assert "epoch 2/2" in loud.out and "Run finished" in loud.out and "batches" in loud.err and "epochs" in loud.err
