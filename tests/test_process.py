@@ -72,8 +72,8 @@ def test_help_answers_without_loading_torch_or_wandb():
 def test_sweep_agent_style_run_joins_grouped_and_tagged(tiny_data, tmp_path):
     # What `wandb agent` does: WANDB_SWEEP_ID and the project in the environment, --key=value arguments
     # (booleans as True/False), no --wandb_project. Offline, since no W&B server is reachable here.
-    args = [a for pair in zip(*[iter(small_run(tiny_data, tmp_path / "out"))] * 2) for a in (f"{pair[0]}={pair[1]}",)]
-    args = [a.replace("--save=yes", "--save=True") for a in args] + ["--seed=4", "--abort_irrelevant=False"]
+    flags = small_run(tiny_data, tmp_path / "out", "--save", "True", "--seed", "4", "--abort_irrelevant", "False")
+    args = [f"{flag}={value}" for flag, value in zip(flags[::2], flags[1::2])]
     env = {**OFFLINE, "WANDB_DIR": str(tmp_path), "WANDB_SWEEP_ID": "sweep123", "WANDB_PROJECT": "boilerplate-tests"}
     proc = start_main(args, env=env)
     _, stderr = proc.communicate(timeout=120)
