@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        parser.error(f"argument --device: {device!r} cannot be used here ({str(e).splitlines()[0]})")
+        parser.error(f"argument --device: {device!r} cannot be used here ({str(e).splitlines()[0].split('. ')[0]})")
     opts["device"] = device
     config = {**opts, "group": utils.generate_name(opts)}
 
