@@ -115,10 +115,15 @@ class StopRequest:
         signal.signal(signal.SIGINT, self.previous)
 
 
+def sync_interval(device: torch.device) -> int:
+    """Batches between the host's looks at the device: on the CPU a look costs nothing."""
+    return 1 if device.type == "cpu" else SYNC_EVERY
+
+
 def train_epoch(model, optimizer, x, y, opts, generator, stop, sync_every, verbose) -> tuple[dict | None, str | None]:
     """One pass over the training split. Returns the epoch's statistics (None if no batch ran)
     and the error tag that stopped it early, if any. The host looks at the device every
-    `sync_every` batches; on the CPU that costs nothing, so main() passes 1 there."""
+    `sync_every` batches (see sync_interval)."""
     model.train()
     start = time.perf_counter()
     deadline = start + 60 * opts["epoch_timeout"] if opts["epoch_timeout"] else math.inf
@@ -318,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                                     weight_decay=opts["weight_decay"], fused=True)
 
     folder = run_folder(opts, config, run)
-    sync_every = 1 if torch.device(device).type == "cpu" else SYNC_EVERY
+    sync_every = sync_interval(torch.device(device))
     tags, history = [], []
     with StopRequest() as stop:
         for epoch in tqdm(range(1, opts["epochs"] + 1), disable=opts["verbose"] < 1, desc="epochs"):

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     opts = vars(utils.get_arg_parser().parse_args(["--device", args.device, "--verbose", "0"]))
     data = experiment.load_mnist(args.data_path, torch.device(args.device))
     x, y = experiment.hold_out(*data["train"], opts["val_size"])[0]
-    sync_every = 1 if torch.device(args.device).type == "cpu" else experiment.SYNC_EVERY
+    sync_every = experiment.sync_interval(torch.device(args.device))
     os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=tempfile.mkdtemp())
     import wandb
 

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny MNIST files for torchvision's real loader, W&B offline, runs of main.py."""
 
+import json
 import os
 import struct
 import subprocess
@@ -80,6 +81,12 @@ def small_run(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--data_path", str(data), "--val_size", "100", "--batch_size", "32", "--epochs", "2",
             "--hidden", "64", "--device", "cpu", "--verbose", "0", "--save", "yes",
             "--output_path", str(out), *extra]
+
+
+def results(out: Path) -> tuple[Path, dict]:
+    """The one run folder saved under `out`, and its results.json."""
+    [path] = out.glob("*/*/results.json")
+    return path.parent, json.loads(path.read_text())
 
 
 def start_main(args: list[str], **kwargs) -> subprocess.Popen:

@@ -1,12 +1,11 @@
 """main.py as users start it: a real `python main.py` process, real signals, real exit statuses."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
 
-from conftest import ROOT, small_run, start_main
+from conftest import ROOT, results, small_run, start_main
 from wandb_file import find_run
 
 OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -26,11 +25,10 @@ def test_ctrl_c_stops_cleanly_keeps_history_and_fails_the_run(tiny_data, tmp_pat
         proc.kill()
     assert proc.returncode == 1, stderr
     assert "Traceback" not in stderr and "Run failed" in stdout and "User abort" in stdout
-    [path] = out.glob("*/*/results.json")
-    res = json.loads(path.read_text())
+    folder, res = results(out)
     assert res["status"] == "failed" and "User abort" in res["tags"] and "Success" not in res["tags"]
     assert len(res["history"]) >= 2 and [r["epoch"] for r in res["history"]] == list(range(1, len(res["history"]) + 1))
-    run = find_run(tmp_path, path.parent.name)
+    run = find_run(tmp_path, folder.name)
     assert run.exit_code == 1 and "User abort" in run.tags and len(run.history) == len(res["history"])
 
 
@@ -78,8 +76,7 @@ def test_sweep_agent_style_run_joins_grouped_and_tagged(tiny_data, tmp_path):
     proc = start_main(args, env=env)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
-    [path] = (tmp_path / "out").glob("*/*/results.json")
-    res = json.loads(path.read_text())
-    run = find_run(tmp_path, path.parent.name)
+    folder, res = results(tmp_path / "out")
+    run = find_run(tmp_path, folder.name)
     assert run.sweep_id == "sweep123" and run.group == res["group"] and run.config["seed"] == 4
     assert run.tags == ["Success"] and run.exit_code == 0

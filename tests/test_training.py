@@ -9,16 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import wandb
-from conftest import REAL_MNIST, small_run
+from conftest import REAL_MNIST, results, small_run
 from wandb_file import find_run
 
 import main
 import utils
-
-
-def results(out: Path) -> tuple[Path, dict]:
-    [path] = out.glob("*/*/results.json")
-    return path.parent, json.loads(path.read_text())
 
 
 def run_main(*args: str) -> int:
