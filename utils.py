@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 
@@ -24,7 +25,8 @@ HERE = Path(__file__).resolve().parent
 
 
 class Validator:
-    """Base of the validators: `kind` is the Python type a flag's value has once parsed."""
+    """Base of the validators: `kind` is the Python type a flag's value has once parsed, and
+    describe() says what a value may be, beginning with the type's name."""
 
     kind: type = str
 
@@ -73,7 +75,7 @@ class Boolean(Validator):
     kind: type = bool
 
     def describe(self) -> str:
-        return "yes/no"
+        return "bool (yes/no)"
 
     def __call__(self, text: str) -> bool:
         if text.lower() in ("yes", "true", "1"):
@@ -90,7 +92,7 @@ class Widths(Validator):
     kind: type = tuple
 
     def describe(self) -> str:
-        return "comma-separated ints >= 1"
+        return "ints >= 1, comma-separated"
 
     def __call__(self, text: str) -> tuple[int, ...]:
         try:
@@ -168,17 +170,22 @@ def get_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def option_groups(parser: argparse.ArgumentParser) -> dict[str, list[argparse.Action]]:
+class OptionGroup(NamedTuple):
+    description: str | None
+    actions: list[argparse.Action]
+
+
+def option_groups(parser: argparse.ArgumentParser) -> dict[str, OptionGroup]:
     """The parser's options by group title. argparse has no public API for groups, so this one
     function reads its private lists; everything else goes through here."""
     return {
-        group.title: [a for a in group._group_actions if a.dest != "help"]
+        group.title: OptionGroup(group.description, [a for a in group._group_actions if a.dest != "help"])
         for group in parser._action_groups
     }
 
 
 def hyperparameter_names(parser: argparse.ArgumentParser | None = None) -> list[str]:
-    return [a.dest for a in option_groups(parser or get_arg_parser())[HYPERPARAMETERS]]
+    return [a.dest for a in option_groups(parser or get_arg_parser())[HYPERPARAMETERS].actions]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +296,7 @@ def tags_table() -> str:
 
 
 def thresholds_table(parser: argparse.ArgumentParser | None = None) -> str:
-    actions = option_groups(parser or get_arg_parser())[THRESHOLDS]
+    actions = option_groups(parser or get_arg_parser())[THRESHOLDS].actions
     return markdown_table(["flag", "default", "meaning"],
                           [[f"`{a.option_strings[0]}`", f"{a.default:g}", a.help] for a in actions])
 

@@ -206,6 +206,6 @@ def test_validators_describe_themselves_through_public_attributes():
 
 
 def test_ci_runs_the_readme_test_command():
-    command = "pip install -r requirements.txt && python -m pytest"
+    command = "pip install -r requirements.txt -r requirements-tools.txt && python -m pytest"
     assert f"    {command}\n" in (utils.HERE / "README.md").read_text()
     assert (utils.HERE / ".ci" / "run").read_text().strip().endswith(command)

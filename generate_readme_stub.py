@@ -1,0 +1,158 @@
+"""Write a README.md stub for a project started from this boilerplate, generated from its code.
+
+    pip install -r requirements-tools.txt           # pipreqs, which finds the requirements
+    rm README.md && python generate_readme_stub.py  # then fill in what is marked TODO
+    python generate_readme_stub.py --output docs/README.md
+    python generate_readme_stub.py --force          # overwrite an existing file
+
+The Requirements section lists what the project's code imports (found by pipreqs, offline, with
+the versions installed here); the Usage tables come from utils.get_arg_parser(), one row per
+option; the tags and thresholds tables from utils.TAGS, the table main.py tags runs with.
+Exit status: 0 written, 1 not written (the file exists, or pipreqs is missing), 2 bad command line.
+"""
+
+import argparse
+import importlib
+import importlib.metadata
+import re
+import sys
+from pathlib import Path
+
+import utils
+
+HERE = Path(__file__).resolve().parent
+# Not part of the project's code: tests and benchmarks have their own tools, the rest is output.
+NOT_SCANNED = ["tests", "benchmarks", "wandb", "outputs", "data"]
+TODO = "**TODO**"  # visible in the rendered page, and easy to grep for
+
+
+# ----------------------------------------------------------------------------------------------
+# Requirements
+
+
+def requirements(root: Path) -> list[str]:
+    """`name==version` for each installed distribution the code under `root` imports.
+
+    pipreqs finds the imports (leaving out the standard library and the project's own modules).
+    Its --use-local mode maps them to distributions through top_level.txt files, which wheels
+    such as torch's and wandb's no longer ship, so it drops them; the standard library's
+    packages_distributions() reads every wheel's file list instead. Nothing touches the network."""
+    # Imported by name so that pipreqs, a tool of this script, is not listed as the project's.
+    pipreqs = importlib.import_module("pipreqs.pipreqs")
+    imports = pipreqs.get_all_imports(str(root), extra_ignore_dirs=NOT_SCANNED)
+    installed = importlib.metadata.packages_distributions()
+    found = set()
+    for name in imports:
+        for dist in installed.get(name) or pipreqs.get_pkg_names([name]):
+            try:
+                found.add(f"{dist}=={importlib.metadata.version(dist)}")
+            except importlib.metadata.PackageNotFoundError:
+                found.add(f"{dist}  # not installed here: check the name on PyPI")
+    return sorted(found, key=str.lower)
+
+
+# ----------------------------------------------------------------------------------------------
+# Usage: one table per argument group, one row per option
+
+
+def type_cell(action: argparse.Action) -> str:
+    kind = getattr(action.type, "kind", action.type) or str
+    if action.choices:
+        values = ", ".join(f"`{c}`" for c in action.choices)
+        return f"one of {values}" if kind is str else f"{kind.__name__}, one of {values}"
+    return action.type.describe() if isinstance(action.type, utils.Validator) else kind.__name__
+
+
+def default_cell(action: argparse.Action) -> str:
+    if action.default is None:
+        return "unset"
+    return f"`{action.default:g}`" if isinstance(action.default, float) else f"`{action.default}`"
+
+
+def help_cell(action: argparse.Action) -> str:
+    """The help text without the "(default: ...)" that the table's own column already says."""
+    text = re.sub(r"\s*\(default:?\s*%\(default\)s\)", "", action.help or "")
+    return text % {**vars(action), "default": action.default}
+
+
+def usage_tables(parser: argparse.ArgumentParser) -> str:
+    sections = []
+    for title, group in utils.option_groups(parser).items():
+        if group.actions:
+            rows = [[f"`{a.option_strings[0]}`", type_cell(a), default_cell(a), help_cell(a)] for a in group.actions]
+            intro = f"{group.description[0].upper()}{group.description[1:]}.\n\n" if group.description else ""
+            sections.append(f"### {title}\n\n{intro}"
+                            + utils.markdown_table(["option", "type", "default", "description"], rows))
+    return "\n\n".join(sections)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stub
+
+
+def render(parser: argparse.ArgumentParser, requirements: list[str]) -> str:
+    packages = "\n".join("    " + r for r in requirements)
+    return f"""# TODO: project title
+
+{TODO}: say in a paragraph what the project studies and what it found.
+
+## Requirements
+
+Python 3.11 and these packages (the versions this stub was generated with):
+
+{packages}
+
+Install them with `pip install -r requirements.txt`.
+
+## Usage
+
+    python main.py --help
+
+{TODO}: the commands that reproduce your results, and what they print.
+
+Every option, from the parser in `utils.py`. Options in the `hyper-parameters` group name the W&B
+group, so runs that differ only by `--seed` land in one group.
+
+{usage_tables(parser)}
+
+## Tags
+
+Each run is tagged by what happened in training. METRIC is `accuracy` or `f1` (macro F1), SPLIT is
+`train`, `val` or `test`; an **error** tag ends the run as Failed in W&B and with exit status 1.
+
+{utils.tags_table()}
+
+The detectors' thresholds:
+
+{utils.thresholds_table(parser)}
+
+## Results
+
+{TODO}: figures, tables, links to the W&B project.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write a README.md stub for this project from its code.")
+    parser.add_argument("--output", type=Path, default=HERE / "README.md", help="file to write (default: README.md "
+                        "beside this script)")
+    parser.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    args = parser.parse_args(argv)
+
+    if args.output.exists() and not args.force:
+        print(f"Error: {args.output} exists; not overwritten. Delete it, pass --force to overwrite it, or "
+              "--output to write elsewhere.", file=sys.stderr)
+        return 1
+    try:
+        found = requirements(HERE)
+    except ModuleNotFoundError as e:
+        print(f"Error: {e.name} is missing: pip install -r requirements-tools.txt", file=sys.stderr)
+        return 1
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    utils.atomic_write(args.output, lambda f: f.write(render(utils.get_arg_parser(), found).encode()))
+    print(f"Wrote {args.output}: fill in what is marked TODO.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

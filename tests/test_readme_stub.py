@@ -1,0 +1,123 @@
+"""generate_readme_stub.py as a user runs it: a real process in a copy of the project, offline."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+import utils
+
+# Any connection through these fails at once: the generator must not need the network.
+NO_NETWORK = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+NEW_FLAG = ('    hyper.add_argument("--label_smoothing", type=Number(float, min=0, max=1), default=0.1,\n'
+            '                       help="label smoothing of the cross-entropy")\n')
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A fork of the boilerplate whose parser has one more hyper-parameter than ours."""
+    for name in ("main.py", "utils.py", "generate_readme_stub.py", "adjectives.txt", "nouns.txt"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    source = (tmp_path / "utils.py").read_text()
+    anchor = '    exp = parser.add_argument_group("experiment")\n'
+    assert anchor in source
+    (tmp_path / "utils.py").write_text(source.replace(anchor, NEW_FLAG + "\n" + anchor))
+    return tmp_path
+
+
+def generate(folder, *args, python=(sys.executable,)):
+    return subprocess.run([*python, "generate_readme_stub.py", *args], cwd=folder, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **NO_NETWORK})
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
+def usage_rows(readme: str) -> dict[str, tuple[str, list[str]]]:
+    """Flag -> (argument group, row cells) for every row of the Usage section's tables."""
+    usage = readme.split("\n## Usage\n")[1].split("\n## ")[0]
+    rows, group = {}, None
+    for line in usage.splitlines():
+        if line.startswith("### "):
+            group = line[4:]
+        elif line.startswith("| `--"):
+            row = cells(line)
+            assert row[0] not in rows, f"{row[0]} has two rows"
+            rows[row[0].strip("`")] = (group, row)
+    return rows
+
+
+def test_usage_has_one_row_per_option_with_type_and_default_even_for_a_new_flag(project):
+    done = generate(project)
+    assert done.returncode == 0, done.stderr
+    rows = usage_rows((project / "README.md").read_text())
+    ours = [a.option_strings[0] for g in utils.option_groups(utils.get_arg_parser()).values() for a in g.actions]
+    assert sorted(rows) == sorted(ours + ["--label_smoothing"])
+    expected = {  # flag: (group, type, default)
+        "--label_smoothing": ("hyper-parameters", "float >= 0 and <= 1", "`0.1`"),
+        "--epochs": ("hyper-parameters", "int >= 1", "`10`"),
+        "--lr": ("hyper-parameters", "float > 0", "`0.001`"),
+        "--optimizer": ("hyper-parameters", "one of `adam`, `sgd`", "`adam`"),
+        "--hidden": ("hyper-parameters", "ints >= 1, comma-separated", "`512,512`"),
+        "--seed": ("experiment", "int", "`0`"),
+        "--verbose": ("experiment", "int, one of `0`, `1`, `2`", "`1`"),
+        "--data_path": ("experiment", "str", "`data`"),
+        "--device": ("experiment", "str", "unset"),
+        "--save": ("output", "bool (yes/no)", "`no`"),
+        "--vanishing_threshold": ("detector thresholds", "float >= 0", "`1e-05`"),
+    }
+    for flag, (group, kind, default) in expected.items():
+        assert (rows[flag][0], rows[flag][1][1], rows[flag][1][2]) == (group, kind, default), flag
+    assert rows["--label_smoothing"][1][3] == "label smoothing of the cross-entropy"
+    assert not any("(default" in row[3] for _, row in rows.values())
+
+
+def test_tables_are_the_codes_and_well_formed(project):
+    assert generate(project).returncode == 0
+    readme = (project / "README.md").read_text()
+    assert utils.tags_table() in readme and utils.thresholds_table() in readme
+    tables, block = [], []
+    for line in readme.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append(line)
+        elif block:
+            tables.append(block)
+            block = []
+    assert len(tables) == 6  # four option groups, tags, thresholds
+    for table in tables:
+        assert re.fullmatch(r"\|(---\|)+", table[1]), table[1]
+        assert len({len(cells(line)) for line in table}) == 1, table
+
+
+def test_finds_the_requirements_offline_and_not_its_own_tool(project):
+    done = generate(project)
+    assert done.returncode == 0, done.stderr
+    section = (project / "README.md").read_text().split("## Requirements")[1].split("## Usage")[0]
+    names = {line.split("==")[0].strip() for line in section.splitlines() if "==" in line}
+    assert names == {"torch", "torchvision", "torcheval", "wandb", "tqdm"}
+
+
+def test_refuses_to_overwrite_unless_forced_and_writes_elsewhere(project):
+    (project / "README.md").write_text("my own words\n")
+    done = generate(project)
+    assert done.returncode == 1 and "README.md exists" in done.stderr and "--force" in done.stderr
+    assert "Traceback" not in done.stderr and (project / "README.md").read_text() == "my own words\n"
+
+    elsewhere = generate(project, "--output", "docs/README.md")
+    assert elsewhere.returncode == 0 and (project / "docs" / "README.md").read_text().startswith("# TODO")
+    assert (project / "README.md").read_text() == "my own words\n"
+
+    forced = generate(project, "--force")
+    assert forced.returncode == 0 and (project / "README.md").read_text().startswith("# TODO")
+
+
+def test_without_pipreqs_it_says_how_to_install_it(project):
+    # -S leaves site-packages out: utils.py needs only the standard library, pipreqs is not found.
+    done = generate(project, python=(sys.executable, "-S"))
+    assert done.returncode == 1 and "pip install -r requirements-tools.txt" in done.stderr
+    assert "Traceback" not in done.stderr and not (project / "README.md").exists()
