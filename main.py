@@ -81,7 +81,7 @@ def load_mnist(data_path: str, device: torch.device) -> dict[str, tuple[torch.Te
                                  f"downloaded ({reason}).\n{how}") from None
             raise StartError(f"the MNIST files in {raw} could not be read ({reason}); they may be truncated "
                              f"or corrupted.\n{how}") from None
-        x = ((ds.data.float() / 255 - MNIST_MEAN) / MNIST_STD).reshape(len(ds.data), -1)
+        x = ds.data.float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD).reshape(len(ds.data), -1)  # in place: 0.25 s
         splits[name] = (x.to(device), ds.targets.to(device))
     return splits
 

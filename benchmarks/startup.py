@@ -1,0 +1,102 @@
+"""How long main.py takes to start: to print --help, and from launch to its first training batch.
+
+    python benchmarks/startup.py --data_path ../shared/data [--repeats 3]
+
+For the first batch, each repeat launches a fresh interpreter that imports main.py and calls
+main.main() as `python main.py` would, with timers around main.py's own load_mnist, start_wandb
+and train_epoch (the first call of train_epoch is the first batch: it records the moment and
+returns at once, which main() handles as a run stopped before its first batch). It runs standalone
+and with W&B in offline mode. It prints the median of each phase, in seconds since launch.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def child(argv: list[str]) -> None:
+    """Runs in the launched interpreter: time main.py's phases, print them as JSON."""
+    launch = float(os.environ["LAUNCHED_AT"])
+    sys.path.insert(0, str(ROOT))
+    phases = {}
+    import main as experiment
+
+    phases["imports"] = time.time() - launch
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phases[name] = time.perf_counter() - start
+        return wrapper
+
+    def first_batch(*args, **kwargs):
+        phases["first batch"] = time.time() - launch
+        return None, None
+
+    experiment.load_mnist = timed("load_mnist", experiment.load_mnist)
+    experiment.start_wandb = timed("start_wandb", experiment.start_wandb)
+    experiment.train_epoch = first_batch
+    experiment.main(argv)
+    print(json.dumps(phases))
+
+
+def launch(args: list[str], env: dict) -> tuple[float, str]:
+    """Run `python ARGS`; the launch moment goes to the child in $LAUNCHED_AT."""
+    start = time.time()
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**env, "LAUNCHED_AT": repr(start)})
+    if done.returncode not in (0, 1):  # 1: the run stopped before its first batch, as intended
+        sys.exit(f"python {' '.join(args)} failed:\n{done.stderr}")
+    return time.time() - start, done.stdout
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_path", default="../shared/data")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    helps = [launch(["main.py", "--help"], env)[0] for _ in range(args.repeats)]
+    print(f"python main.py --help: median {statistics.median(helps):.2f} s "
+          f"(min {min(helps):.2f}, max {max(helps):.2f}, {args.repeats} launches)\n")
+
+    main_args = ["--data_path", str(Path(args.data_path).resolve()), "--epochs", "1", "--verbose", "0"]
+    with tempfile.TemporaryDirectory() as wandb_dir:
+        modes = {"standalone": (main_args, env),
+                 "W&B offline": (main_args + ["--wandb_project", "startup-benchmark"],
+                                 {**env, "WANDB_MODE": "offline", "WANDB_DIR": wandb_dir})}
+        print("| phase | " + " | ".join(modes) + " |\n|---|" + "---|" * len(modes))
+        results = {}
+        for mode, (margs, menv) in modes.items():
+            runs = [json.loads(launch([__file__, "--child", json.dumps(margs)], menv)[1].splitlines()[-1])
+                    for _ in range(args.repeats)]
+            for r in runs:
+                r["other"] = r["first batch"] - sum(r.get(k, 0.0) for k in ("imports", "load_mnist", "start_wandb"))
+            results[mode] = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]}
+        rows = {"imports": "launch to main.py imported (Python, torch, torcheval, torchvision, tqdm)",
+                "load_mnist": "load_mnist: MNIST read, normalised, on the device",
+                "start_wandb": "start_wandb: import wandb and wandb.init",
+                "other": "the rest: parse, validation split, baselines, model, optimizer",
+                "first batch": "**launch to the first training batch**"}
+        for key, label in rows.items():
+            print(f"| {label} | " + " | ".join(f"{results[m].get(key, 0.0):.2f} s" for m in modes) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(json.loads(sys.argv[2]))
+    else:
+        sys.exit(main())
