@@ -129,6 +129,7 @@ def train_epoch(model, optimizer, x, y, opts, generator, stop, sync_every, verbo
     deadline = start + 60 * opts["epoch_timeout"] if opts["epoch_timeout"] else math.inf
     bs = opts["batch_size"]
     params = list(model.parameters())
+    # Sync point, once per epoch: the permutation is drawn on the CPU, the same on every device.
     order = torch.randperm(len(y), generator=generator).to(y.device)
     losses, norms, predictions = [], [], []  # device tensors, read once at the end
     # 1 from the first non-finite loss or gradient norm on. Between the host's looks, the fused
