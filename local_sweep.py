@@ -1,0 +1,238 @@
+"""Run a W&B sweep file on this machine, with no W&B server: grid, random and bayes search as W&B does it.
+
+    pip install -r requirements-tools.txt                       # sweeps: W&B's own search engine
+    python local_sweep.py sweep.yaml --workers 2 -- --data_path ../shared/data
+    python local_sweep.py sweep.yaml --wandb disabled           # no W&B at all, results files only
+    wandb sync wandb/offline-run-*                               # later, from a machine that reaches W&B
+
+The next configuration comes from `sweeps.next_run`, the engine behind W&B's sweep server, and each
+run is the command W&B's agent would start (`python main.py --key=value ...`, built by W&B's own
+code), plus the arguments after `--` and `--save yes`. Runs log to W&B in offline mode by default.
+The state lives beside the sweep file (sweep.yaml -> sweep.state.json; each run's folder, with its
+screen output in output.log, under sweep.runs/) and changes only under a file lock: re-running the
+command continues where it stopped, never repeats a finished or failed run, and several processes
+can share one sweep without running a configuration twice. Ctrl+C stops every running experiment
+with User abort; those runs are run again next time.
+At the end it prints one row per group: the sweep metric's mean and standard deviation over the
+finished runs (the seeds), and how many runs finished and failed.
+Exit status: 0 the sweep is done (whatever its runs' tags), 2 bad command line or sweep file,
+130 interrupted by Ctrl+C.
+"""
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import yaml
+
+import utils
+
+POLL_SECONDS = 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# State: one JSON file beside the sweep, read and written under an exclusive lock
+
+
+@contextlib.contextmanager
+def locked_state(path: Path):
+    """The sweep's state, locked against the other local_sweep processes until the block ends."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = json.loads(path.read_text()) if path.exists() else {"runs": []}
+        yield state
+        utils.write_json(path, state)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def drop_orphans(state: dict) -> None:
+    """Runs left "running" by a local_sweep that is gone never finished: forget them, so they run again."""
+    state["runs"] = [r for r in state["runs"] if r["status"] != "running" or alive(r["owner"])]
+
+
+def propose(config: dict, state: dict):
+    """The next configuration W&B's engine proposes given every run so far, or None when done."""
+    import sweeps
+
+    if "run_cap" in config and len(state["runs"]) >= config["run_cap"]:
+        return None
+    runs = [sweeps.SweepRun(name=r["name"], state=r["status"] if r["status"] != "interrupted" else "failed",
+                            config={k: {"value": v} for k, v in r["config"].items()},
+                            summary_metrics={} if r["metric"] is None else {config["metric"]["name"]: r["metric"]})
+            for r in state["runs"]]
+    proposal = sweeps.next_run(config, runs)
+    return None if proposal is None else {k: v["value"] for k, v in proposal.config.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs: the command W&B's agent would start, one process group each
+
+
+def command(config: dict, params: dict, extra: list[str], output: Path, mode: str, project: str) -> list[str]:
+    """The sweep's command (W&B's default: ${env} ${interpreter} ${program} ${args}), filled in by W&B's
+    own code, so the values reach main.py exactly as the agent passes them (--lr=0.001, --flag=True)."""
+    from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+    words = {**sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}}),
+             "env": ["/usr/bin/env"], "interpreter": [sys.executable], "program": [config["program"]]}
+    argv = []
+    for word in sweep_utils.create_sweep_command(config.get("command")):
+        argv += words.get(word[2:-1], []) if word.startswith("${") else [word]
+    wandb = ["--wandb_project", project] if mode == "offline" else []
+    return argv + extra + wandb + ["--save", "yes", "--output_path", str(output)]
+
+
+def outcome(output: Path, metric: str) -> dict:
+    """Group, status, tags and the sweep metric (its last logged value, as in W&B's summary), from
+    the run's results.json; a run that left none (it could not start) failed."""
+    found = sorted(output.glob("*/*/results.json"))
+    if not found:
+        return {"status": "failed", "group": None}
+    results = json.loads(found[0].read_text())
+    values = [row[metric] for row in results["history"] if isinstance(row.get(metric), (int, float))]
+    return {"status": results["status"], "group": results["group"], "tags": results["tags"],
+            "metric": values[-1] if values else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# The summary: one row per group
+
+
+def summary(config: dict, runs: list[dict]) -> str:
+    metric = config["metric"]["name"]
+    varied = [k for k, p in config["parameters"].items() if k != "seed" and len(p.get("values", [0, 0])) > 1]
+    groups = {}
+    for run in runs:
+        groups.setdefault(run["group"] or "(no results: could not start)", []).append(run)
+    rows = []
+    for group, members in groups.items():
+        values = [r["metric"] for r in members if r["status"] == "finished" and r["metric"] is not None]
+        mean = f"{statistics.mean(values):.4f}" if values else "-"
+        std = f"{statistics.stdev(values):.4f}" if len(values) > 1 else "-"
+        rows.append([group] + [str(members[0]["config"].get(k, "")) for k in varied]
+                    + [mean, std, str(sum(r["status"] == "finished" for r in members)),
+                       str(sum(r["status"] == "failed" for r in members))])
+    header = ["group", *varied, f"{metric} mean", "std", "finished", "failed"]
+    return utils.markdown_table(header, rows)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def load_sweep(path: Path, parser: argparse.ArgumentParser) -> dict:
+    import sweeps
+
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        parser.error(f"cannot read the sweep file {path}: {e}")
+    problems = sweeps.schema_violations_from_proposed_config(config) if isinstance(config, dict) else ["not a map"]
+    if problems or "program" not in config or "metric" not in config:
+        problems += [] if problems else ["local_sweep.py needs `program` and `metric`"]
+        parser.error(f"{path} is not a valid W&B sweep: " + "; ".join(problems))
+    if config["method"] == "random" and "run_cap" not in config:
+        parser.error(f"{path}: a random search never ends by itself; set run_cap")
+    return config
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict, list[str]]:
+    """Options, the sweep, and main.py's own arguments (those after `--`)."""
+    ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     usage="%(prog)s SWEEP.yaml [options] [-- main.py options]")
+    parser.add_argument("sweep", type=Path, help="a W&B sweep file, e.g. sweep.yaml")
+    parser.add_argument("--workers", type=utils.Number(int, min=1), default=1, help="runs at the same time")
+    parser.add_argument("--wandb", choices=("offline", "disabled"), default="offline",
+                        help="offline: each run logs to W&B offline, to upload with `wandb sync`")
+    parser.add_argument("--project", help="W&B project (default: the sweep's `project`, else the file's name)")
+    args = parser.parse_args(ours)
+    with warnings.catch_warnings():  # sweeps 0.3 still uses a pydantic v1 option name
+        warnings.simplefilter("ignore", UserWarning)
+        config = load_sweep(args.sweep, parser)
+    args.project = args.project or config.get("project") or args.sweep.stem
+    return args, config, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, config, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    state_path, runs_dir = args.sweep.with_suffix(".state.json"), args.sweep.with_suffix(".runs")
+    metric = config["metric"]["name"]
+    env = {**os.environ, "WANDB_MODE": args.wandb, "WANDB_SILENT": "true"}
+    env.pop("WANDB_SWEEP_ID", None)  # main.py would take the run for a server sweep's
+
+    running = {}  # run name -> its process; each in a process group of its own, as under W&B's agent,
+    # so that a terminal's Ctrl+C reaches this process only and each run gets exactly one SIGINT
+    interrupted = exhausted = False
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        while running or not exhausted:
+            try:
+                while not exhausted and len(running) < args.workers:
+                    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+                    with locked_state(state_path) as state:
+                        drop_orphans(state)
+                        params = propose(config, state)
+                        exhausted = params is None
+                        if not exhausted:  # claimed under the lock: no other process proposes it now
+                            state["runs"].append({"name": name, "config": params, "status": "running",
+                                                  "owner": os.getpid(), "group": None, "tags": [], "metric": None})
+                    if not exhausted:
+                        print(f"start {name}: " + " ".join(f"{k}={v}" for k, v in params.items()), flush=True)
+                        (runs_dir / name).mkdir(parents=True)
+                        with open(runs_dir / name / "output.log", "w") as log:  # the run's own screen
+                            running[name] = subprocess.Popen(
+                                command(config, params, extra, runs_dir / name, args.wandb, args.project),
+                                env={**env, "WANDB_RUN_ID": name}, process_group=0, stdout=log, stderr=log)
+                time.sleep(POLL_SECONDS)
+                for name in [n for n, proc in running.items() if proc.poll() is not None]:
+                    del running[name]
+                    result = outcome(runs_dir / name, metric)
+                    if interrupted and result["status"] != "finished":
+                        result = {"status": "interrupted"}  # stopped by us: it runs again next time
+                    with locked_state(state_path) as state:
+                        run = next(r for r in state["runs"] if r["name"] == name)
+                        run.update(result)
+                    print(f"end   {name}: {run['status']} {', '.join(run['tags'])}".rstrip(), flush=True)
+            except KeyboardInterrupt:
+                if interrupted:
+                    raise
+                interrupted = exhausted = True
+                print("Stopping: each running experiment ends at its next batch with User abort and will run "
+                      "again next time. Ctrl+C again to kill them at once.", file=sys.stderr, flush=True)
+                for proc in running.values():
+                    proc.send_signal(signal.SIGINT)
+    except KeyboardInterrupt:
+        for proc in running.values():
+            proc.kill()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+    with locked_state(state_path) as state:
+        drop_orphans(state)
+        state["runs"] = [r for r in state["runs"] if r["status"] != "interrupted"]
+        done = [r for r in state["runs"] if r["status"] in ("finished", "failed")]
+    print(summary(config, done))
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

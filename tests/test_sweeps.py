@@ -1,0 +1,284 @@
+"""Sweeps: sweep.yaml, main.py as W&B's agent starts it, run_sweep.sh, and local_sweep.py (no server)."""
+
+import itertools
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import yaml
+from conftest import ROOT, results, small_run, start_main
+from wandb.sdk.launch.sweeps import utils as sweep_utils
+from wandb.sdk.lib import config_util
+from wandb_file import find_run
+
+import utils
+
+with warnings.catch_warnings():  # sweeps 0.3 still uses a pydantic v1 option name
+    warnings.simplefilter("ignore", UserWarning)
+    import sweeps
+
+OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+SWEEP = yaml.safe_load((ROOT / "sweep.yaml").read_text())
+
+
+def grid(config: dict) -> list[dict]:
+    names = list(config["parameters"])
+    values = [p["values"] if "values" in p else [p["value"]] for p in config["parameters"].values()]
+    return [dict(zip(names, combo)) for combo in itertools.product(*values)]
+
+
+def agent_flags(params: dict) -> list[str]:
+    """The arguments W&B's agent passes, built by W&B's own code: --key=value, booleans as True/False."""
+    return sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})["args"]
+
+
+# ----------------------------------------------------------------------------------------------
+# sweep.yaml
+
+
+def test_sweep_yaml_is_a_valid_wandb_sweep_of_main_py():
+    assert sweeps.schema_violations_from_proposed_config(SWEEP) == []
+    assert SWEEP["program"] == "main.py" and SWEEP["method"] == "grid"
+    assert SWEEP["metric"]["name"].startswith("val/") and SWEEP["metric"]["goal"] == "maximize"
+    assert SWEEP["metric"]["name"].split("/")[1] in utils.METRICS
+    assert len(SWEEP["parameters"]["seed"]["values"]) >= 3
+    assert {"optimizer", "lr", "momentum"} <= set(SWEEP["parameters"])
+
+
+def test_every_sweep_value_reaches_main_py_as_the_intended_number():
+    assert yaml.safe_load("lr: 1e-3")["lr"] == "1e-3"  # the pitfall: PyYAML reads this as a string
+    parser = utils.get_arg_parser()
+    kinds = {a.dest: getattr(a.type, "kind", str) for g in utils.option_groups(parser).values() for a in g.actions}
+    groups = {}
+    for params in grid(SWEEP):
+        assert set(params) <= set(kinds), "a sweep parameter main.py does not accept"
+        opts = vars(parser.parse_args(agent_flags(params)))  # argparse exits the test on a bad value
+        for name, value in params.items():
+            assert type(value) is kinds[name] or (kinds[name] is float and type(value) is int), (name, value)
+            assert opts[name] == value
+        groups.setdefault(utils.generate_name(opts), []).append(params["seed"])
+    assert len(grid(SWEEP)) == 24 and all(sorted(s) == [0, 1, 2] for s in groups.values())  # replicates share
+    pruned = [p for p in grid(SWEEP) if utils.prune_hyperparameters(
+        vars(parser.parse_args(agent_flags(p))), parser)]
+    assert pruned and all(p["optimizer"] == "adam" and p["momentum"] > 0 for p in pruned)
+
+
+# ----------------------------------------------------------------------------------------------
+# main.py under W&B's agent
+
+
+def test_main_as_the_agent_starts_it_joins_the_sweep_grouped_and_tagged(tiny_data, tmp_path):
+    # What wandb_agent.Agent._command_run does, with W&B's own code: the parameter file, WANDB_SWEEP_ID,
+    # WANDB_RUN_ID, WANDB_SWEEP_PARAM_PATH, and `--key=value` arguments (booleans as True/False).
+    # Offline, as no W&B server can be reached here.
+    params = {"lr": 0.01, "optimizer": "sgd", "momentum": 0.9, "seed": 4, "save": True, "abort_irrelevant": False}
+    param_path = tmp_path / "wandb" / "sweep-sweep123" / "config-run123.yaml"
+    config_util.save_config_file_from_dict(str(param_path), {k: {"value": v} for k, v in params.items()})
+    env = {**OFFLINE, "WANDB_DIR": str(tmp_path), "WANDB_SWEEP_ID": "sweep123", "WANDB_RUN_ID": "run123",
+           "WANDB_SWEEP_PARAM_PATH": str(param_path), "WANDB_PROJECT": "boilerplate-tests"}
+    base = small_run(tiny_data, tmp_path / "out")
+    proc = start_main(agent_flags(params) + [f"{k}={v}" for k, v in zip(base[::2], base[1::2])
+                                             if k not in ("--save",)], env=env)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    folder, res = results(tmp_path / "out")
+    assert folder.name == "run123"
+    run = find_run(tmp_path, "run123")
+    assert run.sweep_id == "sweep123" and run.group == res["group"] and run.tags == ["Success"] and run.exit_code == 0
+    assert run.config["lr"] == 0.01 and run.config["seed"] == 4 and run.config["group"] == res["group"]
+    assert len(run.history) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# run_sweep.sh: N agents, Ctrl+C
+
+
+def start_run_sweep(tmp_path, tiny_data, n_agents: int, n_runs: int) -> subprocess.Popen:
+    """run_sweep.sh with agents/agent_standin.py standing in for `wandb agent` (see its docstring: the
+    real agent needs W&B's server for the parameters). The runs are long enough to be interrupted."""
+    queue, bin_dir = tmp_path / "queue", tmp_path / "bin"
+    queue.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "wandb").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "agent_standin.py"}" "$@"\n')
+    (bin_dir / "wandb").chmod(0o755)
+    base = small_run(tiny_data, tmp_path / "out", "--epochs", "100000", "--verbose", "1", "--batch_size", "8")
+    for i in range(n_runs):
+        args = {k[2:]: {"value": v} for k, v in zip(base[::2], base[1::2])} | {"seed": {"value": i}}
+        (queue / f"{i}.json").write_text(json.dumps({"run_id": f"run{i}", "program": str(ROOT / "main.py"),
+                                                     "args": args}))
+    env = {**os.environ, **OFFLINE, "WANDB_DIR": str(tmp_path), "STANDIN_QUEUE": str(queue),
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
+           "WANDB_PROJECT": "boilerplate-tests"}
+    return subprocess.Popen([str(ROOT / "run_sweep.sh"), str(n_agents), "sweep123"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_epochs(proc, runs: int) -> None:
+    seen = 0
+    for line in proc.stdout:  # the runs' summary lines come through the agents' output
+        seen += line.startswith("epoch 1/")
+        if seen == runs:
+            return
+
+
+def processes_with(marker: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+    return out.split()
+
+
+def test_one_ctrl_c_ends_every_run_with_user_abort_and_stops_the_agents(tiny_data, tmp_path):
+    proc = start_run_sweep(tmp_path, tiny_data, n_agents=2, n_runs=4)
+    try:
+        wait_for_epochs(proc, 2)
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl+C: the foreground process group
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and not processes_with(str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "queue").iterdir()) == ["0.taken", "1.taken", "2.json", "3.json"]
+    for run_id in ("run0", "run1"):
+        [path] = (tmp_path / "out").glob(f"*/{run_id}/results.json")
+        res = json.loads(path.read_text())
+        assert res["status"] == "failed" and "User abort" in res["tags"] and len(res["history"]) >= 1
+        run = find_run(tmp_path, run_id)
+        assert run.exit_code == 1 and "User abort" in run.tags and len(run.history) == len(res["history"])
+        assert run.sweep_id == "sweep123"
+
+
+def test_a_second_ctrl_c_ends_everything_at_once(tiny_data, tmp_path):
+    proc = start_run_sweep(tmp_path, tiny_data, n_agents=2, n_runs=2)
+    try:
+        wait_for_epochs(proc, 2)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode == 130 and "ending every run now" in stderr
+    time.sleep(1)
+    assert not processes_with(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# local_sweep.py: the same sweep files, no W&B server
+
+
+def write_sweep(folder, parameters: dict, method: str = "grid", **extra):
+    config = {"program": str(ROOT / "main.py"), "method": method,
+              "metric": {"name": "val/accuracy", "goal": "maximize"}, "parameters": parameters, **extra}
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_local_sweep(sweep, data, *options: str) -> subprocess.Popen:
+    main_args = ["--data_path", str(data), "--val_size", "100", "--batch_size", "32", "--hidden", "64",
+                 "--device", "cpu", "--verbose", "0"]
+    env = {**os.environ, "WANDB_DIR": str(sweep.parent), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "local_sweep.py"), str(sweep), *options, "--", *main_args],
+                            cwd=sweep.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(proc, timeout=240) -> str:
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    return stdout
+
+
+def state(sweep) -> list[dict]:
+    return json.loads(sweep.with_suffix(".state.json").read_text())["runs"]
+
+
+def configs(runs) -> list[tuple]:
+    return sorted(tuple(sorted(r["config"].items())) for r in runs)
+
+
+def summary_rows(stdout: str) -> dict[str, list[str]]:
+    lines = [line for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("| group")]
+    return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
+
+
+def test_grid_runs_the_product_once_each_logs_offline_and_summarises_the_seeds(noise_data, tmp_path):
+    # Shuffled training labels: validation accuracy is near chance and differs from seed to seed.
+    sweep = write_sweep(tmp_path, {"lr": {"values": [0.001, 0.0001]}, "seed": {"values": [0, 1]},
+                                   "epochs": {"value": 1}})
+    stdout = finish(start_local_sweep(sweep, noise_data, "--workers", "2"))
+    runs = state(sweep)
+    assert configs(runs) == configs([{"config": {"lr": lr, "seed": s, "epochs": 1}}
+                                     for lr in (0.001, 0.0001) for s in (0, 1)])
+    rows = summary_rows(stdout)
+    by_group = {}
+    for run in runs:
+        [path] = sweep.with_suffix(".runs").glob(f"{run['name']}/*/*/results.json")
+        res = json.loads(path.read_text())
+        assert res["status"] == run["status"] == "finished" and res["group"] == run["group"]
+        by_group.setdefault(res["group"], []).append([r["val/accuracy"] for r in res["history"]][-1])
+        wandb_run = find_run(tmp_path, run["name"])  # logged to W&B offline, grouped and tagged
+        assert wandb_run.group == res["group"] and wandb_run.tags == res["tags"] and wandb_run.exit_code == 0
+    assert len(by_group) == 2 and set(rows) == set(by_group)
+    for group, values in by_group.items():
+        mean, std = f"{statistics.mean(values):.4f}", f"{statistics.stdev(values):.4f}"
+        assert rows[group][3:5] == [mean, std]
+        assert rows[group][5:] == ["2", "0"]
+    assert len({v for values in by_group.values() for v in values}) > 1  # the figures are not all alike
+
+    again = finish(start_local_sweep(sweep, noise_data, "--workers", "2"))  # done: nothing runs again
+    assert "start" not in again and configs(state(sweep)) == configs(runs)
+
+
+def test_random_search_stops_at_its_run_cap(tiny_data, tmp_path):
+    sweep = write_sweep(tmp_path, {"lr": {"distribution": "log_uniform_values", "min": 0.0001, "max": 0.01},
+                                   "epochs": {"value": 1}}, method="random", run_cap=3)
+    finish(start_local_sweep(sweep, tiny_data, "--workers", "2", "--wandb", "disabled"))
+    runs = state(sweep)
+    assert len(runs) == 3 and all(r["status"] == "finished" for r in runs)
+    assert len({r["config"]["lr"] for r in runs}) == 3 and all(0.0001 <= r["config"]["lr"] <= 0.01 for r in runs)
+
+
+def test_an_interrupted_sweep_resumes_without_repeating_a_run(tiny_data, tmp_path):
+    sweep = write_sweep(tmp_path, {"seed": {"values": [0, 1, 2]}, "epochs": {"value": 2}})
+    proc = start_local_sweep(sweep, tiny_data, "--wandb", "disabled")
+    starts = 0
+    for line in proc.stdout:
+        starts += line.startswith("start")
+        if starts == 2:  # the first run has ended, the second is on its way
+            break
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl+C
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    first = state(sweep)
+    assert len(first) == 1 and first[0]["status"] == "finished"  # the interrupted run is forgotten
+
+    finish(start_local_sweep(sweep, tiny_data, "--wandb", "disabled"))
+    runs = state(sweep)
+    assert configs(runs) == configs([{"config": {"seed": s, "epochs": 2}} for s in (0, 1, 2)])
+    assert first[0] in runs and all(r["status"] == "finished" for r in runs)
+
+
+def test_two_sweep_processes_share_a_sweep_without_running_a_configuration_twice(tiny_data, tmp_path):
+    sweep = write_sweep(tmp_path, {"seed": {"values": [0, 1, 2, 3]}, "epochs": {"value": 1}})
+    procs = [start_local_sweep(sweep, tiny_data, "--wandb", "disabled") for _ in range(2)]
+    outputs = [finish(proc) for proc in procs]
+    runs = state(sweep)
+    assert configs(runs) == configs([{"config": {"seed": s, "epochs": 1}} for s in range(4)])
+    assert all(r["status"] == "finished" for r in runs)
+    assert all("start" in out for out in outputs)  # both took part
+
+
+def test_an_invalid_sweep_file_is_refused_with_exit_2(tmp_path):
+    sweep = write_sweep(tmp_path, {"lr": {"values": "not a list"}}, method="sideways")
+    done = subprocess.run([sys.executable, str(ROOT / "local_sweep.py"), str(sweep)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "not a valid W&B sweep" in done.stderr and "Traceback" not in done.stderr
