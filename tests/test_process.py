@@ -65,18 +65,3 @@ def test_help_answers_without_loading_torch_or_wandb():
             "print(sorted(m for m in ('torch', 'wandb', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     assert "--wandb_project" in out and out.strip().endswith("[]")
-
-
-def test_sweep_agent_style_run_joins_grouped_and_tagged(tiny_data, tmp_path):
-    # What `wandb agent` does: WANDB_SWEEP_ID and the project in the environment, --key=value arguments
-    # (booleans as True/False), no --wandb_project. Offline, since no W&B server is reachable here.
-    flags = small_run(tiny_data, tmp_path / "out", "--save", "True", "--seed", "4", "--abort_irrelevant", "False")
-    args = [f"{flag}={value}" for flag, value in zip(flags[::2], flags[1::2])]
-    env = {**OFFLINE, "WANDB_DIR": str(tmp_path), "WANDB_SWEEP_ID": "sweep123", "WANDB_PROJECT": "boilerplate-tests"}
-    proc = start_main(args, env=env)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
-    folder, res = results(tmp_path / "out")
-    run = find_run(tmp_path, folder.name)
-    assert run.sweep_id == "sweep123" and run.group == res["group"] and run.config["seed"] == 4
-    assert run.tags == ["Success"] and run.exit_code == 0
