@@ -10,12 +10,17 @@ Every option: `python main.py --help`. Exit status: 0 when the run ended without
 1 when it ended with one (or could not start), 2 for an invalid command line.
 """
 
+import contextlib
+import json
 import math
+import multiprocessing
 import os
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -41,6 +46,7 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 VAL_SPLIT_SEED = 0  # the validation split is fixed: it never moves with --seed
 SYNC_EVERY = 50  # batches between the host's looks at the non-finite flag on an accelerator
 EVAL_BATCH = 4096
+WATCH_GRACE = 2.0  # seconds the watching process allows past a deadline before it acts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,22 +103,30 @@ def hold_out(x: torch.Tensor, y: torch.Tensor, size: int):
 
 
 class StopRequest:
-    """The first Ctrl+C (SIGINT) asks the loop to stop at the next batch; a second one acts as usual."""
+    """SIGINT (Ctrl+C) and SIGTERM (a scheduler's preemption) ask the loop to stop at the next batch.
+    Asking again changes nothing here: the watching process decides what a second Ctrl+C does."""
+
+    TAGS = {signal.SIGINT: utils.USER_ABORT, signal.SIGTERM: utils.PREEMPTED}
 
     def __init__(self):
-        self.requested = False
+        self.tag = None
+
+    @property
+    def requested(self) -> bool:
+        return self.tag is not None
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.TAGS}
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
-        print("\nStopping at the next batch (Ctrl+C again to quit at once).", file=sys.stderr, flush=True)
+        if self.tag is None:
+            self.tag = self.TAGS[signum]()
+            print(f"\nStopping at the next batch: {self.tag}.", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def sync_interval(device: torch.device) -> int:
@@ -140,7 +154,7 @@ def train_epoch(model, optimizer, x, y, opts, generator, stop, sync_every, verbo
     stop_tag = None
     for i in tqdm(range(-(-len(y) // bs)), leave=False, disable=verbose < 2, desc="batches"):
         if stop.requested:
-            stop_tag = utils.USER_ABORT()
+            stop_tag = stop.tag
             break
         if time.perf_counter() > deadline:
             stop_tag = utils.TIMEOUT()
@@ -216,103 +230,33 @@ def baselines(data: dict) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Recording: W&B (optional) and the run folder (--save yes)
+# The training process. With --watchdog yes (the default) it is a process of its own, started by
+# the spawn method (required with CUDA), so train() lives at module level where spawn finds it. It
+# reports to the watching process through `report`: ("ready",), ("epoch", n) as an epoch starts,
+# ("row", row) as it ends, ("done", tags) at the end, or ("error", message, exit status).
 
 
-def start_wandb(opts: dict, config: dict):
-    if not (opts["wandb_project"] or os.environ.get("WANDB_SWEEP_ID")):
-        return None
-    import wandb  # only runs that log pay for its import
-
-    try:  # under `wandb agent` (WANDB_SWEEP_ID set) the project comes from the sweep
-        return wandb.init(project=opts["wandb_project"], group=config["group"], config=config)
-    except wandb.Error as e:
-        raise StartError(f"W&B could not start: {e}\nLog in with `wandb login`, or run with "
-                         "WANDB_MODE=offline (upload later with `wandb sync`).") from None
+def save_checkpoint(path: Path, epoch, model, optimizer, generator, history, tags) -> None:
+    """Everything a resumed run needs to go on as if it had never stopped, written whole or not at all."""
+    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+             "history": history, "tags": tags}
+    utils.atomic_write(path, lambda f: torch.save(state, f))
 
 
-def check_writable(path: str) -> None:
-    """Fail before training, not after it, when results could not be saved."""
+def train(opts: dict, folder: Path | None, resume: bool, report) -> None:
+    device = torch.device(opts["device"])
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        raise StartError(f"cannot save under --output_path {path}: {e.strerror or e}") from None
-
-
-def run_folder(opts: dict, config: dict, run) -> Path | None:
-    if not opts["save"]:
-        return None
-    folder = Path(opts["output_path"], config["group"], run.id if run else secrets.token_hex(4))
-    folder.mkdir(parents=True, exist_ok=True)
-    utils.write_json(folder / "config.json", config)
-    return folder
-
-
-def save_results(folder: Path | None, config: dict, run, history: list, tags: list, status: str) -> None:
-    if folder:
-        utils.write_json(folder / "results.json", {
-            "history": history, "tags": tags, "status": status, "group": config["group"],
-            "seed": config["seed"], "wandb_run_path": run.path if run and not run.disabled else None})
-
-
-def finish(opts, config, run, folder, history, tags) -> int:
-    failed = utils.failed(tags)
-    status = "failed" if failed else "finished"
-    save_results(folder, config, run, history, tags, status)
-    if run:
-        run.summary["seed"] = config["seed"]
-        run.tags = tuple(tags)
-        run.finish(exit_code=int(failed))
-    if opts["verbose"]:
-        print(f"Run {status}. Group {config['group']}, seed {config['seed']}. Tags: {', '.join(tags) or 'none'}")
-        if folder:
-            print(f"Saved in {folder}")
-    return int(failed)
-
-
-def summary_line(row: dict, epochs: int) -> str:
-    line = f"epoch {row['epoch']}/{epochs}  loss {row['train/loss']:.4f}"
-    for metric in utils.METRICS:
-        line += f"  {metric} " + " ".join(f"{s} {row[f'{s}/{metric}']:.4f}"
-                                          for s in utils.SPLITS if f"{s}/{metric}" in row)
-    return line + f"  ({sum(v for k, v in row.items() if k.endswith('/time')):.1f} s)"
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = utils.get_arg_parser()
-    opts = vars(parser.parse_args(argv))
-    opts["seed"] = utils.resolve_seed(opts["seed"])
-    device = opts["device"] or os.environ.get("DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        parser.error(f"argument --device: {device!r} cannot be used here ({str(e).splitlines()[0].split('. ')[0]})")
-    opts["device"] = device
-    config = {**opts, "group": utils.generate_name(opts)}
-
-    reasons = utils.prune_hyperparameters(opts, parser)
-    for reason in reasons:
-        print(f"Warning: irrelevant hyper-parameters: {reason}", file=sys.stderr)
-    try:
-        if opts["save"]:
-            check_writable(opts["output_path"])
-        if reasons and opts["abort_irrelevant"]:
-            run = start_wandb(opts, config)
-            return finish(opts, config, run, run_folder(opts, config, run), [], [utils.IRRELEVANT()])
-        data = load_mnist(opts["data_path"], torch.device(device))
-        if opts["val_size"] >= len(data["train"][1]):
-            parser.error(f"argument --val_size: {opts['val_size']} leaves no training data "
-                         f"(the training set has {len(data['train'][1])} samples)")
-        run = start_wandb(opts, config)
+        data = load_mnist(opts["data_path"], device)
     except StartError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 1
+        return report(("error", str(e), 1))
+    if opts["val_size"] >= len(data["train"][1]):
+        return report(("error", f"argument --val_size: {opts['val_size']} leaves no training data "
+                                f"(the training set has {len(data['train'][1])} samples)", 2))
     data["train"], data["val"] = hold_out(*data["train"], opts["val_size"])
     guesses = baselines(data)
+    report(("ready",))
 
     torch.manual_seed(opts["seed"])
     generator = torch.Generator().manual_seed(opts["seed"])
@@ -322,15 +266,25 @@ def main(argv: list[str] | None = None) -> int:
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=opts["lr"], momentum=opts["momentum"],
                                     weight_decay=opts["weight_decay"], fused=True)
+    checkpoint = folder / "checkpoint.pt" if folder else None
+    tags, history, first = [], [], 1
+    if resume and checkpoint and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        tags, history, first = state["tags"], state["history"], state["epoch"] + 1
 
-    folder = run_folder(opts, config, run)
-    sync_every = sync_interval(torch.device(device))
-    tags, history = [], []
+    sync_every = sync_interval(device)
     with StopRequest() as stop:
-        for epoch in tqdm(range(1, opts["epochs"] + 1), disable=opts["verbose"] < 1, desc="epochs"):
+        for epoch in tqdm(range(first, opts["epochs"] + 1), disable=opts["verbose"] < 1, desc="epochs"):
+            report(("epoch", epoch))
             stats, stop_tag = train_epoch(model, optimizer, *data["train"], opts, generator, stop, sync_every,
                                           opts["verbose"])
-            if stats is None:
+            if stats is None or stop_tag == utils.PREEMPTED():  # a preempted epoch is trained again on resume
                 utils.add_tags(tags, [stop_tag])
                 break
             row = {"epoch": epoch, **stats}
@@ -346,11 +300,13 @@ def main(argv: list[str] | None = None) -> int:
             utils.add_tags(tags, utils.gradient_tags(row["train/grad_norm_min"], row["train/grad_norm_max"],
                                                      row["train/grad_norm_std"], opts)
                            + utils.overfitting_tags(row, opts["overfitting_threshold"], utils.OVERFITTING_LEARNING))
-            if run:
-                run.log(row)
-            save_results(folder, config, run, history, tags, "running")
+            report(("row", row, list(tags)))
             if opts["verbose"]:
                 tqdm.write(summary_line(row, opts["epochs"]))
+            whole = "test/accuracy" in row  # trained to its end and evaluated
+            if checkpoint and opts["checkpoint_every"] and whole and epoch % opts["checkpoint_every"] == 0:
+                save_checkpoint(checkpoint, epoch, model, optimizer, generator, history, tags)
+            stop_tag = stop_tag or stop.tag  # a signal during evaluation or saving: stop now, the epoch is whole
             if stop_tag:
                 utils.add_tags(tags, [stop_tag])
                 break
@@ -366,7 +322,261 @@ def main(argv: list[str] | None = None) -> int:
                                              utils.MOST_PROBABLE_GUESSING))
     if opts["save"]:
         utils.atomic_write(folder / "model.pt", lambda f: torch.save(model.state_dict(), f))
-    return finish(opts, config, run, folder, history, tags)
+    report(("done", tags))
+
+
+def train_process(opts: dict, folder: Path | None, resume: bool, connection) -> None:
+    """The training process's entry: train() reporting through a pipe to the watching process."""
+    tqdm.set_lock(threading.RLock())  # tqdm's default lock is a named semaphore, which a killed process leaks
+    with connection:
+        train(opts, folder, resume, connection.send)
+
+
+# ----------------------------------------------------------------------------------------------
+# The watching process: W&B, the run folder, and how the run ends, whatever becomes of training
+
+
+def start_wandb(opts: dict, config: dict, run_id: str | None):
+    if not (opts["wandb_project"] or os.environ.get("WANDB_SWEEP_ID")):
+        return None
+    import wandb  # only runs that log pay for its import
+
+    # Under `wandb agent` (WANDB_SWEEP_ID set) the project comes from the sweep. A resumed run
+    # continues its own W&B run: resume="allow" with its id.
+    init = dict(project=opts["wandb_project"], group=config["group"], config=config, id=run_id, resume="allow")
+    try:
+        return wandb.init(**init)
+    except wandb.errors.CommError as e:  # W&B's server unreachable: nothing is lost offline
+        print(f"Warning: W&B is unreachable ({str(e).splitlines()[0]}); logging offline instead. Upload "
+              "later with `wandb sync`.", file=sys.stderr)
+        return wandb.init(**init, mode="offline")
+    except wandb.Error as e:
+        raise StartError(f"W&B could not start: {e}\nLog in with `wandb login`, or run with "
+                         "WANDB_MODE=offline (upload later with `wandb sync`).") from None
+
+
+def check_writable(path: str) -> None:
+    """Fail before training, not after it, when results could not be saved."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise StartError(f"cannot save under --output_path {path}: {e.strerror or e}") from None
+
+
+def previous_run(opts: dict, config: dict) -> Path | None:
+    """The folder of this command's last stopped run (same group and seed) that left a checkpoint.
+    Under `wandb agent` the run id says which: W&B re-queues a preempted run under its own id."""
+    group = Path(opts["output_path"], config["group"])
+    if os.environ.get("WANDB_RUN_ID"):
+        candidates = [group / os.environ["WANDB_RUN_ID"] / "checkpoint.pt"]
+    else:
+        candidates = sorted(group.glob("*/checkpoint.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for checkpoint in candidates:
+        if checkpoint.exists() and json.loads((checkpoint.parent / "config.json").read_text())["seed"] == opts["seed"]:
+            return checkpoint.parent
+    return None
+
+
+def save_results(folder: Path | None, config: dict, run, history: list, tags: list, status: str) -> None:
+    if folder:
+        utils.write_json(folder / "results.json", {
+            "history": history, "tags": tags, "status": status, "group": config["group"],
+            "seed": config["seed"], "wandb_run_path": run.path if run and not run.disabled else None})
+
+
+class Record:
+    """What the watching process keeps of the run, fed with the training process's reports. Each
+    epoch is logged and saved as soon as it is reported, so nothing finished is lost if training
+    dies afterwards. `status` is the exit status, once the run has ended."""
+
+    def __init__(self, opts: dict, config: dict, folder: Path | None, history: list, run_id: str | None):
+        self.opts, self.config, self.folder, self.run_id = opts, config, folder, run_id
+        self.run, self.history, self.tags, self.status = None, history, [], None
+        # Epochs W&B already has: a resumed run trains again those logged after its checkpoint.
+        self.logged = max([row["epoch"] for row in history if "test/accuracy" in row], default=0)
+
+    def handle(self, report: tuple) -> None:
+        kind, *args = report
+        if kind == "error" and args[1] == 2:  # a command-line value the data rules out
+            utils.get_arg_parser().error(args[0])
+        elif kind == "error":  # before W&B starts: the message says what to fix
+            print(f"Error: {args[0]}", file=sys.stderr)
+            self.status = args[1]
+        elif kind == "ready":
+            self.run = start_wandb(self.opts, self.config, self.run_id)
+            self.save("running")
+        elif kind == "row":
+            row, self.tags = args
+            self.history = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
+            if self.run and row["epoch"] > self.logged:
+                self.run.log(row)
+            self.save("running")
+        elif kind == "done":
+            self.finish(args[0])
+        elif kind in ("died", "hung"):  # ("died", why, tag of a stop asked for) or ("hung", why)
+            tag = args[1] if kind == "died" and args[1] else (utils.CRASHED() if kind == "died" else utils.TIMEOUT())
+            self.finish(self.tags + [tag], None if kind == "died" and args[1] else args[0])
+
+    def save(self, status: str) -> None:
+        save_results(self.folder, self.config, self.run, self.history, self.tags, status)
+
+    def finish(self, tags: list, message: str | None = None) -> None:
+        self.tags = list(dict.fromkeys(tags))
+        failed = utils.failed(self.tags)
+        status = "failed" if failed else "finished"
+        self.save(status)
+        if self.run:
+            self.run.summary["seed"] = self.config["seed"]
+            self.run.tags = tuple(self.tags)
+            if utils.PREEMPTED() in self.tags:
+                self.run.mark_preempting()  # W&B then re-queues a preempted sweep run
+            self.run.finish(exit_code=int(failed))
+        resumable = self.opts["checkpoint_every"] and any(t in utils.RESUMABLE_TAGS for t in self.tags)
+        if self.folder and not resumable:
+            (self.folder / "checkpoint.pt").unlink(missing_ok=True)
+            if not self.opts["save"]:
+                shutil.rmtree(self.folder)
+                with contextlib.suppress(OSError):  # the group's folder, unless other runs use it
+                    self.folder.parent.rmdir()
+        if message:
+            print(f"Error: {message}", file=sys.stderr)
+        if self.opts["verbose"]:
+            print(f"Run {status}. Group {self.config['group']}, seed {self.config['seed']}. "
+                  f"Tags: {', '.join(self.tags) or 'none'}")
+            if self.folder and (self.opts["save"] or resumable):
+                print(f"Saved in {self.folder}" + (": continue it with --resume yes" if resumable else ""))
+        self.status = int(failed)
+
+
+class Watch:
+    """Runs train() in a process of its own and watches it: forwards SIGINT and SIGTERM to it (a
+    second Ctrl+C kills it), kills it when an epoch outlives --epoch_timeout (a hang in native
+    code never reaches the loop's own check), and notices when it dies. Every wait has a timeout."""
+
+    def __init__(self, opts: dict, folder: Path | None, resume: bool):
+        context = multiprocessing.get_context("spawn")
+        self.receive, send = context.Pipe(duplex=False)
+        self.process = context.Process(target=train_process, args=(opts, folder, resume, send), name="training")
+        self.process.start()
+        send.close()  # the training process holds the only sending end: its death closes the pipe
+        self.minutes = opts["epoch_timeout"]
+        self.timeout = 60 * self.minutes + WATCH_GRACE if self.minutes else None
+        self.deadline, self.stop_tag, self.previous = math.inf, None, {}
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=WATCH_GRACE)
+
+    def _forward(self, signum, frame):
+        if signum == signal.SIGINT and self.stop_tag == utils.USER_ABORT():
+            print("\nSecond Ctrl+C: ending the run now.", file=sys.stderr, flush=True)
+            self.process.kill()
+            return
+        self.stop_tag = self.stop_tag or StopRequest.TAGS[signum]()
+        if self.process.pid and self.process.is_alive():
+            os.kill(self.process.pid, signum)
+
+    def next(self) -> tuple:
+        """The training process's next report, or ("died", why, tag of a stop asked for) or ("hung", why)."""
+        while True:
+            if self.receive.poll(min(1.0, max(0.0, self.deadline - time.monotonic()))):
+                try:
+                    message = self.receive.recv()
+                except EOFError:
+                    break
+                epoch_starts = message[0] == "epoch" and self.timeout
+                self.deadline = time.monotonic() + self.timeout if epoch_starts else math.inf
+                return message
+            if time.monotonic() > self.deadline:
+                self.process.kill()
+                return ("hung", f"an epoch ran past --epoch_timeout {self.minutes:g} min and did not stop by "
+                                "itself: the training process was stuck, and has been killed")
+            if not self.process.is_alive() and not self.receive.poll(0):
+                break
+        self.process.join(timeout=WATCH_GRACE)
+        code = self.process.exitcode
+        how = f"was killed by {signal.Signals(-code).name}" if code and code < 0 else f"exited with status {code}"
+        oom = " (the out-of-memory killer sends SIGKILL)" if code == -signal.SIGKILL else ""
+        return ("died", f"the training process {how}{oom} before the end of the run", self.stop_tag)
+
+def summary_line(row: dict, epochs: int) -> str:
+    line = f"epoch {row['epoch']}/{epochs}  loss {row['train/loss']:.4f}"
+    for metric in utils.METRICS:
+        line += f"  {metric} " + " ".join(f"{s} {row[f'{s}/{metric}']:.4f}"
+                                          for s in utils.SPLITS if f"{s}/{metric}" in row)
+    return line + f"  ({sum(v for k, v in row.items() if k.endswith('/time')):.1f} s)"
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def device_error(device: str) -> str | None:
+    """Why `device` cannot be used here, if it cannot; never creates a CUDA context in this process."""
+    try:
+        d = torch.device(device)
+        if d.type == "cuda":
+            if not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count():
+                return "no such CUDA device"
+        else:
+            torch.empty(0, device=d)
+    except (RuntimeError, AssertionError) as e:
+        return str(e).splitlines()[0].split(". ")[0]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = utils.get_arg_parser()
+    opts = vars(parser.parse_args(argv))
+    opts["seed"] = utils.resolve_seed(opts["seed"])
+    opts["device"] = opts["device"] or os.environ.get("DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if why := device_error(opts["device"]):
+        parser.error(f"argument --device: {opts['device']!r} cannot be used here ({why})")
+    config = {**opts, "group": utils.generate_name(opts)}
+
+    reasons = utils.prune_hyperparameters(opts, parser)
+    for reason in reasons:
+        print(f"Warning: irrelevant hyper-parameters: {reason}", file=sys.stderr)
+    keep = opts["save"] or opts["checkpoint_every"]  # checkpoints live in the run folder too
+    # Under `wandb agent` a run id that left a checkpoint is a preempted run W&B has re-queued.
+    resume = keep and (opts["resume"] or bool(os.environ.get("WANDB_RUN_ID")))
+    new_folder = None
+    try:
+        if keep:
+            check_writable(opts["output_path"])
+        folder = previous_run(opts, config) if resume else None
+        history = []
+        if folder:
+            history = json.loads((folder / "results.json").read_text())["history"]
+            print(f"Resuming the run in {folder}", file=sys.stderr)
+        elif keep:
+            folder = new_folder = Path(opts["output_path"], config["group"],
+                                       os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))
+            folder.mkdir(parents=True, exist_ok=True)
+            utils.write_json(folder / "config.json", config)
+        record = Record(opts, config, folder, history, folder.name if folder else None)
+        if reasons and opts["abort_irrelevant"]:
+            record.handle(("ready",))
+            record.finish([utils.IRRELEVANT()])
+        elif not opts["watchdog"]:
+            train(opts, folder, resume, record.handle)
+        else:
+            with Watch(opts, folder, resume) as watch:
+                while record.status is None:
+                    record.handle(watch.next())
+        return record.status
+    except StartError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        if new_folder:  # the run never started: leave nothing behind
+            shutil.rmtree(new_folder, ignore_errors=True)
+        return 1
 
 
 if __name__ == "__main__":

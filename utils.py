@@ -147,6 +147,13 @@ def get_arg_parser() -> argparse.ArgumentParser:
                      help="do not train a redundant hyper-parameter combination")
     exp.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
                      help="0 quiet, 1 epoch progress and summaries, 2 batch progress too")
+    exp.add_argument("--resume", type=yes_no, default="no", metavar="{yes,no}",
+                     help="continue this command's last stopped run (same group and seed) from its checkpoint")
+    exp.add_argument("--checkpoint_every", type=Number(int, min=0), default=1,
+                     help="epochs between checkpoints (what --resume continues from), 0 = none")
+    exp.add_argument("--watchdog", type=yes_no, default="yes", metavar="{yes,no}",
+                     help="train in a watched process, so that a crash or a hang still ends the run properly; "
+                          "no: train in this process (for a debugger or a profiler)")
 
     out = parser.add_argument_group("output")
     out.add_argument("--wandb_project", type=text, default=None, help="W&B project; unset = no W&B")
@@ -262,17 +269,26 @@ HIGH_STD = Tag("High StdDev", False,
 IRRELEVANT = Tag("Irrelevant hyperparameters", True,
                  "a redundant combination (see prune_hyperparameters); not trained with --abort_irrelevant yes")
 USER_ABORT = Tag("User abort", True, "stopped by SIGINT (Ctrl+C) at the next batch; history so far kept")
-TIMEOUT = Tag("Timeout", True, "an epoch took longer than --epoch_timeout; history so far kept")
+TIMEOUT = Tag("Timeout", True, "an epoch took longer than --epoch_timeout (a stuck training process is "
+              "killed); history so far kept")
 NAN_LOSS = Tag("NaN loss", True, "the loss was NaN; training stopped, no step taken with it")
 INF_LOSS = Tag("Inf loss", True, "the loss was infinite; training stopped, no step taken with it")
 NAN_GRADIENT = Tag("NaN gradient", True,
                    "the total gradient norm was NaN or infinite with a finite loss; training stopped, "
                    "no step taken with it")
+PREEMPTED = Tag("Preempted", True,
+                "stopped by SIGTERM (a scheduler's preemption) at the next batch; marked preempting in W&B; "
+                "the epoch under way is dropped, to be trained again by --resume yes from the last checkpoint")
+CRASHED = Tag("Crashed", True,
+              "the training process died (segmentation fault, abort, out-of-memory kill); every epoch it "
+              "finished is kept")
 
 TAGS = (SUCCESS, OVERFITTING_LEARNING, OVERFITTING_END, RANDOM_GUESSING, MOST_PROBABLE_GUESSING,
         VANISHING_GRADIENT, EXPLODING_GRADIENT, HIGH_STD,
-        IRRELEVANT, USER_ABORT, TIMEOUT, NAN_LOSS, INF_LOSS, NAN_GRADIENT)
+        IRRELEVANT, USER_ABORT, TIMEOUT, NAN_LOSS, INF_LOSS, NAN_GRADIENT, PREEMPTED, CRASHED)
 ERROR_TAGS = frozenset(tag.template for tag in TAGS if tag.error)
+# Ends that --resume yes can continue from the last checkpoint; after the others it would only repeat them.
+RESUMABLE_TAGS = frozenset(tag.template for tag in (USER_ABORT, TIMEOUT, PREEMPTED, CRASHED))
 
 
 def failed(tags: list[str]) -> bool:

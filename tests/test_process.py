@@ -39,7 +39,7 @@ def test_standalone_prints_a_summary_per_epoch_and_the_outcome(tiny_data, tmp_pa
     assert proc.returncode == 0, stderr
     assert "epoch 1/2" in stdout and "epoch 2/2" in stdout and "test" in stdout
     assert "Run finished" in stdout and "Tags: Success" in stdout
-    assert not (tmp_path / "out").exists()
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # nothing left behind
 
 
 def test_missing_data_says_where_it_looked_and_exits_1(tmp_path):

@@ -17,7 +17,9 @@ import utils
 
 
 def run_main(*args: str) -> int:
-    return main.main(list(args))
+    # In this process, as under a debugger: the output is the test's to read. The watched training
+    # process (--watchdog yes, the default) is tested on real processes in test_process and test_faults.
+    return main.main([*args, "--watchdog", "no"])
 
 
 def wandb_run(wandb_dir: Path, run_id: str):
