@@ -345,11 +345,13 @@ def start_wandb(opts: dict, config: dict, run_id: str | None):
     # continues its own W&B run: resume="allow" with its id.
     init = dict(project=opts["wandb_project"], group=config["group"], config=config, id=run_id, resume="allow")
     try:
-        return wandb.init(**init)
-    except wandb.errors.CommError as e:  # W&B's server unreachable: nothing is lost offline
-        print(f"Warning: W&B is unreachable ({str(e).splitlines()[0]}); logging offline instead. Upload "
-              "later with `wandb sync`.", file=sys.stderr)
-        return wandb.init(**init, mode="offline")
+        try:
+            return wandb.init(**init)
+        except wandb.errors.CommError as e:  # W&B's server unreachable: nothing is lost offline
+            print(f"Warning: W&B is unreachable ({str(e).splitlines()[0]}); logging offline instead. Upload "
+                  "later with `wandb sync`.", file=sys.stderr)
+            wandb.teardown()  # W&B's service still holds the run id of the attempt
+            return wandb.init(**init, mode="offline")
     except wandb.Error as e:
         raise StartError(f"W&B could not start: {e}\nLog in with `wandb login`, or run with "
                          "WANDB_MODE=offline (upload later with `wandb sync`).") from None
@@ -365,16 +367,23 @@ def check_writable(path: str) -> None:
 
 
 def previous_run(opts: dict, config: dict) -> Path | None:
-    """The folder of this command's last stopped run (same group and seed) that left a checkpoint.
+    """The folder of this command's last run (same group and seed) that stopped before its end:
+    ended with a tag --resume can continue from, or never ended (its watcher was killed too).
     Under `wandb agent` the run id says which: W&B re-queues a preempted run under its own id."""
     group = Path(opts["output_path"], config["group"])
     if os.environ.get("WANDB_RUN_ID"):
-        candidates = [group / os.environ["WANDB_RUN_ID"] / "checkpoint.pt"]
+        candidates = [group / os.environ["WANDB_RUN_ID"]]
     else:
-        candidates = sorted(group.glob("*/checkpoint.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for checkpoint in candidates:
-        if checkpoint.exists() and json.loads((checkpoint.parent / "config.json").read_text())["seed"] == opts["seed"]:
-            return checkpoint.parent
+        candidates = sorted(group.glob("*/"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for folder in candidates:
+        try:
+            seed = json.loads((folder / "config.json").read_text())["seed"]
+            results = json.loads((folder / "results.json").read_text())
+        except (OSError, ValueError, KeyError):
+            continue
+        stopped = results["status"] == "running" or any(t in utils.RESUMABLE_TAGS for t in results["tags"])
+        if seed == opts["seed"] and stopped:
+            return folder
     return None
 
 

@@ -75,3 +75,8 @@ def read_run(path: Path) -> Run:
 def find_run(wandb_dir: Path, run_id: str) -> Run:
     [path] = Path(wandb_dir).glob(f"wandb/*-{run_id}/run-{run_id}.wandb")
     return read_run(path)
+
+
+def find_runs(wandb_dir: Path, run_id: str, prefix: str = "") -> list[Run]:
+    """Every W&B run file of this id, oldest first: offline, a resumed run writes a second one."""
+    return [read_run(path) for path in sorted(Path(wandb_dir).glob(f"wandb/{prefix}*-{run_id}/run-{run_id}.wandb"))]

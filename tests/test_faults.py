@@ -1,0 +1,191 @@
+"""Fault injection on real `python main.py` processes: real signals at several points of a run, a NaN
+in the weights, W&B unreachable. After each: the tags, the status, results.json whole, W&B's record.
+
+Points: "first epoch" (the first epoch's batch bar has appeared), "between epochs" (an epoch's summary
+line has just been printed: the watcher is saving results.json, the training process its checkpoint),
+and "evaluation" (an epoch's training time after a summary line: on this data evaluation takes about
+as long as training, so the signal lands in the next epoch's evaluation or near it).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, digits, write_idx
+from wandb_file import find_runs
+
+OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def fault_data(tmp_path_factory) -> Path:
+    """Easy digits with a large test set, so that evaluation takes a good share of each epoch."""
+    folder, rng = tmp_path_factory.mktemp("faults"), np.random.default_rng(1)
+    for prefix, n in (("train", 1500), ("t10k", 16000)):
+        write_idx(folder, prefix, *digits(n, rng))
+    return folder
+
+
+def args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data_path", str(data), "--val_size", "100", "--batch_size", "8", "--hidden", "1024",
+            "--epochs", str(EPOCHS), "--device", "cpu", "--save", "yes", "--output_path", str(out),
+            "--wandb_project", "boilerplate-tests", "--verbose", "2", *extra]
+
+
+def launch(argv: list[str], wandb_dir: Path, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, **OFFLINE, "WANDB_DIR": str(wandb_dir), "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *argv], cwd=wandb_dir, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def run(argv: list[str], wandb_dir: Path, env: dict | None = None) -> tuple[int, str]:
+    proc = launch(argv, wandb_dir, env)
+    output, _ = proc.communicate(timeout=300)
+    return proc.returncode, output
+
+
+def training_process(pid: int) -> int:
+    """The pid of main.py's training process: its child started by multiprocessing's spawn."""
+    for _ in range(100):
+        for entry in Path("/proc").iterdir():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except (OSError, ValueError):
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
+                return int(entry.name)
+        time.sleep(0.1)
+    raise AssertionError("no training process found")
+
+
+def saved(out: Path) -> tuple[Path, dict]:
+    [path] = out.glob("*/*/results.json")
+    return path.parent, json.loads(path.read_text())  # parses: written whole or not at all
+
+
+def without_times(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.endswith("/time")} for row in history]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(fault_data, tmp_path_factory) -> tuple[dict, dict, float]:
+    """The run as it goes when nothing happens to it: results, weights, and an epoch's training time."""
+    base = tmp_path_factory.mktemp("uninterrupted")
+    code, output = run(args(fault_data, base / "out"), base)
+    assert code == 0, output
+    folder, res = saved(base / "out")
+    train_time = sorted(row["train/time"] for row in res["history"])[len(res["history"]) // 2]
+    return res, torch.load(folder / "model.pt"), train_time
+
+
+def inject(proc, signum: int, point: str, to_training: bool, train_time: float) -> int:
+    """Wait for `point` in the run's output, then send `signum`; returns the epochs seen finished."""
+    summaries = 0
+    for line in proc.stdout:
+        summaries += line.startswith("epoch ") and f"/{EPOCHS}" in line
+        if point == "first epoch" and "batches:" in line:
+            time.sleep(0.1)
+            break
+        if point in ("between epochs", "evaluation") and summaries == 1:
+            if point == "evaluation":
+                time.sleep(train_time + 0.05)
+            break
+    else:
+        raise AssertionError("the run ended before the fault")
+    if to_training:
+        os.kill(training_process(proc.pid), signum)
+    else:
+        os.killpg(proc.pid, signum)  # a terminal's Ctrl+C, a scheduler's SIGTERM: the whole process group
+    return summaries
+
+
+POINTS = ("first epoch", "between epochs", "evaluation")
+EXPECTED = {signal.SIGINT: "User abort", signal.SIGTERM: "Preempted", signal.SIGKILL: "Crashed",
+            signal.SIGSEGV: "Crashed"}
+
+
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("signum", list(EXPECTED), ids=lambda s: signal.Signals(s).name)
+def test_a_signal_ends_the_run_with_its_tag_and_loses_nothing(signum, point, fault_data, uninterrupted, tmp_path):
+    expected_res, expected_model, train_time = uninterrupted
+    to_training = signum in (signal.SIGKILL, signal.SIGSEGV)  # these kill the process that trains
+    proc = launch(args(fault_data, tmp_path / "out"), tmp_path)
+    try:
+        finished_before = inject(proc, signum, point, to_training, train_time)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, output
+    assert "Traceback" not in output
+    folder, res = saved(tmp_path / "out")
+    tag = EXPECTED[signum]
+    assert res["status"] == "failed" and tag in res["tags"] and "Success" not in res["tags"], res["tags"]
+    history = res["history"]
+    assert [r["epoch"] for r in history] == list(range(1, len(history) + 1))
+    assert len([r for r in history if "test/accuracy" in r]) >= finished_before  # no finished epoch lost
+    assert without_times([r for r in history if "test/accuracy" in r]) == \
+        without_times(expected_res["history"][:len([r for r in history if "test/accuracy" in r])])
+    [wandb_run] = find_runs(tmp_path, folder.name)
+    assert wandb_run.exit_code == 1 and tag in wandb_run.tags and len(wandb_run.history) == len(history)
+    if to_training:
+        assert f"killed by {signal.Signals(signum).name}" in output
+    if signum != signal.SIGTERM:
+        return
+
+    # Preempted: the epoch under way was dropped; resuming continues the same run to the very same end.
+    assert all("test/accuracy" in r for r in history) and (folder / "checkpoint.pt").exists() == bool(history)
+    code, output = run(args(fault_data, tmp_path / "out", "--resume", "yes"), tmp_path)
+    assert code == 0 and "Resuming the run in" in output, output
+    resumed_folder, res = saved(tmp_path / "out")
+    assert resumed_folder == folder and res["status"] == "finished" and res["tags"] == expected_res["tags"]
+    assert without_times(res["history"]) == without_times(expected_res["history"])
+    model = torch.load(folder / "model.pt")
+    assert all(torch.equal(model[k], expected_model[k]) for k in expected_model)
+    assert not (folder / "checkpoint.pt").exists()
+    first, second = find_runs(tmp_path, folder.name)  # one W&B run (one id), written in two sittings offline
+    assert len(first.history) + len(second.history) == EPOCHS and second.exit_code == 0
+    assert second.tags == res["tags"]
+
+
+def test_a_nan_in_the_weights_mid_run_is_caught_before_any_step(fault_data, tmp_path):
+    proc = launch(args(fault_data, tmp_path / "out"), tmp_path)
+    try:
+        inject(proc, signal.SIGTERM, "between epochs", False, 0)
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    folder, before = saved(tmp_path / "out")
+    state = torch.load(folder / "checkpoint.pt", weights_only=False)
+    state["model"]["0.weight"][0, 0] = float("nan")  # the fault: a NaN in the weights, mid-run
+    torch.save(state, folder / "checkpoint.pt")
+    code, output = run(args(fault_data, tmp_path / "out", "--resume", "yes"), tmp_path)
+    assert code == 1 and "Traceback" not in output
+    _, res = saved(tmp_path / "out")
+    assert res["status"] == "failed" and "NaN loss" in res["tags"]
+    assert without_times(res["history"][:len(before["history"])]) == without_times(before["history"])
+    assert res["history"][-1]["train/batches"] == 1  # stopped at the first batch, before its step
+
+
+def test_wandb_unreachable_online_logs_offline_and_loses_nothing(tmp_path):
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "data")
+    env = {"WANDB_MODE": "online", "WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",
+           "WANDB_INIT_TIMEOUT": "5"}
+    code, output = run(["--data_path", str(data), "--val_size", "100", "--batch_size", "32", "--hidden", "64",
+                        "--epochs", "2", "--device", "cpu", "--save", "yes", "--output_path", str(tmp_path / "out"),
+                        "--wandb_project", "boilerplate-tests", "--verbose", "1"], tmp_path, env)
+    assert code == 0 and "W&B is unreachable" in output and "logging offline" in output, output
+    folder, res = saved(tmp_path / "out")
+    assert res["status"] == "finished" and len(res["history"]) == 2
+    [offline] = find_runs(tmp_path, folder.name, prefix="offline-run")
+    assert offline.exit_code == 0 and len(offline.history) == 2 and offline.tags == ["Success"]
