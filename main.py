@@ -232,8 +232,8 @@ def baselines(data: dict) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 # The training process. With --watchdog yes (the default) it is a process of its own, started by
 # the spawn method (required with CUDA), so train() lives at module level where spawn finds it. It
-# reports to the watching process through `report`: ("ready",), ("epoch", n) as an epoch starts,
-# ("row", row) as it ends, ("done", tags) at the end, or ("error", message, exit status).
+# reports to the watching process through `report`: ("ready",), ("epoch", n, when) as an epoch starts,
+# ("row", row, tags) as it ends, ("done", tags) at the end, or ("error", message, exit status).
 
 
 def save_checkpoint(path: Path, epoch, model, optimizer, generator, history, tags) -> None:
@@ -281,7 +281,7 @@ def train(opts: dict, folder: Path | None, resume: bool, report) -> None:
     sync_every = sync_interval(device)
     with StopRequest() as stop:
         for epoch in tqdm(range(first, opts["epochs"] + 1), disable=opts["verbose"] < 1, desc="epochs"):
-            report(("epoch", epoch))
+            report(("epoch", epoch, time.monotonic()))  # the clock is the machine's: the watcher reads it too
             stats, stop_tag = train_epoch(model, optimizer, *data["train"], opts, generator, stop, sync_every,
                                           opts["verbose"])
             if stats is None or stop_tag == utils.PREEMPTED():  # a preempted epoch is trained again on resume
@@ -410,8 +410,7 @@ class Record:
         if kind == "error" and args[1] == 2:  # a command-line value the data rules out
             utils.get_arg_parser().error(args[0])
         elif kind == "error":  # before W&B starts: the message says what to fix
-            print(f"Error: {args[0]}", file=sys.stderr)
-            self.status = args[1]
+            raise StartError(args[0])
         elif kind == "ready":
             self.run = start_wandb(self.opts, self.config, self.run_id)
             self.save("running")
@@ -502,7 +501,7 @@ class Watch:
                 except EOFError:
                     break
                 epoch_starts = message[0] == "epoch" and self.timeout
-                self.deadline = time.monotonic() + self.timeout if epoch_starts else math.inf
+                self.deadline = message[2] + self.timeout if epoch_starts else math.inf
                 return message
             if time.monotonic() > self.deadline:
                 self.process.kill()
@@ -583,9 +582,10 @@ def main(argv: list[str] | None = None) -> int:
         return record.status
     except StartError as e:
         print(f"Error: {e}", file=sys.stderr)
-        if new_folder:  # the run never started: leave nothing behind
-            shutil.rmtree(new_folder, ignore_errors=True)
         return 1
+    finally:
+        if new_folder and not (new_folder / "results.json").exists():  # the run never started: leave nothing
+            shutil.rmtree(new_folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

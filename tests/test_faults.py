@@ -9,6 +9,7 @@ as long as training, so the signal lands in the next epoch's evaluation or near 
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, digits, write_idx
+from conftest import ROOT, digits, make_dataset, write_idx
 from wandb_file import find_runs
 
 OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -176,8 +177,6 @@ def test_a_nan_in_the_weights_mid_run_is_caught_before_any_step(fault_data, tmp_
 
 
 def test_wandb_unreachable_online_logs_offline_and_loses_nothing(tmp_path):
-    from conftest import make_dataset
-
     data = make_dataset(tmp_path / "data")
     env = {"WANDB_MODE": "online", "WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",
            "WANDB_INIT_TIMEOUT": "5"}
@@ -189,3 +188,23 @@ def test_wandb_unreachable_online_logs_offline_and_loses_nothing(tmp_path):
     assert res["status"] == "finished" and len(res["history"]) == 2
     [offline] = find_runs(tmp_path, folder.name, prefix="offline-run")
     assert offline.exit_code == 0 and len(offline.history) == 2 and offline.tags == ["Success"]
+
+
+def test_bad_data_or_output_path_is_a_clear_error_before_training(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    broken = shutil.copytree(data, tmp_path / "broken")
+    images = broken / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])  # truncated, as by an interrupted copy
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    small = ["--val_size", "100", "--hidden", "64", "--device", "cpu", "--save", "yes"]
+    cases = [  # (data, output path, exit status, what the message must say)
+        (broken, tmp_path / "out1", 1, "could not be read"),
+        (data, blocker / "out", 1, "--output_path"),
+        (data, tmp_path / "out3", 2, "argument --val_size"),
+    ]
+    for folder, out, status, message in cases:
+        extra = ["--val_size", "600"] if status == 2 else []
+        code, output = run(["--data_path", str(folder), *small, "--output_path", str(out), *extra], tmp_path)
+        assert code == status and message in output and "Traceback" not in output, output
+        assert "epoch 1/" not in output and not (out.exists() and [p for p in out.rglob("*") if p.is_file()])

@@ -170,7 +170,8 @@ def test_failed_and_tag_bookkeeping():
     assert tags == ["Vanishing gradient", "NaN loss"]
     assert utils.failed(tags) and not utils.failed(["Success", "Overfitting f1 (end)"])
     assert {t.template for t in utils.TAGS if t.error} == {
-        "Irrelevant hyperparameters", "User abort", "Timeout", "NaN loss", "Inf loss", "NaN gradient"}
+        "Irrelevant hyperparameters", "User abort", "Timeout", "NaN loss", "Inf loss", "NaN gradient", "Preempted",
+        "Crashed"}
 
 
 def test_readme_tables_are_the_code_tables():
