@@ -500,8 +500,10 @@ class Watch:
                     message = self.receive.recv()
                 except EOFError:
                     break
-                epoch_starts = message[0] == "epoch" and self.timeout
-                self.deadline = message[2] + self.timeout if epoch_starts else math.inf
+                # Once ready, the training process reports at least once an epoch: as one starts, as it
+                # ends (then its checkpoint is written). Silence past the timeout is a hang.
+                since = message[2] if message[0] == "epoch" else time.monotonic()
+                self.deadline = since + self.timeout if self.timeout and message[0] != "done" else math.inf
                 return message
             if time.monotonic() > self.deadline:
                 self.process.kill()

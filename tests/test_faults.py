@@ -137,6 +137,7 @@ def test_a_signal_ends_the_run_with_its_tag_and_loses_nothing(signum, point, fau
         without_times(expected_res["history"][:len([r for r in history if "test/accuracy" in r])])
     [wandb_run] = find_runs(tmp_path, folder.name)
     assert wandb_run.exit_code == 1 and tag in wandb_run.tags and len(wandb_run.history) == len(history)
+    assert wandb_run.preempting == (signum == signal.SIGTERM)
     if to_training:
         assert f"killed by {signal.Signals(signum).name}" in output
     if signum != signal.SIGTERM:
@@ -208,3 +209,40 @@ def test_bad_data_or_output_path_is_a_clear_error_before_training(tmp_path):
         code, output = run(["--data_path", str(folder), *small, "--output_path", str(out), *extra], tmp_path)
         assert code == status and message in output and "Traceback" not in output, output
         assert "epoch 1/" not in output and not (out.exists() and [p for p in out.rglob("*") if p.is_file()])
+
+
+def test_a_training_process_stuck_past_the_epoch_timeout_is_killed(fault_data, tmp_path):
+    # SIGSTOP: the training process stops dead, as if stuck inside one native call; the loop's own
+    # check between batches never runs.
+    proc = launch(args(fault_data, tmp_path / "out", "--epoch_timeout", "0.1"), tmp_path)
+    try:
+        finished_before = inject(proc, signal.SIGSTOP, "between epochs", True, 0)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in output, output
+    assert "stuck" in output and "--epoch_timeout 0.1 min" in output
+    folder, res = saved(tmp_path / "out")
+    assert res["status"] == "failed" and "Timeout" in res["tags"] and len(res["history"]) >= finished_before
+    [wandb_run] = find_runs(tmp_path, folder.name)
+    assert wandb_run.exit_code == 1 and "Timeout" in wandb_run.tags and len(wandb_run.history) == len(res["history"])
+
+
+def test_a_preempted_sweep_run_resumes_by_itself_when_wandb_requeues_it(fault_data, uninterrupted, tmp_path):
+    # W&B's agent starts a re-queued run again with its own run id (WANDB_RUN_ID) and no new flag.
+    expected_res, expected_model, _ = uninterrupted
+    agent = {"WANDB_SWEEP_ID": "sweep123", "WANDB_RUN_ID": "preempted1", "WANDB_PROJECT": "boilerplate-tests"}
+    argv = [a for a in args(fault_data, tmp_path / "out") if a not in ("--wandb_project", "boilerplate-tests")]
+    proc = launch(argv, tmp_path, agent)
+    try:
+        inject(proc, signal.SIGTERM, "between epochs", False, 0)
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Preempted" in saved(tmp_path / "out")[1]["tags"]
+    code, output = run(argv, tmp_path, agent)
+    assert code == 0 and "Resuming the run in" in output, output
+    folder, res = saved(tmp_path / "out")
+    assert folder.name == "preempted1" and without_times(res["history"]) == without_times(expected_res["history"])
+    first, second = find_runs(tmp_path, "preempted1")
+    assert first.preempting and first.sweep_id == second.sweep_id == "sweep123" and second.exit_code == 0

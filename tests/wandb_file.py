@@ -48,6 +48,7 @@ class Run:
     history: list = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     exit_code: int | None = None
+    preempting: bool = False  # run.mark_preempting() was called
 
 
 def read_run(path: Path) -> Run:
@@ -69,6 +70,8 @@ def read_run(path: Path) -> Run:
                                 for u in record.summary.update})
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
+        elif kind == "preempting":
+            run.preempting = True
     return run
 
 
