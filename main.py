@@ -5,7 +5,10 @@
     python main.py --data_path ../shared/data --wandb_project mnist
     WANDB_MODE=offline python main.py --wandb_project mnist        # upload later with `wandb sync`
     wandb agent SWEEP_ID                                           # runs `python main.py --key=value ...`
+    python main.py --data_path ../shared/data --resume yes         # go on from where a stopped run was
 
+Training runs in a second process that this one watches, so that a crash, a hang or a preemption
+still ends the run properly (tagged, saved, Failed in W&B); --watchdog no trains in this process.
 Every option: `python main.py --help`. Exit status: 0 when the run ended without an error tag,
 1 when it ended with one (or could not start), 2 for an invalid command line.
 """
@@ -422,9 +425,9 @@ class Record:
             self.save("running")
         elif kind == "done":
             self.finish(args[0])
-        elif kind in ("died", "hung"):  # ("died", why, tag of a stop asked for) or ("hung", why)
-            tag = args[1] if kind == "died" and args[1] else (utils.CRASHED() if kind == "died" else utils.TIMEOUT())
-            self.finish(self.tags + [tag], None if kind == "died" and args[1] else args[0])
+        elif kind == "ended":  # from the watcher: the training process died or hung
+            tag, message = args
+            self.finish(self.tags + [tag], message)
 
     def save(self, status: str) -> None:
         save_results(self.folder, self.config, self.run, self.history, self.tags, status)
@@ -493,7 +496,7 @@ class Watch:
             os.kill(self.process.pid, signum)
 
     def next(self) -> tuple:
-        """The training process's next report, or ("died", why, tag of a stop asked for) or ("hung", why)."""
+        """The training process's next report, or ("ended", tag, message) when it died or hung."""
         while True:
             if self.receive.poll(min(1.0, max(0.0, self.deadline - time.monotonic()))):
                 try:
@@ -507,15 +510,18 @@ class Watch:
                 return message
             if time.monotonic() > self.deadline:
                 self.process.kill()
-                return ("hung", f"an epoch ran past --epoch_timeout {self.minutes:g} min and did not stop by "
-                                "itself: the training process was stuck, and has been killed")
+                return ("ended", utils.TIMEOUT(), f"an epoch ran past --epoch_timeout {self.minutes:g} min and "
+                        "did not stop by itself: the training process was stuck, and has been killed")
             if not self.process.is_alive() and not self.receive.poll(0):
                 break
         self.process.join(timeout=WATCH_GRACE)
+        if self.stop_tag:  # it was asked to stop (a second Ctrl+C kills it): the stop names the end
+            return ("ended", self.stop_tag, None)
         code = self.process.exitcode
         how = f"was killed by {signal.Signals(-code).name}" if code and code < 0 else f"exited with status {code}"
         oom = " (the out-of-memory killer sends SIGKILL)" if code == -signal.SIGKILL else ""
-        return ("died", f"the training process {how}{oom} before the end of the run", self.stop_tag)
+        return ("ended", utils.CRASHED(), f"the training process {how}{oom} before the end of the run")
+
 
 def summary_line(row: dict, epochs: int) -> str:
     line = f"epoch {row['epoch']}/{epochs}  loss {row['train/loss']:.4f}"
