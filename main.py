@@ -13,22 +13,20 @@ Every option: `python main.py --help`. Exit status: 0 when the run ended without
 1 when it ended with one (or could not start), 2 for an invalid command line.
 """
 
-import contextlib
 import json
 import math
-import multiprocessing
 import os
 import secrets
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
 from pathlib import Path
 
 import utils
+import watch
 
 if __name__ == "__main__":
     # Parse before torch loads (2 s): --help and usage errors answer at once. main() parses again.
@@ -49,7 +47,6 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 VAL_SPLIT_SEED = 0  # the validation split is fixed: it never moves with --seed
 SYNC_EVERY = 50  # batches between the host's looks at the non-finite flag on an accelerator
 EVAL_BATCH = 4096
-WATCH_GRACE = 2.0  # seconds the watching process allows past a deadline before it acts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,10 +66,6 @@ def build_model(hidden: tuple[int, ...], dropout: float) -> nn.Sequential:
 # of a seeded permutation, so there is no per-sample Python and no DataLoader.
 
 
-class StartError(Exception):
-    """The run cannot start (no data, no place to save, no W&B); the message says what to do."""
-
-
 def load_mnist(data_path: str, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     raw = Path(data_path, "MNIST", "raw").resolve()
     missing = [Path(name).stem for name, _ in MNIST.resources if not (raw / Path(name).stem).exists()]
@@ -86,10 +79,10 @@ def load_mnist(data_path: str, device: torch.device) -> dict[str, tuple[torch.Te
         except (RuntimeError, OSError, ValueError) as e:
             reason = str(e).strip().splitlines()[-1]
             if missing:
-                raise StartError(f"MNIST is not in {raw} ({', '.join(missing)} missing) and could not be "
-                                 f"downloaded ({reason}).\n{how}") from None
-            raise StartError(f"the MNIST files in {raw} could not be read ({reason}); they may be truncated "
-                             f"or corrupted.\n{how}") from None
+                raise utils.StartError(f"MNIST is not in {raw} ({', '.join(missing)} missing) and could not "
+                                       f"be downloaded ({reason}).\n{how}") from None
+            raise utils.StartError(f"the MNIST files in {raw} could not be read ({reason}); they may be "
+                                   f"truncated or corrupted.\n{how}") from None
         x = ds.data.float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD).reshape(len(ds.data), -1)  # in place: 0.25 s
         splits[name] = (x.to(device), ds.targets.to(device))
     return splits
@@ -109,8 +102,6 @@ class StopRequest:
     """SIGINT (Ctrl+C) and SIGTERM (a scheduler's preemption) ask the loop to stop at the next batch.
     Asking again changes nothing here: the watching process decides what a second Ctrl+C does."""
 
-    TAGS = {signal.SIGINT: utils.USER_ABORT, signal.SIGTERM: utils.PREEMPTED}
-
     def __init__(self):
         self.tag = None
 
@@ -119,12 +110,12 @@ class StopRequest:
         return self.tag is not None
 
     def __enter__(self):
-        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.TAGS}
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in utils.STOP_SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.tag is None:
-            self.tag = self.TAGS[signum]()
+            self.tag = utils.STOP_SIGNALS[signum]()
             print(f"\nStopping at the next batch: {self.tag}.", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
@@ -234,9 +225,8 @@ def baselines(data: dict) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------------------
 # The training process. With --watchdog yes (the default) it is a process of its own, started by
-# the spawn method (required with CUDA), so train() lives at module level where spawn finds it. It
-# reports to the watching process through `report`: ("ready",), ("epoch", n, when) as an epoch starts,
-# ("row", row, tags) as it ends, ("done", tags) at the end, or ("error", message, exit status).
+# the spawn method (required with CUDA), so its entry lives at module level where spawn finds it;
+# watch.py watches it. It reports through `report`, as watch.py's docstring lists.
 
 
 def save_checkpoint(path: Path, epoch, model, optimizer, generator, history, tags) -> None:
@@ -252,7 +242,7 @@ def train(opts: dict, folder: Path | None, resume: bool, report) -> None:
     device = torch.device(opts["device"])
     try:
         data = load_mnist(opts["data_path"], device)
-    except StartError as e:
+    except utils.StartError as e:
         return report(("error", str(e), 1))
     if opts["val_size"] >= len(data["train"][1]):
         return report(("error", f"argument --val_size: {opts['val_size']} leaves no training data "
@@ -335,194 +325,6 @@ def train_process(opts: dict, folder: Path | None, resume: bool, connection) -> 
         train(opts, folder, resume, connection.send)
 
 
-# ----------------------------------------------------------------------------------------------
-# The watching process: W&B, the run folder, and how the run ends, whatever becomes of training
-
-
-def start_wandb(opts: dict, config: dict, run_id: str | None):
-    if not (opts["wandb_project"] or os.environ.get("WANDB_SWEEP_ID")):
-        return None
-    import wandb  # only runs that log pay for its import
-
-    # Under `wandb agent` (WANDB_SWEEP_ID set) the project comes from the sweep. A resumed run
-    # continues its own W&B run: resume="allow" with its id.
-    init = dict(project=opts["wandb_project"], group=config["group"], config=config, id=run_id, resume="allow")
-    try:
-        try:
-            return wandb.init(**init)
-        except wandb.errors.CommError as e:  # W&B's server unreachable: nothing is lost offline
-            print(f"Warning: W&B is unreachable ({str(e).splitlines()[0]}); logging offline instead. Upload "
-                  "later with `wandb sync`.", file=sys.stderr)
-            wandb.teardown()  # W&B's service still holds the run id of the attempt
-            return wandb.init(**init, mode="offline")
-    except wandb.Error as e:
-        raise StartError(f"W&B could not start: {e}\nLog in with `wandb login`, or run with "
-                         "WANDB_MODE=offline (upload later with `wandb sync`).") from None
-
-
-def check_writable(path: str) -> None:
-    """Fail before training, not after it, when results could not be saved."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        raise StartError(f"cannot save under --output_path {path}: {e.strerror or e}") from None
-
-
-def previous_run(opts: dict, config: dict) -> Path | None:
-    """The folder of this command's last run (same group and seed) that stopped before its end:
-    ended with a tag --resume can continue from, or never ended (its watcher was killed too).
-    Under `wandb agent` the run id says which: W&B re-queues a preempted run under its own id."""
-    group = Path(opts["output_path"], config["group"])
-    if os.environ.get("WANDB_RUN_ID"):
-        candidates = [group / os.environ["WANDB_RUN_ID"]]
-    else:
-        candidates = sorted(group.glob("*/"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for folder in candidates:
-        try:
-            seed = json.loads((folder / "config.json").read_text())["seed"]
-            results = json.loads((folder / "results.json").read_text())
-        except (OSError, ValueError, KeyError):
-            continue
-        stopped = results["status"] == "running" or any(t in utils.RESUMABLE_TAGS for t in results["tags"])
-        if seed == opts["seed"] and stopped:
-            return folder
-    return None
-
-
-def save_results(folder: Path | None, config: dict, run, history: list, tags: list, status: str) -> None:
-    if folder:
-        utils.write_json(folder / "results.json", {
-            "history": history, "tags": tags, "status": status, "group": config["group"],
-            "seed": config["seed"], "wandb_run_path": run.path if run and not run.disabled else None})
-
-
-class Record:
-    """What the watching process keeps of the run, fed with the training process's reports. Each
-    epoch is logged and saved as soon as it is reported, so nothing finished is lost if training
-    dies afterwards. `status` is the exit status, once the run has ended."""
-
-    def __init__(self, opts: dict, config: dict, folder: Path | None, history: list, run_id: str | None):
-        self.opts, self.config, self.folder, self.run_id = opts, config, folder, run_id
-        self.run, self.history, self.tags, self.status = None, history, [], None
-        # Epochs W&B already has: a resumed run trains again those logged after its checkpoint.
-        self.logged = max([row["epoch"] for row in history if "test/accuracy" in row], default=0)
-
-    def handle(self, report: tuple) -> None:
-        kind, *args = report
-        if kind == "error" and args[1] == 2:  # a command-line value the data rules out
-            utils.get_arg_parser().error(args[0])
-        elif kind == "error":  # before W&B starts: the message says what to fix
-            raise StartError(args[0])
-        elif kind == "ready":
-            self.run = start_wandb(self.opts, self.config, self.run_id)
-            self.save("running")
-        elif kind == "row":
-            row, self.tags = args
-            self.history = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
-            if self.run and row["epoch"] > self.logged:
-                self.run.log(row)
-            self.save("running")
-        elif kind == "done":
-            self.finish(args[0])
-        elif kind == "ended":  # from the watcher: the training process died or hung
-            tag, message = args
-            self.finish(self.tags + [tag], message)
-
-    def save(self, status: str) -> None:
-        save_results(self.folder, self.config, self.run, self.history, self.tags, status)
-
-    def finish(self, tags: list, message: str | None = None) -> None:
-        self.tags = list(dict.fromkeys(tags))
-        failed = utils.failed(self.tags)
-        status = "failed" if failed else "finished"
-        self.save(status)
-        if self.run:
-            self.run.summary["seed"] = self.config["seed"]
-            self.run.tags = tuple(self.tags)
-            if utils.PREEMPTED() in self.tags:
-                self.run.mark_preempting()  # W&B then re-queues a preempted sweep run
-            self.run.finish(exit_code=int(failed))
-        resumable = self.opts["checkpoint_every"] and any(t in utils.RESUMABLE_TAGS for t in self.tags)
-        if self.folder and not resumable:
-            (self.folder / "checkpoint.pt").unlink(missing_ok=True)
-            if not self.opts["save"]:
-                shutil.rmtree(self.folder)
-                with contextlib.suppress(OSError):  # the group's folder, unless other runs use it
-                    self.folder.parent.rmdir()
-        if message:
-            print(f"Error: {message}", file=sys.stderr)
-        if self.opts["verbose"]:
-            print(f"Run {status}. Group {self.config['group']}, seed {self.config['seed']}. "
-                  f"Tags: {', '.join(self.tags) or 'none'}")
-            if self.folder and (self.opts["save"] or resumable):
-                print(f"Saved in {self.folder}" + (": continue it with --resume yes" if resumable else ""))
-        self.status = int(failed)
-
-
-class Watch:
-    """Runs train() in a process of its own and watches it: forwards SIGINT and SIGTERM to it (a
-    second Ctrl+C kills it), kills it when an epoch outlives --epoch_timeout (a hang in native
-    code never reaches the loop's own check), and notices when it dies. Every wait has a timeout."""
-
-    def __init__(self, opts: dict, folder: Path | None, resume: bool):
-        context = multiprocessing.get_context("spawn")
-        self.receive, send = context.Pipe(duplex=False)
-        self.process = context.Process(target=train_process, args=(opts, folder, resume, send), name="training")
-        self.process.start()
-        send.close()  # the training process holds the only sending end: its death closes the pipe
-        self.minutes = opts["epoch_timeout"]
-        self.timeout = 60 * self.minutes + WATCH_GRACE if self.minutes else None
-        self.deadline, self.stop_tag, self.previous = math.inf, None, {}
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self._forward) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(timeout=WATCH_GRACE)
-
-    def _forward(self, signum, frame):
-        if signum == signal.SIGINT and self.stop_tag == utils.USER_ABORT():
-            print("\nSecond Ctrl+C: ending the run now.", file=sys.stderr, flush=True)
-            self.process.kill()
-            return
-        self.stop_tag = self.stop_tag or StopRequest.TAGS[signum]()
-        if self.process.pid and self.process.is_alive():
-            os.kill(self.process.pid, signum)
-
-    def next(self) -> tuple:
-        """The training process's next report, or ("ended", tag, message) when it died or hung."""
-        while True:
-            if self.receive.poll(min(1.0, max(0.0, self.deadline - time.monotonic()))):
-                try:
-                    message = self.receive.recv()
-                except EOFError:
-                    break
-                # Once ready, the training process reports at least once an epoch: as one starts, as it
-                # ends (then its checkpoint is written). Silence past the timeout is a hang.
-                since = message[2] if message[0] == "epoch" else time.monotonic()
-                self.deadline = since + self.timeout if self.timeout and message[0] != "done" else math.inf
-                return message
-            if time.monotonic() > self.deadline:
-                self.process.kill()
-                return ("ended", utils.TIMEOUT(), f"an epoch ran past --epoch_timeout {self.minutes:g} min and "
-                        "did not stop by itself: the training process was stuck, and has been killed")
-            if not self.process.is_alive() and not self.receive.poll(0):
-                break
-        self.process.join(timeout=WATCH_GRACE)
-        if self.stop_tag:  # it was asked to stop (a second Ctrl+C kills it): the stop names the end
-            return ("ended", self.stop_tag, None)
-        code = self.process.exitcode
-        how = f"was killed by {signal.Signals(-code).name}" if code and code < 0 else f"exited with status {code}"
-        oom = " (the out-of-memory killer sends SIGKILL)" if code == -signal.SIGKILL else ""
-        return ("ended", utils.CRASHED(), f"the training process {how}{oom} before the end of the run")
-
-
 def summary_line(row: dict, epochs: int) -> str:
     line = f"epoch {row['epoch']}/{epochs}  loss {row['train/loss']:.4f}"
     for metric in utils.METRICS:
@@ -566,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     new_folder = None
     try:
         if keep:
-            check_writable(opts["output_path"])
-        folder = previous_run(opts, config) if resume else None
+            watch.check_writable(opts["output_path"])
+        folder = watch.previous_run(opts, config) if resume else None
         history = []
         if folder:
             history = json.loads((folder / "results.json").read_text())["history"]
@@ -577,18 +379,18 @@ def main(argv: list[str] | None = None) -> int:
                                        os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))
             folder.mkdir(parents=True, exist_ok=True)
             utils.write_json(folder / "config.json", config)
-        record = Record(opts, config, folder, history, folder.name if folder else None)
+        record = watch.Record(opts, config, folder, history, folder.name if folder else None)
         if reasons and opts["abort_irrelevant"]:
             record.handle(("ready",))
             record.finish([utils.IRRELEVANT()])
         elif not opts["watchdog"]:
             train(opts, folder, resume, record.handle)
         else:
-            with Watch(opts, folder, resume) as watch:
+            with watch.Watch(train_process, opts, folder, resume) as training:
                 while record.status is None:
-                    record.handle(watch.next())
+                    record.handle(training.next())
         return record.status
-    except StartError as e:
+    except utils.StartError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
     finally:

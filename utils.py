@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,6 +19,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
+
+class StartError(Exception):
+    """The run cannot start (no data, no place to save, no W&B); the message says what to do."""
+
 
 # ----------------------------------------------------------------------------------------------
 # Validators: argparse `type=` callables. Their limits are public attributes so that tools (the
@@ -287,6 +292,8 @@ TAGS = (SUCCESS, OVERFITTING_LEARNING, OVERFITTING_END, RANDOM_GUESSING, MOST_PR
         VANISHING_GRADIENT, EXPLODING_GRADIENT, HIGH_STD,
         IRRELEVANT, USER_ABORT, TIMEOUT, NAN_LOSS, INF_LOSS, NAN_GRADIENT, PREEMPTED, CRASHED)
 ERROR_TAGS = frozenset(tag.template for tag in TAGS if tag.error)
+# What main.py's training loop makes of a stop signal (SIGINT: Ctrl+C; SIGTERM: a scheduler's preemption).
+STOP_SIGNALS = {signal.SIGINT: USER_ABORT, signal.SIGTERM: PREEMPTED}
 # Ends that --resume yes can continue from the last checkpoint; after the others it would only repeat them.
 RESUMABLE_TAGS = frozenset(tag.template for tag in (USER_ABORT, TIMEOUT, PREEMPTED, CRASHED))
 

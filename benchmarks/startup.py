@@ -31,6 +31,7 @@ def child(argv: list[str]) -> None:
     sys.path.insert(0, str(ROOT))
     phases = {}
     import main as experiment
+    import watch
 
     phases["imports"] = time.monotonic() - launch
 
@@ -47,7 +48,7 @@ def child(argv: list[str]) -> None:
         phases["first batch"] = time.monotonic() - launch
         return None, None
 
-    handle = experiment.Record.handle
+    handle = watch.Record.handle
 
     def watched(record, report):
         if report[0] == "epoch" and report[1] == 1:
@@ -55,11 +56,11 @@ def child(argv: list[str]) -> None:
         return handle(record, report)
 
     experiment.load_mnist = timed("load_mnist", experiment.load_mnist)
-    experiment.start_wandb = timed("start_wandb", experiment.start_wandb)
+    watch.start_wandb = timed("start_wandb", watch.start_wandb)
     if "--watchdog=no" in argv:
         experiment.train_epoch = first_batch
     else:
-        experiment.Record.handle = watched
+        watch.Record.handle = watched
     experiment.main(argv)
     print(json.dumps(phases))
 

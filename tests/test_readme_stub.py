@@ -20,8 +20,8 @@ NEW_FLAG = ('    hyper.add_argument("--label_smoothing", type=Number(float, min=
 @pytest.fixture
 def project(tmp_path):
     """A fork of the boilerplate whose parser has one more hyper-parameter than ours."""
-    for name in ("main.py", "utils.py", "generate_readme_stub.py", "adjectives.txt", "nouns.txt"):
-        shutil.copy(ROOT / name, tmp_path / name)
+    for path in [*ROOT.glob("*.py"), ROOT / "adjectives.txt", ROOT / "nouns.txt"]:
+        shutil.copy(path, tmp_path / path.name)
     source = (tmp_path / "utils.py").read_text()
     anchor = '    exp = parser.add_argument_group("experiment")\n'
     assert anchor in source
@@ -99,7 +99,8 @@ def test_finds_the_requirements_offline_and_not_its_own_tool(project):
     assert done.returncode == 0, done.stderr
     section = (project / "README.md").read_text().split("## Requirements")[1].split("## Usage")[0]
     names = {line.split("==")[0].strip() for line in section.splitlines() if "==" in line}
-    assert names == {"torch", "torchvision", "torcheval", "wandb", "tqdm"}
+    # The experiment's five, and local_sweep.py's two; not pipreqs, the generator's own tool.
+    assert names == {"torch", "torchvision", "torcheval", "wandb", "tqdm", "sweeps", "PyYAML"}
 
 
 def test_refuses_to_overwrite_unless_forced_and_writes_elsewhere(project):

@@ -1,0 +1,211 @@
+"""The watching process of main.py: it holds the W&B run and the run folder, and ends the run
+properly whatever becomes of training.
+
+main.py's train() runs in a process of its own (started with the spawn method, required with
+CUDA) and reports through a pipe: ("ready",) once its data is loaded, ("epoch", n, when) as an
+epoch starts, ("row", row, tags) as it ends, ("done", tags) at the end, or ("error", message,
+exit status). `Watch` starts it and turns its death or silence into a report of its own, ("ended",
+tag, message); `Record` logs and saves every report at once, so nothing finished is lost. With
+--watchdog no, main.py calls train() with Record.handle directly. Nothing here imports torch.
+"""
+
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import utils
+
+WATCH_GRACE = 2.0  # seconds the watcher allows past a deadline before it acts
+
+
+def start_wandb(opts: dict, config: dict, run_id: str | None):
+    if not (opts["wandb_project"] or os.environ.get("WANDB_SWEEP_ID")):
+        return None
+    import wandb  # only runs that log pay for its import
+
+    # Under `wandb agent` (WANDB_SWEEP_ID set) the project comes from the sweep. A resumed run
+    # continues its own W&B run: resume="allow" with its id.
+    init = dict(project=opts["wandb_project"], group=config["group"], config=config, id=run_id, resume="allow")
+    try:
+        try:
+            return wandb.init(**init)
+        except wandb.errors.CommError as e:  # W&B's server unreachable: nothing is lost offline
+            print(f"Warning: W&B is unreachable ({str(e).splitlines()[0]}); logging offline instead. Upload "
+                  "later with `wandb sync`.", file=sys.stderr)
+            wandb.teardown()  # W&B's service still holds the run id of the attempt
+            return wandb.init(**init, mode="offline")
+    except wandb.Error as e:
+        raise utils.StartError(f"W&B could not start: {e}\nLog in with `wandb login`, or run with "
+                         "WANDB_MODE=offline (upload later with `wandb sync`).") from None
+
+
+def check_writable(path: str) -> None:
+    """Fail before training, not after it, when results could not be saved."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise utils.StartError(f"cannot save under --output_path {path}: {e.strerror or e}") from None
+
+
+def previous_run(opts: dict, config: dict) -> Path | None:
+    """The folder of this command's last run (same group and seed) that stopped before its end:
+    ended with a tag --resume can continue from, or never ended (its watcher was killed too).
+    Under `wandb agent` the run id says which: W&B re-queues a preempted run under its own id."""
+    group = Path(opts["output_path"], config["group"])
+    if os.environ.get("WANDB_RUN_ID"):
+        candidates = [group / os.environ["WANDB_RUN_ID"]]
+    else:
+        candidates = sorted(group.glob("*/"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for folder in candidates:
+        try:
+            seed = json.loads((folder / "config.json").read_text())["seed"]
+            results = json.loads((folder / "results.json").read_text())
+        except (OSError, ValueError, KeyError):
+            continue
+        stopped = results["status"] == "running" or any(t in utils.RESUMABLE_TAGS for t in results["tags"])
+        if seed == opts["seed"] and stopped:
+            return folder
+    return None
+
+
+def save_results(folder: Path | None, config: dict, run, history: list, tags: list, status: str) -> None:
+    if folder:
+        utils.write_json(folder / "results.json", {
+            "history": history, "tags": tags, "status": status, "group": config["group"],
+            "seed": config["seed"], "wandb_run_path": run.path if run and not run.disabled else None})
+
+
+class Record:
+    """What the watching process keeps of the run, fed with the training process's reports. Each
+    epoch is logged and saved as soon as it is reported, so nothing finished is lost if training
+    dies afterwards. `status` is the exit status, once the run has ended."""
+
+    def __init__(self, opts: dict, config: dict, folder: Path | None, history: list, run_id: str | None):
+        self.opts, self.config, self.folder, self.run_id = opts, config, folder, run_id
+        self.run, self.history, self.tags, self.status = None, history, [], None
+        # Epochs W&B already has: a resumed run trains again those logged after its checkpoint.
+        self.logged = max([row["epoch"] for row in history if "test/accuracy" in row], default=0)
+
+    def handle(self, report: tuple) -> None:
+        kind, *args = report
+        if kind == "error" and args[1] == 2:  # a command-line value the data rules out
+            utils.get_arg_parser().error(args[0])
+        elif kind == "error":  # before W&B starts: the message says what to fix
+            raise utils.StartError(args[0])
+        elif kind == "ready":
+            self.run = start_wandb(self.opts, self.config, self.run_id)
+            self.save("running")
+        elif kind == "row":
+            row, self.tags = args
+            self.history = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
+            if self.run and row["epoch"] > self.logged:
+                self.run.log(row)
+            self.save("running")
+        elif kind == "done":
+            self.finish(args[0])
+        elif kind == "ended":  # from the watcher: the training process died or hung
+            tag, message = args
+            self.finish(self.tags + [tag], message)
+
+    def save(self, status: str) -> None:
+        save_results(self.folder, self.config, self.run, self.history, self.tags, status)
+
+    def finish(self, tags: list, message: str | None = None) -> None:
+        self.tags = list(dict.fromkeys(tags))
+        failed = utils.failed(self.tags)
+        status = "failed" if failed else "finished"
+        self.save(status)
+        if self.run:
+            self.run.summary["seed"] = self.config["seed"]
+            self.run.tags = tuple(self.tags)
+            if utils.PREEMPTED() in self.tags:
+                self.run.mark_preempting()  # W&B then re-queues a preempted sweep run
+            self.run.finish(exit_code=int(failed))
+        resumable = self.opts["checkpoint_every"] and any(t in utils.RESUMABLE_TAGS for t in self.tags)
+        if self.folder and not resumable:
+            (self.folder / "checkpoint.pt").unlink(missing_ok=True)
+            if not self.opts["save"]:
+                shutil.rmtree(self.folder)
+                with contextlib.suppress(OSError):  # the group's folder, unless other runs use it
+                    self.folder.parent.rmdir()
+        if message:
+            print(f"Error: {message}", file=sys.stderr)
+        if self.opts["verbose"]:
+            print(f"Run {status}. Group {self.config['group']}, seed {self.config['seed']}. "
+                  f"Tags: {', '.join(self.tags) or 'none'}")
+            if self.folder and (self.opts["save"] or resumable):
+                print(f"Saved in {self.folder}" + (": continue it with --resume yes" if resumable else ""))
+        self.status = int(failed)
+
+
+class Watch:
+    """Runs train() in a process of its own and watches it: forwards SIGINT and SIGTERM to it (a
+    second Ctrl+C kills it), kills it when an epoch outlives --epoch_timeout (a hang in native
+    code never reaches the loop's own check), and notices when it dies. Every wait has a timeout."""
+
+    def __init__(self, target, opts: dict, *args):
+        """Starts target(opts, *args, connection): the training process's entry, a module-level function."""
+        context = multiprocessing.get_context("spawn")
+        self.receive, send = context.Pipe(duplex=False)
+        self.process = context.Process(target=target, args=(opts, *args, send), name="training")
+        self.process.start()
+        send.close()  # the training process holds the only sending end: its death closes the pipe
+        self.minutes = opts["epoch_timeout"]
+        self.timeout = 60 * self.minutes + WATCH_GRACE if self.minutes else None
+        self.deadline, self.stop_tag, self.previous = math.inf, None, {}
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=WATCH_GRACE)
+
+    def _forward(self, signum, frame):
+        if signum == signal.SIGINT and self.stop_tag == utils.USER_ABORT():
+            print("\nSecond Ctrl+C: ending the run now.", file=sys.stderr, flush=True)
+            self.process.kill()
+            return
+        self.stop_tag = self.stop_tag or utils.STOP_SIGNALS[signum]()
+        if self.process.pid and self.process.is_alive():
+            os.kill(self.process.pid, signum)
+
+    def next(self) -> tuple:
+        """The training process's next report, or ("ended", tag, message) when it died or hung."""
+        while True:
+            if self.receive.poll(min(1.0, max(0.0, self.deadline - time.monotonic()))):
+                try:
+                    message = self.receive.recv()
+                except EOFError:
+                    break
+                # Once ready, the training process reports at least once an epoch: as one starts, as it
+                # ends (then its checkpoint is written). Silence past the timeout is a hang.
+                since = message[2] if message[0] == "epoch" else time.monotonic()
+                self.deadline = since + self.timeout if self.timeout and message[0] != "done" else math.inf
+                return message
+            if time.monotonic() > self.deadline:
+                self.process.kill()
+                return ("ended", utils.TIMEOUT(), f"an epoch ran past --epoch_timeout {self.minutes:g} min and "
+                        "did not stop by itself: the training process was stuck, and has been killed")
+            if not self.process.is_alive() and not self.receive.poll(0):
+                break
+        self.process.join(timeout=WATCH_GRACE)
+        if self.stop_tag:  # it was asked to stop (a second Ctrl+C kills it): the stop names the end
+            return ("ended", self.stop_tag, None)
+        code = self.process.exitcode
+        how = f"was killed by {signal.Signals(-code).name}" if code and code < 0 else f"exited with status {code}"
+        oom = " (the out-of-memory killer sends SIGKILL)" if code == -signal.SIGKILL else ""
+        return ("ended", utils.CRASHED(), f"the training process {how}{oom} before the end of the run")
