@@ -83,22 +83,44 @@ def propose(config: dict, state: dict):
     return None if proposal is None else {k: v["value"] for k, v in proposal.config.items()}
 
 
+def claim(config: dict, state_path: Path) -> tuple[str, dict] | None:
+    """A name and the next configuration, recorded as running under the lock (so no other process
+    proposes it now), or None when the sweep is done."""
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    with locked_state(state_path) as state:
+        drop_orphans(state)
+        params = propose(config, state)
+        if params is not None:
+            state["runs"].append({"name": name, "config": params, "status": "running", "owner": os.getpid(),
+                                  "group": None, "tags": [], "metric": None})
+    return None if params is None else (name, params)
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs: the command W&B's agent would start, one process group each
 
 
-def command(config: dict, params: dict, extra: list[str], output: Path, mode: str, project: str) -> list[str]:
-    """The sweep's command (W&B's default: ${env} ${interpreter} ${program} ${args}), filled in by W&B's
-    own code, so the values reach main.py exactly as the agent passes them (--lr=0.001, --flag=True)."""
+def agent_argv(params: dict, program: str, template: list | None = None,
+               interpreter: str = sys.executable) -> list[str]:
+    """The command W&B's agent starts for `params`: the sweep's command template (W&B's default:
+    ${env} ${interpreter} ${program} ${args}) filled in by W&B's own code, so the values reach the
+    program exactly as under the agent (--lr=0.001, --flag=True)."""
     from wandb.sdk.launch.sweeps import utils as sweep_utils
 
     words = {**sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}}),
-             "env": ["/usr/bin/env"], "interpreter": [sys.executable], "program": [config["program"]]}
+             "env": ["/usr/bin/env"], "interpreter": [interpreter], "program": [program]}
     argv = []
-    for word in sweep_utils.create_sweep_command(config.get("command")):
+    for word in sweep_utils.create_sweep_command(template):
         argv += words.get(word[2:-1], []) if word.startswith("${") else [word]
+    return argv
+
+
+def command(config: dict, params: dict, extra: list[str], output: Path, mode: str, project: str) -> list[str]:
+    """A run of the sweep as the agent would start it, plus main.py's arguments after `--`, its folder,
+    and W&B offline unless disabled."""
     wandb = ["--wandb_project", project] if mode == "offline" else []
-    return argv + extra + wandb + ["--save", "yes", "--output_path", str(output)]
+    return (agent_argv(params, config["program"], config.get("command")) + extra + wandb
+            + ["--save", "yes", "--output_path", str(output)])
 
 
 def outcome(output: Path, metric: str) -> dict:
@@ -113,13 +135,32 @@ def outcome(output: Path, metric: str) -> dict:
             "metric": values[-1] if values else None}
 
 
+def start(name: str, params: dict, argv: list[str], runs_dir: Path, env: dict) -> subprocess.Popen:
+    """Starts a run in a process group of its own, as W&B's agent does, its screen in output.log."""
+    print(f"start {name}: " + " ".join(f"{k}={v}" for k, v in params.items()), flush=True)
+    (runs_dir / name).mkdir(parents=True)
+    with open(runs_dir / name / "output.log", "w") as log:
+        return subprocess.Popen(argv, env={**env, "WANDB_RUN_ID": name}, process_group=0, stdout=log, stderr=log)
+
+
+def record_end(name: str, output: Path, metric: str, state_path: Path, interrupted: bool) -> None:
+    result = outcome(output, metric)
+    if interrupted and result["status"] != "finished":
+        result = {"status": "interrupted"}  # stopped by us: it runs again next time
+    with locked_state(state_path) as state:
+        run = next(r for r in state["runs"] if r["name"] == name)
+        run.update(result)
+    print(f"end   {name}: {run['status']} {', '.join(run['tags'])}".rstrip(), flush=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # The summary: one row per group
 
 
 def summary(config: dict, runs: list[dict]) -> str:
     metric = config["metric"]["name"]
-    varied = [k for k, p in config["parameters"].items() if k != "seed" and len(p.get("values", [0, 0])) > 1]
+    varied = [k for k, p in config["parameters"].items()  # a distribution varies; a list of one value does not
+              if k != "seed" and ("values" not in p or len(p["values"]) > 1)]
     groups = {}
     for run in runs:
         groups.setdefault(run["group"] or "(no results: could not start)", []).append(run)
@@ -146,8 +187,9 @@ def load_sweep(path: Path, parser: argparse.ArgumentParser) -> dict:
     except (OSError, yaml.YAMLError) as e:
         parser.error(f"cannot read the sweep file {path}: {e}")
     problems = sweeps.schema_violations_from_proposed_config(config) if isinstance(config, dict) else ["not a map"]
-    if problems or "program" not in config or "metric" not in config:
-        problems += [] if problems else ["local_sweep.py needs `program` and `metric`"]
+    if not problems and not {"program", "metric"} <= config.keys():
+        problems = ["local_sweep.py needs `program` and `metric`"]
+    if problems:
         parser.error(f"{path} is not a valid W&B sweep: " + "; ".join(problems))
     if config["method"] == "random" and "run_cap" not in config:
         parser.error(f"{path}: a random search never ends by itself; set run_cap")
@@ -187,31 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         while running or not exhausted:
             try:
                 while not exhausted and len(running) < args.workers:
-                    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-                    with locked_state(state_path) as state:
-                        drop_orphans(state)
-                        params = propose(config, state)
-                        exhausted = params is None
-                        if not exhausted:  # claimed under the lock: no other process proposes it now
-                            state["runs"].append({"name": name, "config": params, "status": "running",
-                                                  "owner": os.getpid(), "group": None, "tags": [], "metric": None})
-                    if not exhausted:
-                        print(f"start {name}: " + " ".join(f"{k}={v}" for k, v in params.items()), flush=True)
-                        (runs_dir / name).mkdir(parents=True)
-                        with open(runs_dir / name / "output.log", "w") as log:  # the run's own screen
-                            running[name] = subprocess.Popen(
-                                command(config, params, extra, runs_dir / name, args.wandb, args.project),
-                                env={**env, "WANDB_RUN_ID": name}, process_group=0, stdout=log, stderr=log)
+                    claimed = claim(config, state_path)
+                    exhausted = claimed is None
+                    if claimed:
+                        name, params = claimed
+                        running[name] = start(name, params, command(config, params, extra, runs_dir / name,
+                                                                    args.wandb, args.project), runs_dir, env)
                 time.sleep(POLL_SECONDS)
                 for name in [n for n, proc in running.items() if proc.poll() is not None]:
                     del running[name]
-                    result = outcome(runs_dir / name, metric)
-                    if interrupted and result["status"] != "finished":
-                        result = {"status": "interrupted"}  # stopped by us: it runs again next time
-                    with locked_state(state_path) as state:
-                        run = next(r for r in state["runs"] if r["name"] == name)
-                        run.update(result)
-                    print(f"end   {name}: {run['status']} {', '.join(run['tags'])}".rstrip(), flush=True)
+                    record_end(name, runs_dir / name, metric, state_path, interrupted)
             except KeyboardInterrupt:
                 if interrupted:
                     raise

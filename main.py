@@ -13,11 +13,8 @@ Every option: `python main.py --help`. Exit status: 0 when the run ended without
 1 when it ended with one (or could not start), 2 for an invalid command line.
 """
 
-import json
 import math
 import os
-import secrets
-import shutil
 import signal
 import sys
 import threading
@@ -365,20 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     keep = opts["save"] or opts["checkpoint_every"]  # checkpoints live in the run folder too
     # Under `wandb agent` a run id that left a checkpoint is a preempted run W&B has re-queued.
     resume = keep and (opts["resume"] or bool(os.environ.get("WANDB_RUN_ID")))
-    new_folder = None
+    folder, history = None, []
     try:
         if keep:
-            watch.check_writable(opts["output_path"])
-        folder = watch.previous_run(opts, config) if resume else None
-        history = []
-        if folder:
-            history = json.loads((folder / "results.json").read_text())["history"]
-            print(f"Resuming the run in {folder}", file=sys.stderr)
-        elif keep:
-            folder = new_folder = Path(opts["output_path"], config["group"],
-                                       os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))
-            folder.mkdir(parents=True, exist_ok=True)
-            utils.write_json(folder / "config.json", config)
+            folder, history = watch.run_folder(opts, config, resume)
         record = watch.Record(opts, config, folder, history, folder.name if folder else None)
         if reasons and opts["abort_irrelevant"]:
             record.handle(("ready",))
@@ -394,8 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {e}", file=sys.stderr)
         return 1
     finally:
-        if new_folder and not (new_folder / "results.json").exists():  # the run never started: leave nothing
-            shutil.rmtree(new_folder, ignore_errors=True)
+        watch.remove_if_unstarted(folder)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import json
 import math
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -44,7 +45,7 @@ def start_wandb(opts: dict, config: dict, run_id: str | None):
             return wandb.init(**init, mode="offline")
     except wandb.Error as e:
         raise utils.StartError(f"W&B could not start: {e}\nLog in with `wandb login`, or run with "
-                         "WANDB_MODE=offline (upload later with `wandb sync`).") from None
+                               "WANDB_MODE=offline (upload later with `wandb sync`).") from None
 
 
 def check_writable(path: str) -> None:
@@ -56,9 +57,9 @@ def check_writable(path: str) -> None:
         raise utils.StartError(f"cannot save under --output_path {path}: {e.strerror or e}") from None
 
 
-def previous_run(opts: dict, config: dict) -> Path | None:
-    """The folder of this command's last run (same group and seed) that stopped before its end:
-    ended with a tag --resume can continue from, or never ended (its watcher was killed too).
+def previous_run(opts: dict, config: dict) -> tuple[Path, dict] | None:
+    """The folder and results of this command's last run (same group and seed) that stopped before
+    its end: ended with a tag --resume can continue from, or never ended (its watcher was killed too).
     Under `wandb agent` the run id says which: W&B re-queues a preempted run under its own id."""
     group = Path(opts["output_path"], config["group"])
     if os.environ.get("WANDB_RUN_ID"):
@@ -73,8 +74,28 @@ def previous_run(opts: dict, config: dict) -> Path | None:
             continue
         stopped = results["status"] == "running" or any(t in utils.RESUMABLE_TAGS for t in results["tags"])
         if seed == opts["seed"] and stopped:
-            return folder
+            return folder, results
     return None
+
+
+def run_folder(opts: dict, config: dict, resume: bool) -> tuple[Path, list]:
+    """The run's folder, OUTPUT_PATH/GROUP/RUN_ID, and the history it already holds: with `resume`,
+    that of the run to continue, if there is one; else a new folder holding config.json. RUN_ID is
+    also the W&B run's id: WANDB_RUN_ID under `wandb agent`, else 8 random hex digits."""
+    check_writable(opts["output_path"])
+    if resume and (found := previous_run(opts, config)):
+        print(f"Resuming the run in {found[0]}", file=sys.stderr)
+        return found[0], found[1]["history"]
+    folder = Path(opts["output_path"], config["group"], os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))
+    folder.mkdir(parents=True, exist_ok=True)
+    utils.write_json(folder / "config.json", config)
+    return folder, []
+
+
+def remove_if_unstarted(folder: Path | None) -> None:
+    """A run that never started (it wrote no results.json) leaves nothing behind."""
+    if folder and not (folder / "results.json").exists():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_results(folder: Path | None, config: dict, run, history: list, tags: list, status: str) -> None:
@@ -164,7 +185,7 @@ class Watch:
         self.deadline, self.stop_tag, self.previous = math.inf, None, {}
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self._forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self._forward) for s in utils.STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):

@@ -46,7 +46,7 @@ def child(argv: list[str]) -> None:
 
     def first_batch(*args, **kwargs):
         phases["first batch"] = time.monotonic() - launch
-        return None, None
+        return None, experiment.utils.USER_ABORT()  # a stop before the first batch: main() ends the run
 
     handle = watch.Record.handle
 

@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 
 from wandb import wandb_agent
-from wandb.sdk.launch.sweeps import utils as sweep_utils
 from wandb.sdk.lib import config_util
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import local_sweep  # noqa: E402
 
 
 def claim(queue: Path) -> dict | None:
@@ -37,11 +39,9 @@ def start(command: dict, sweep_id: str) -> wandb_agent.AgentProcess:
     config_util.save_config_file_from_dict(param_path, command["args"])
     env = {**os.environ, "WANDB_SWEEP_ID": sweep_id, "WANDB_RUN_ID": command["run_id"],
            "WANDB_SWEEP_PARAM_PATH": param_path}
-    words = {**sweep_utils.create_sweep_command_args(command), "env": ["/usr/bin/env"], "interpreter": ["python"],
-             "program": [command["program"]]}
-    argv = []
-    for word in sweep_utils.create_sweep_command():
-        argv += words[word[2:-1]] if word.startswith("${") else [word]
+    # W&B's command template filled in by W&B's own code, with the agent's interpreter, `python`
+    params = {k: v["value"] for k, v in command["args"].items()}
+    argv = local_sweep.agent_argv(params, command["program"], interpreter="python")
     return wandb_agent.AgentProcess(command=argv, env=env, forward_signals=True)
 
 
