@@ -1,0 +1,119 @@
+"""The batch loop makes the host wait for the device only where main.py marks it.
+
+Two witnesses, one question: which line of train_epoch was running when the host read the device?
+- On any machine: every host read that torch routes through a TorchFunctionMode (item, tolist,
+  bool(), float(), .cpu(), .numpy(), and the ops whose output size depends on values, which wait for
+  the device on a GPU). Runs here, on the CPU, so a new host read in the loop fails the suite anywhere.
+- On a CUDA GPU: CUDA's own sync debug mode, which also sees syncs inside torch's C++ code.
+"""
+
+import inspect
+import traceback
+import warnings
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import main
+import utils
+
+BATCHES = 125  # with SYNC_EVERY = 50, two marked looks in the loop (after batches 50 and 100)
+
+# Tensor methods and functions that hand a value to the host, or must wait for one to size their output.
+HOST_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__complex__",
+              "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "equal", "allclose",
+              "is_nonzero", "repeat_interleave"}
+
+
+def loop_lines() -> tuple[int, int, int]:
+    """First and last line of train_epoch's batch loop, and the line of its marked per-interval sync."""
+    source, first = inspect.getsourcelines(main.train_epoch)
+    start = first + next(i for i, line in enumerate(source) if line.lstrip().startswith("for i in "))
+    end = first + next(i for i, line in enumerate(source) if line.lstrip().startswith("if not losses"))
+    check = first + next(i for i, line in enumerate(source) if "nonfinite.item()" in line)
+    return start, end, check
+
+
+def train_epoch_line() -> int:
+    """The line of train_epoch on the current stack: the caller of whatever synchronises."""
+    return [f.lineno for f in traceback.extract_stack() if f.filename == main.__file__ and f.name == "train_epoch"][-1]
+
+
+def epoch_setup(data_path, device: str, optimizer: str) -> tuple:
+    """train_epoch's arguments: the tiny MNIST through torchvision's loader, dropout and clipping on."""
+    torch.manual_seed(0)
+    x, y = main.load_mnist(str(data_path), torch.device(device))["train"]
+    x, y = x[:4 * BATCHES], y[:4 * BATCHES]
+    opts = vars(utils.get_arg_parser().parse_args(["--batch_size", "4", "--grad_clipping", "1"]))
+    model = main.build_model((64,), 0.1).to(device)
+    optim_class = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+    optim = optim_class(model.parameters(), lr=1e-3, fused=True)
+    return model, optim, x, y, opts, torch.Generator().manual_seed(0), main.StopRequest()
+
+
+def in_loop(lines: list[int]) -> list[int]:
+    start, end, _ = loop_lines()
+    return [line for line in lines if start <= line < end]
+
+
+class HostReads(TorchFunctionMode):
+    """Records the line of train_epoch behind every host read that passes through torch's Python API."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        bool_mask = name == "__getitem__" and isinstance(args[1], torch.Tensor) and args[1].dtype == torch.bool
+        if name in HOST_READS or bool_mask:
+            self.lines.append(train_epoch_line())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("sync_every", [1, main.SYNC_EVERY], ids=["cpu-every-batch", "accelerator-every-50"])
+def test_batch_loop_reads_the_host_only_at_the_marked_look(tiny_data, optimizer, sync_every):
+    args = epoch_setup(tiny_data, "cpu", optimizer)
+    with HostReads() as reads:
+        stats, tag = main.train_epoch(*args, sync_every=sync_every, verbose=0)
+    assert tag is None and stats["train/batches"] == BATCHES
+    _, _, check = loop_lines()
+    assert in_loop(reads.lines) == [check] * (BATCHES // sync_every), in_loop(reads.lines)
+    assert len(reads.lines) > len(in_loop(reads.lines)), "no read seen at the epoch's end: the test sees nothing"
+
+
+def test_the_witness_sees_an_unmarked_read(tiny_data):
+    """A read the loop does not make, made inside it (a callback of the optimizer's step), is caught."""
+    model, optim, *rest = epoch_setup(tiny_data, "cpu", "sgd")
+    optim.register_step_post_hook(lambda optimizer, args, kwargs: float(next(model.parameters()).detach().sum()))
+    with HostReads() as reads:
+        main.train_epoch(model, optim, *rest, sync_every=main.SYNC_EVERY, verbose=0)
+    assert len(in_loop(reads.lines)) == BATCHES + BATCHES // main.SYNC_EVERY
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_on_cuda_the_batch_loop_syncs_once_per_interval_and_nowhere_else(tiny_data, optimizer):
+    args = epoch_setup(tiny_data, "cuda", optimizer)
+    main.train_epoch(*args, sync_every=main.SYNC_EVERY, verbose=0)  # warm-up: lazy CUDA initialisation
+    torch.cuda.synchronize()
+    syncs = []
+
+    def record(message, *args, **kwargs):
+        if "synchronizing" in str(message):
+            syncs.append(train_epoch_line())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record  # called within the synchronising call, so the stack is the caller's
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            stats, tag = main.train_epoch(*args, sync_every=main.SYNC_EVERY, verbose=0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert tag is None and stats["train/batches"] == BATCHES
+    _, _, check = loop_lines()
+    assert in_loop(syncs) == [check] * (BATCHES // main.SYNC_EVERY), in_loop(syncs)
+    assert len(syncs) > len(in_loop(syncs)), "no sync seen at the epoch's end either: the test cannot see syncs"
