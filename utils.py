@@ -73,6 +73,23 @@ class Number(Validator):
         return value
 
 
+RANDOM_SEED = "random"
+
+
+@dataclass(frozen=True)
+class Seed(Number):
+    """An int >= 0, or `random` for one drawn from the clock (resolve_seed draws it)."""
+
+    kind: type = int
+    min: float | None = 0
+
+    def describe(self) -> str:
+        return f"{super().describe()}, or {RANDOM_SEED}"
+
+    def __call__(self, text: str) -> int | str:
+        return RANDOM_SEED if text.lower() == RANDOM_SEED else super().__call__(text)
+
+
 @dataclass(frozen=True)
 class Boolean(Validator):
     """yes/no, true/false or 1/0 in any letter case (the W&B agent passes True/False)."""
@@ -142,7 +159,8 @@ def get_arg_parser() -> argparse.ArgumentParser:
                        help="samples held out of the official training set for validation")
 
     exp = parser.add_argument_group("experiment")
-    exp.add_argument("--seed", type=Number(int), default=0, help="random seed; negative = time-based")
+    exp.add_argument("--seed", type=Seed(), default=0,
+                     help=f"random seed; {RANDOM_SEED}: drawn from the clock, and recorded like any other")
     exp.add_argument("--device", type=text, default=None,
                      help="cpu, cuda, cuda:N, ...; unset: $DEVICE, else cuda if available, else cpu")
     exp.add_argument("--data_path", type=text, default="data", help="folder holding MNIST/raw/")
@@ -232,9 +250,9 @@ def generate_name(opts: dict) -> str:
     return f"{adjective}-{noun}-{digest[:8]}"
 
 
-def resolve_seed(seed: int) -> int:
-    """A negative seed asks for a time-based one; the result is what gets recorded."""
-    return seed if seed >= 0 else time.time_ns() % 2**31
+def resolve_seed(seed: int | str) -> int:
+    """The seed to use and record: RANDOM_SEED draws one from the clock."""
+    return time.time_ns() % 2**31 if seed == RANDOM_SEED else seed
 
 
 # ----------------------------------------------------------------------------------------------

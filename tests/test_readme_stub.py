@@ -64,7 +64,7 @@ def test_usage_has_one_row_per_option_with_type_and_default_even_for_a_new_flag(
         "--lr": ("hyper-parameters", "float > 0", "`0.001`"),
         "--optimizer": ("hyper-parameters", "one of `adam`, `sgd`", "`adam`"),
         "--hidden": ("hyper-parameters", "ints >= 1, comma-separated", "`512,512`"),
-        "--seed": ("experiment", "int", "`0`"),
+        "--seed": ("experiment", "int >= 0, or random", "`0`"),
         "--verbose": ("experiment", "int, one of `0`, `1`, `2`", "`1`"),
         "--data_path": ("experiment", "str", "`data`"),
         "--device": ("experiment", "str", "unset"),

@@ -66,8 +66,8 @@ def test_same_seed_gives_the_same_history(tiny_data, tmp_path):
     assert results(tmp_path / "c")[1]["history"][0]["train/loss"] != histories[0][0]["train/loss"]
 
 
-def test_time_based_seed_is_recorded_and_keeps_the_group(tiny_data, tmp_path):
-    assert run_main(*small_run(tiny_data, tmp_path / "a", "--seed", "-1")) == 0
+def test_random_seed_is_recorded_and_keeps_the_group(tiny_data, tmp_path):
+    assert run_main(*small_run(tiny_data, tmp_path / "a", "--seed", "random")) == 0
     assert run_main(*small_run(tiny_data, tmp_path / "b", "--seed", "5")) == 0
     (folder, res), (_, fixed) = results(tmp_path / "a"), results(tmp_path / "b")
     config = json.loads((folder / "config.json").read_text())

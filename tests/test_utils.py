@@ -42,7 +42,7 @@ def test_both_flag_forms_and_every_boolean_spelling():
     (["--lr", "fast"], "--lr"), (["--momentum", "1"], "--momentum"), (["--momentum", "-0.1"], "--momentum"),
     (["--weight_decay", "-1"], "--weight_decay"), (["--hidden", "512,x"], "--hidden"),
     (["--hidden", "512,0"], "--hidden"), (["--dropout", "1"], "--dropout"),
-    (["--grad_clipping", "-1"], "--grad_clipping"),
+    (["--grad_clipping", "-1"], "--grad_clipping"), (["--seed", "-1"], "--seed"),
     (["--val_size", "0"], "--val_size"), (["--seed", "one"], "--seed"), (["--save", "maybe"], "--save"),
     (["--abort_irrelevant", "2"], "--abort_irrelevant"), (["--verbose", "3"], "--verbose"),
     (["--epoch_timeout", "-1"], "--epoch_timeout"), (["--std_threshold", "-5"], "--std_threshold"),
@@ -105,9 +105,10 @@ def test_housekeeping_is_not_a_hyperparameter():
                           "dropout", "grad_clipping", "val_size"}
 
 
-def test_negative_seed_is_time_based_and_recorded():
-    assert utils.resolve_seed(5) == 5
-    assert utils.resolve_seed(-1) >= 0
+def test_random_seed_is_drawn_and_a_given_one_kept():
+    assert utils.resolve_seed(parse("--seed", "5")["seed"]) == 5
+    drawn = utils.resolve_seed(parse("--seed", "random")["seed"])
+    assert isinstance(drawn, int) and 0 <= drawn < 2**31
 
 
 # ---- pruning
