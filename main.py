@@ -96,8 +96,9 @@ def hold_out(x: torch.Tensor, y: torch.Tensor, size: int):
 
 
 class StopRequest:
-    """SIGINT (Ctrl+C) and SIGTERM (a scheduler's preemption) ask the loop to stop at the next batch.
-    Asking again changes nothing here: the watching process decides what a second Ctrl+C does."""
+    """SIGINT (Ctrl+C) and SIGTERM (a scheduler's preemption) ask the loop to stop at the next batch
+    (one that comes while the data loads: at the first). Asking again changes nothing here: the
+    watching process decides what a second Ctrl+C does."""
 
     def __init__(self):
         self.tag = None
@@ -235,7 +236,7 @@ def save_checkpoint(path: Path, epoch, model, optimizer, generator, history, tag
     utils.atomic_write(path, lambda f: torch.save(state, f))
 
 
-def train(opts: dict, folder: Path | None, resume: bool, report) -> None:
+def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopRequest) -> None:
     device = torch.device(opts["device"])
     try:
         data = load_mnist(opts["data_path"], device)
@@ -269,39 +270,38 @@ def train(opts: dict, folder: Path | None, resume: bool, report) -> None:
         tags, history, first = state["tags"], state["history"], state["epoch"] + 1
 
     sync_every = sync_interval(device)
-    with StopRequest() as stop:
-        for epoch in tqdm(range(first, opts["epochs"] + 1), disable=opts["verbose"] < 1, desc="epochs"):
-            report(("epoch", epoch, time.monotonic()))  # the clock is the machine's: the watcher reads it too
-            stats, stop_tag = train_epoch(model, optimizer, *data["train"], opts, generator, stop, sync_every,
-                                          opts["verbose"])
-            if stats is None or stop_tag == utils.PREEMPTED():  # a preempted epoch is trained again on resume
-                utils.add_tags(tags, [stop_tag])
-                break
-            row = {"epoch": epoch, **stats}
-            if stop_tag is None:  # a stopped epoch is not evaluated: its model is not the epoch's end
-                for split in ("val", "test"):
-                    row.update(evaluate(model, *data[split], split))
-                row.update({f"gap/{m}": row[f"train/{m}"] - row[f"test/{m}"] for m in utils.METRICS})
-                epoch_time = sum(row[f"{s}/time"] for s in utils.SPLITS)
-                if opts["epoch_timeout"] and epoch_time > 60 * opts["epoch_timeout"]:
-                    stop_tag = utils.TIMEOUT()
-            row.update(guesses)
-            history.append(row)
-            utils.add_tags(tags, utils.gradient_tags(row["train/grad_norm_min"], row["train/grad_norm_max"],
-                                                     row["train/grad_norm_std"], opts)
-                           + utils.overfitting_tags(row, opts["overfitting_threshold"], utils.OVERFITTING_LEARNING))
-            report(("row", row, list(tags)))
-            if opts["verbose"]:
-                tqdm.write(summary_line(row, opts["epochs"]))
-            whole = "test/accuracy" in row  # trained to its end and evaluated
-            if checkpoint and opts["checkpoint_every"] and whole and epoch % opts["checkpoint_every"] == 0:
-                save_checkpoint(checkpoint, epoch, model, optimizer, generator, history, tags)
-            stop_tag = stop_tag or stop.tag  # a signal during evaluation or saving: stop now, the epoch is whole
-            if stop_tag:
-                utils.add_tags(tags, [stop_tag])
-                break
-        else:
-            tags.insert(0, utils.SUCCESS())
+    for epoch in tqdm(range(first, opts["epochs"] + 1), disable=opts["verbose"] < 1, desc="epochs"):
+        report(("epoch", epoch, time.monotonic()))  # the clock is the machine's: the watcher reads it too
+        stats, stop_tag = train_epoch(model, optimizer, *data["train"], opts, generator, stop, sync_every,
+                                      opts["verbose"])
+        if stats is None or stop_tag == utils.PREEMPTED():  # a preempted epoch is trained again on resume
+            utils.add_tags(tags, [stop_tag])
+            break
+        row = {"epoch": epoch, **stats}
+        if stop_tag is None:  # a stopped epoch is not evaluated: its model is not the epoch's end
+            for split in ("val", "test"):
+                row.update(evaluate(model, *data[split], split))
+            row.update({f"gap/{m}": row[f"train/{m}"] - row[f"test/{m}"] for m in utils.METRICS})
+            epoch_time = sum(row[f"{s}/time"] for s in utils.SPLITS)
+            if opts["epoch_timeout"] and epoch_time > 60 * opts["epoch_timeout"]:
+                stop_tag = utils.TIMEOUT()
+        row.update(guesses)
+        history.append(row)
+        utils.add_tags(tags, utils.gradient_tags(row["train/grad_norm_min"], row["train/grad_norm_max"],
+                                                 row["train/grad_norm_std"], opts)
+                       + utils.overfitting_tags(row, opts["overfitting_threshold"], utils.OVERFITTING_LEARNING))
+        report(("row", row, list(tags)))
+        if opts["verbose"]:
+            tqdm.write(summary_line(row, opts["epochs"]))
+        whole = "test/accuracy" in row  # trained to its end and evaluated
+        if checkpoint and opts["checkpoint_every"] and whole and epoch % opts["checkpoint_every"] == 0:
+            save_checkpoint(checkpoint, epoch, model, optimizer, generator, history, tags)
+        stop_tag = stop_tag or stop.tag  # a signal during evaluation or saving: stop now, the epoch is whole
+        if stop_tag:
+            utils.add_tags(tags, [stop_tag])
+            break
+    else:
+        tags.insert(0, utils.SUCCESS())
 
     evaluated = [row for row in history if "test/accuracy" in row]
     if evaluated:
@@ -318,8 +318,12 @@ def train(opts: dict, folder: Path | None, resume: bool, report) -> None:
 def train_process(opts: dict, folder: Path | None, resume: bool, connection) -> None:
     """The training process's entry: train() reporting through a pipe to the watching process."""
     tqdm.set_lock(threading.RLock())  # tqdm's default lock is a named semaphore, which a killed process leaks
-    with connection:
-        train(opts, folder, resume, connection.send)
+    # A stop signal can come twice, from the terminal and forwarded by the watcher. Once training has
+    # ended, the watcher alone decides (it kills on a second Ctrl+C): a late one must not break the exit.
+    for signum in utils.STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    with connection, StopRequest() as stop:
+        train(opts, folder, resume, connection.send, stop)
 
 
 def summary_line(row: dict, epochs: int) -> str:
@@ -371,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             record.handle(("ready",))
             record.finish([utils.IRRELEVANT()])
         elif not opts["watchdog"]:
-            train(opts, folder, resume, record.handle)
+            with StopRequest() as stop:
+                train(opts, folder, resume, record.handle, stop)
         else:
             with watch.Watch(train_process, opts, folder, resume) as training:
                 while record.status is None:

@@ -4,8 +4,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from conftest import ROOT, results, small_run, start_main
+from test_faults import training_process
 from wandb_file import find_run
 
 OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -30,6 +32,31 @@ def test_ctrl_c_stops_cleanly_keeps_history_and_fails_the_run(tiny_data, tmp_pat
     assert len(res["history"]) >= 2 and [r["epoch"] for r in res["history"]] == list(range(1, len(res["history"]) + 1))
     run = find_run(tmp_path, folder.name)
     assert run.exit_code == 1 and "User abort" in run.tags and len(run.history) == len(res["history"])
+
+
+def test_a_stop_signal_repeated_until_the_end_changes_nothing(tiny_data, tmp_path):
+    """The training process gets a Ctrl+C twice, from the terminal and forwarded by the watcher, and
+    the second may come late, while it exits. Here it gets one every 2 ms until the run has ended."""
+    out = tmp_path / "out"
+    proc = start_main(small_run(tiny_data, out, "--epochs", "100000", "--verbose", "1"))
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 2/"):
+                break
+        child = training_process(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        while proc.poll() is None:
+            try:
+                os.kill(child, signal.SIGINT)  # the child alone: the watcher saw only the first
+            except ProcessLookupError:
+                break
+            time.sleep(0.002)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    assert "User abort" in stdout and "killed" not in stdout + stderr
+    assert results(out)[1]["status"] == "failed" and results(out)[1]["tags"][-1] == "User abort"
 
 
 def test_standalone_prints_a_summary_per_epoch_and_the_outcome(tiny_data, tmp_path):
