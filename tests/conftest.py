@@ -5,6 +5,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +96,18 @@ def start_main(args: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=kwargs.pop("cwd", ROOT),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, **kwargs)
+
+
+def training_process(pid: int) -> int:
+    """The pid of main.py's training process: its child started by multiprocessing's spawn."""
+    for _ in range(100):
+        for entry in Path("/proc").iterdir():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except (OSError, ValueError):
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
+                return int(entry.name)
+        time.sleep(0.1)
+    raise AssertionError("no training process found")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, digits, make_dataset, write_idx
+from conftest import ROOT, digits, make_dataset, training_process, write_idx
 from wandb_file import find_runs
 
 OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -51,21 +51,6 @@ def run(argv: list[str], wandb_dir: Path, env: dict | None = None) -> tuple[int,
     proc = launch(argv, wandb_dir, env)
     output, _ = proc.communicate(timeout=300)
     return proc.returncode, output
-
-
-def training_process(pid: int) -> int:
-    """The pid of main.py's training process: its child started by multiprocessing's spawn."""
-    for _ in range(100):
-        for entry in Path("/proc").iterdir():
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes()
-            except (OSError, ValueError):
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
-                return int(entry.name)
-        time.sleep(0.1)
-    raise AssertionError("no training process found")
 
 
 def saved(out: Path) -> tuple[Path, dict]:

@@ -6,8 +6,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, results, small_run, start_main
-from test_faults import training_process
+from conftest import ROOT, results, small_run, start_main, training_process
 from wandb_file import find_run
 
 OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
