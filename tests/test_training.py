@@ -3,7 +3,9 @@ IDX files, real W&B in offline mode read back from its run file. Every tag provo
 
 import json
 import math
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -151,6 +153,17 @@ def test_timeout_keeps_the_history_so_far(tiny_data, tmp_path):
     _, res = results(tmp_path)
     assert code == 1 and res["status"] == "failed" and res["tags"] == ["Timeout"]
     assert len(res["history"]) == 1 and 0 < res["history"][0]["train/batches"] < 500
+
+
+@pytest.mark.parametrize("signum, tag", [(signal.SIGINT, "User abort"), (signal.SIGTERM, "Preempted")])
+def test_a_stop_signal_before_the_first_batch_ends_the_run_cleanly(signum, tag, tiny_data, tmp_path):
+    """A signal while the data loads: train() is under StopRequest from its first line."""
+    opts = vars(utils.get_arg_parser().parse_args(small_run(tiny_data, tmp_path, "--save", "no")))
+    reports = []
+    with main.StopRequest() as stop:
+        os.kill(os.getpid(), signum)
+        main.train(opts, None, False, reports.append, stop)
+    assert [r[0] for r in reports] == ["ready", "epoch", "done"] and reports[-1][1] == [tag]
 
 
 def test_wandb_disabled_trains_and_records_no_run_path(tiny_data, wandb_dir, tmp_path, monkeypatch):
