@@ -118,7 +118,8 @@ group, so runs that differ only by `--seed` land in one group.
 ## Tags
 
 Each run is tagged by what happened in training. METRIC is `accuracy` or `f1` (macro F1), SPLIT is
-`train`, `val` or `test`; an **error** tag ends the run as Failed in W&B and with exit status 1.
+`train`, `val` or `test`; an **error** tag ends the run as Failed in W&B and with exit status 1, and
+a **resumable** one keeps the run's checkpoint, which `--resume yes` continues from.
 
 {utils.tags_table()}
 

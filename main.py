@@ -236,6 +236,18 @@ def save_checkpoint(path: Path, epoch, model, optimizer, generator, history, tag
     utils.atomic_write(path, lambda f: torch.save(state, f))
 
 
+def load_checkpoint(path: Path, device: torch.device, model, optimizer, generator) -> tuple[int, list, list]:
+    """Restores what save_checkpoint wrote; returns the epoch it was written after, the history and the tags."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["epoch"], state["history"], state["tags"]
+
+
 def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopRequest) -> None:
     device = torch.device(opts["device"])
     try:
@@ -258,19 +270,12 @@ def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopReque
         optimizer = torch.optim.SGD(model.parameters(), lr=opts["lr"], momentum=opts["momentum"],
                                     weight_decay=opts["weight_decay"], fused=True)
     checkpoint = folder / "checkpoint.pt" if folder else None
-    tags, history, first = [], [], 1
+    done, history, tags = 0, [], []
     if resume and checkpoint and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        tags, history, first = state["tags"], state["history"], state["epoch"] + 1
+        done, history, tags = load_checkpoint(checkpoint, device, model, optimizer, generator)
 
     sync_every = sync_interval(device)
-    for epoch in tqdm(range(first, opts["epochs"] + 1), disable=opts["verbose"] < 1, desc="epochs"):
+    for epoch in tqdm(range(done + 1, opts["epochs"] + 1), disable=opts["verbose"] < 1, desc="epochs"):
         report(("epoch", epoch, time.monotonic()))  # the clock is the machine's: the watcher reads it too
         stats, stop_tag = train_epoch(model, optimizer, *data["train"], opts, generator, stop, sync_every,
                                       opts["verbose"])
@@ -370,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if keep:
             folder, history = watch.run_folder(opts, config, resume)
-        record = watch.Record(opts, config, folder, history, folder.name if folder else None)
+        record = watch.Record(opts, config, folder, history)
         if reasons and opts["abort_irrelevant"]:
             record.handle(("ready",))
             record.finish([utils.IRRELEVANT()])

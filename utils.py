@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 
+
 class StartError(Exception):
     """The run cannot start (no data, no place to save, no W&B); the message says what to do."""
 
@@ -264,6 +265,7 @@ class Tag:
     template: str  # fields in braces: {metric} is accuracy or f1, {split} is train, val or test
     error: bool  # an error tag ends the run as Failed, with exit status 1
     meaning: str
+    resumable: bool = False  # --resume yes can continue such a run from its last checkpoint
 
     def __call__(self, **fields) -> str:
         return self.template.format(**fields)
@@ -291,9 +293,10 @@ HIGH_STD = Tag("High StdDev", False,
                "standard deviation of the gradient norm within an epoch above --std_threshold")
 IRRELEVANT = Tag("Irrelevant hyperparameters", True,
                  "a redundant combination (see prune_hyperparameters); not trained with --abort_irrelevant yes")
-USER_ABORT = Tag("User abort", True, "stopped by SIGINT (Ctrl+C) at the next batch; history so far kept")
+USER_ABORT = Tag("User abort", True, "stopped by SIGINT (Ctrl+C) at the next batch; history so far kept",
+                 resumable=True)
 TIMEOUT = Tag("Timeout", True, "an epoch took longer than --epoch_timeout (a stuck training process is "
-              "killed); history so far kept")
+              "killed); history so far kept", resumable=True)
 NAN_LOSS = Tag("NaN loss", True, "the loss was NaN; training stopped, no step taken with it")
 INF_LOSS = Tag("Inf loss", True, "the loss was infinite; training stopped, no step taken with it")
 NAN_GRADIENT = Tag("NaN gradient", True,
@@ -301,10 +304,11 @@ NAN_GRADIENT = Tag("NaN gradient", True,
                    "no step taken with it")
 PREEMPTED = Tag("Preempted", True,
                 "stopped by SIGTERM (a scheduler's preemption) at the next batch; marked preempting in W&B; "
-                "the epoch under way is dropped, to be trained again by --resume yes from the last checkpoint")
+                "the epoch under way is dropped, to be trained again by --resume yes from the last checkpoint",
+                resumable=True)
 CRASHED = Tag("Crashed", True,
               "the training process died (segmentation fault, abort, out-of-memory kill); every epoch it "
-              "finished is kept")
+              "finished is kept", resumable=True)
 
 TAGS = (SUCCESS, OVERFITTING_LEARNING, OVERFITTING_END, RANDOM_GUESSING, MOST_PROBABLE_GUESSING,
         VANISHING_GRADIENT, EXPLODING_GRADIENT, HIGH_STD,
@@ -313,11 +317,15 @@ ERROR_TAGS = frozenset(tag.template for tag in TAGS if tag.error)
 # What main.py's training loop makes of a stop signal (SIGINT: Ctrl+C; SIGTERM: a scheduler's preemption).
 STOP_SIGNALS = {signal.SIGINT: USER_ABORT, signal.SIGTERM: PREEMPTED}
 # Ends that --resume yes can continue from the last checkpoint; after the others it would only repeat them.
-RESUMABLE_TAGS = frozenset(tag.template for tag in (USER_ABORT, TIMEOUT, PREEMPTED, CRASHED))
+RESUMABLE_TAGS = frozenset(tag.template for tag in TAGS if tag.resumable)
 
 
 def failed(tags: list[str]) -> bool:
     return any(tag in ERROR_TAGS for tag in tags)
+
+
+def resumable(tags: list[str]) -> bool:
+    return any(tag in RESUMABLE_TAGS for tag in tags)
 
 
 def add_tags(tags: list[str], new: list[str]) -> None:
@@ -333,7 +341,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def tags_table() -> str:
     return markdown_table(["tag", "kind", "meaning"],
-                          [[f"`{t.pattern}`", "error" if t.error else "info", t.meaning] for t in TAGS])
+                          [[f"`{t.pattern}`", ("error" if t.error else "info") + (", resumable" if t.resumable else ""),
+                            t.meaning] for t in TAGS])
 
 
 def thresholds_table(parser: argparse.ArgumentParser | None = None) -> str:

@@ -68,12 +68,11 @@ def previous_run(opts: dict, config: dict) -> tuple[Path, dict] | None:
         candidates = sorted(group.glob("*/"), key=lambda p: p.stat().st_mtime, reverse=True)
     for folder in candidates:
         try:
-            seed = json.loads((folder / "config.json").read_text())["seed"]
             results = json.loads((folder / "results.json").read_text())
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError):
             continue
-        stopped = results["status"] == "running" or any(t in utils.RESUMABLE_TAGS for t in results["tags"])
-        if seed == opts["seed"] and stopped:
+        stopped = results["status"] == "running" or utils.resumable(results["tags"])
+        if results["seed"] == opts["seed"] and stopped:
             return folder, results
     return None
 
@@ -110,8 +109,8 @@ class Record:
     epoch is logged and saved as soon as it is reported, so nothing finished is lost if training
     dies afterwards. `status` is the exit status, once the run has ended."""
 
-    def __init__(self, opts: dict, config: dict, folder: Path | None, history: list, run_id: str | None):
-        self.opts, self.config, self.folder, self.run_id = opts, config, folder, run_id
+    def __init__(self, opts: dict, config: dict, folder: Path | None, history: list):
+        self.opts, self.config, self.folder = opts, config, folder
         self.run, self.history, self.tags, self.status = None, history, [], None
         # Epochs W&B already has: a resumed run trains again those logged after its checkpoint.
         self.logged = max([row["epoch"] for row in history if "test/accuracy" in row], default=0)
@@ -123,7 +122,7 @@ class Record:
         elif kind == "error":  # before W&B starts: the message says what to fix
             raise utils.StartError(args[0])
         elif kind == "ready":
-            self.run = start_wandb(self.opts, self.config, self.run_id)
+            self.run = start_wandb(self.opts, self.config, self.folder.name if self.folder else None)
             self.save("running")
         elif kind == "row":
             row, self.tags = args
@@ -151,7 +150,7 @@ class Record:
             if utils.PREEMPTED() in self.tags:
                 self.run.mark_preempting()  # W&B then re-queues a preempted sweep run
             self.run.finish(exit_code=int(failed))
-        resumable = self.opts["checkpoint_every"] and any(t in utils.RESUMABLE_TAGS for t in self.tags)
+        resumable = self.opts["checkpoint_every"] and utils.resumable(self.tags)
         if self.folder and not resumable:
             (self.folder / "checkpoint.pt").unlink(missing_ok=True)
             if not self.opts["save"]:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}  # real W&B, writing its run files locally
 # The real MNIST, never downloaded by the tests.
 REAL_MNIST = Path(os.environ.get("MNIST_DATA", ROOT.parent / "shared" / "data"))
 
@@ -85,7 +86,7 @@ def small_run(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def results(out: Path) -> tuple[Path, dict]:
-    """The one run folder saved under `out`, and its results.json."""
+    """The one run folder saved under `out`, and its results.json (which parses: written whole or not at all)."""
     [path] = out.glob("*/*/results.json")
     return path.parent, json.loads(path.read_text())
 
@@ -94,8 +95,8 @@ def start_main(args: list[str], **kwargs) -> subprocess.Popen:
     """`python main.py ARGS` as a real process, in a session of its own like a shell job."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
     return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=kwargs.pop("cwd", ROOT),
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **kwargs)
+                            env=env, stdout=subprocess.PIPE, stderr=kwargs.pop("stderr", subprocess.PIPE),
+                            text=True, start_new_session=True, **kwargs)
 
 
 def training_process(pid: int) -> int:

@@ -7,22 +7,19 @@ and "evaluation" (an epoch's training time after a summary line: on this data ev
 as long as training, so the signal lands in the next epoch's evaluation or near it).
 """
 
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, digits, make_dataset, training_process, write_idx
+from conftest import OFFLINE, digits, make_dataset, results, start_main, training_process, write_idx
 from wandb_file import find_runs
 
-OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 EPOCHS = 4
 
 
@@ -42,20 +39,15 @@ def args(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def launch(argv: list[str], wandb_dir: Path, env: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, **OFFLINE, "WANDB_DIR": str(wandb_dir), "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *argv], cwd=wandb_dir, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    """main.py with W&B offline into `wandb_dir`, its output on stdout with its errors."""
+    return start_main(argv, cwd=wandb_dir, env={**OFFLINE, "WANDB_DIR": str(wandb_dir), **(env or {})},
+                      stderr=subprocess.STDOUT)
 
 
 def run(argv: list[str], wandb_dir: Path, env: dict | None = None) -> tuple[int, str]:
     proc = launch(argv, wandb_dir, env)
     output, _ = proc.communicate(timeout=300)
     return proc.returncode, output
-
-
-def saved(out: Path) -> tuple[Path, dict]:
-    [path] = out.glob("*/*/results.json")
-    return path.parent, json.loads(path.read_text())  # parses: written whole or not at all
 
 
 def without_times(history: list[dict]) -> list[dict]:
@@ -68,7 +60,7 @@ def uninterrupted(fault_data, tmp_path_factory) -> tuple[dict, dict, float]:
     base = tmp_path_factory.mktemp("uninterrupted")
     code, output = run(args(fault_data, base / "out"), base)
     assert code == 0, output
-    folder, res = saved(base / "out")
+    folder, res = results(base / "out")
     train_time = sorted(row["train/time"] for row in res["history"])[len(res["history"]) // 2]
     return res, torch.load(folder / "model.pt"), train_time
 
@@ -112,7 +104,7 @@ def test_a_signal_ends_the_run_with_its_tag_and_loses_nothing(signum, point, fau
         proc.kill()
     assert proc.returncode == 1, output
     assert "Traceback" not in output
-    folder, res = saved(tmp_path / "out")
+    folder, res = results(tmp_path / "out")
     tag = EXPECTED[signum]
     assert res["status"] == "failed" and tag in res["tags"] and "Success" not in res["tags"], res["tags"]
     history = res["history"]
@@ -132,7 +124,7 @@ def test_a_signal_ends_the_run_with_its_tag_and_loses_nothing(signum, point, fau
     assert all("test/accuracy" in r for r in history) and (folder / "checkpoint.pt").exists() == bool(history)
     code, output = run(args(fault_data, tmp_path / "out", "--resume", "yes"), tmp_path)
     assert code == 0 and "Resuming the run in" in output, output
-    resumed_folder, res = saved(tmp_path / "out")
+    resumed_folder, res = results(tmp_path / "out")
     assert resumed_folder == folder and res["status"] == "finished" and res["tags"] == expected_res["tags"]
     assert without_times(res["history"]) == without_times(expected_res["history"])
     model = torch.load(folder / "model.pt")
@@ -150,13 +142,13 @@ def test_a_nan_in_the_weights_mid_run_is_caught_before_any_step(fault_data, tmp_
         proc.communicate(timeout=120)
     finally:
         proc.kill()
-    folder, before = saved(tmp_path / "out")
+    folder, before = results(tmp_path / "out")
     state = torch.load(folder / "checkpoint.pt", weights_only=False)
     state["model"]["0.weight"][0, 0] = float("nan")  # the fault: a NaN in the weights, mid-run
     torch.save(state, folder / "checkpoint.pt")
     code, output = run(args(fault_data, tmp_path / "out", "--resume", "yes"), tmp_path)
     assert code == 1 and "Traceback" not in output
-    _, res = saved(tmp_path / "out")
+    _, res = results(tmp_path / "out")
     assert res["status"] == "failed" and "NaN loss" in res["tags"]
     assert without_times(res["history"][:len(before["history"])]) == without_times(before["history"])
     assert res["history"][-1]["train/batches"] == 1  # stopped at the first batch, before its step
@@ -170,7 +162,7 @@ def test_wandb_unreachable_online_logs_offline_and_loses_nothing(tmp_path):
                         "--epochs", "2", "--device", "cpu", "--save", "yes", "--output_path", str(tmp_path / "out"),
                         "--wandb_project", "boilerplate-tests", "--verbose", "1"], tmp_path, env)
     assert code == 0 and "W&B is unreachable" in output and "logging offline" in output, output
-    folder, res = saved(tmp_path / "out")
+    folder, res = results(tmp_path / "out")
     assert res["status"] == "finished" and len(res["history"]) == 2
     [offline] = find_runs(tmp_path, folder.name, prefix="offline-run")
     assert offline.exit_code == 0 and len(offline.history) == 2 and offline.tags == ["Success"]
@@ -207,7 +199,7 @@ def test_a_training_process_stuck_past_the_epoch_timeout_is_killed(fault_data, t
         proc.kill()
     assert proc.returncode == 1 and "Traceback" not in output, output
     assert "stuck" in output and "--epoch_timeout 0.1 min" in output
-    folder, res = saved(tmp_path / "out")
+    folder, res = results(tmp_path / "out")
     assert res["status"] == "failed" and "Timeout" in res["tags"] and len(res["history"]) >= finished_before
     [wandb_run] = find_runs(tmp_path, folder.name)
     assert wandb_run.exit_code == 1 and "Timeout" in wandb_run.tags and len(wandb_run.history) == len(res["history"])
@@ -224,10 +216,10 @@ def test_a_preempted_sweep_run_resumes_by_itself_when_wandb_requeues_it(fault_da
         proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 1 and "Preempted" in saved(tmp_path / "out")[1]["tags"]
+    assert proc.returncode == 1 and "Preempted" in results(tmp_path / "out")[1]["tags"]
     code, output = run(argv, tmp_path, agent)
     assert code == 0 and "Resuming the run in" in output, output
-    folder, res = saved(tmp_path / "out")
+    folder, res = results(tmp_path / "out")
     assert folder.name == "preempted1" and without_times(res["history"]) == without_times(expected_res["history"])
     first, second = find_runs(tmp_path, "preempted1")
     assert first.preempting and first.sweep_id == second.sweep_id == "sweep123" and second.exit_code == 0

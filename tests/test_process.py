@@ -6,10 +6,8 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, results, small_run, start_main, training_process
+from conftest import OFFLINE, ROOT, results, small_run, start_main, training_process
 from wandb_file import find_run
-
-OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
 def test_ctrl_c_stops_cleanly_keeps_history_and_fails_the_run(tiny_data, tmp_path):

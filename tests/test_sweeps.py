@@ -11,7 +11,7 @@ import time
 import warnings
 
 import yaml
-from conftest import ROOT, results, small_run, start_main
+from conftest import OFFLINE, ROOT, results, small_run, start_main
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 from wandb.sdk.lib import config_util
 from wandb_file import find_run
@@ -22,7 +22,6 @@ with warnings.catch_warnings():  # sweeps 0.3 still uses a pydantic v1 option na
     warnings.simplefilter("ignore", UserWarning)
     import sweeps
 
-OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 SWEEP = yaml.safe_load((ROOT / "sweep.yaml").read_text())
 
 

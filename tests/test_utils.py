@@ -170,6 +170,8 @@ def test_failed_and_tag_bookkeeping():
     utils.add_tags(tags, ["Vanishing gradient", "NaN loss"])
     assert tags == ["Vanishing gradient", "NaN loss"]
     assert utils.failed(tags) and not utils.failed(["Success", "Overfitting f1 (end)"])
+    assert utils.resumable(["Vanishing gradient", "Crashed"]) and not utils.resumable(tags)
+    assert utils.RESUMABLE_TAGS == {"User abort", "Timeout", "Preempted", "Crashed"} <= utils.ERROR_TAGS
     assert {t.template for t in utils.TAGS if t.error} == {
         "Irrelevant hyperparameters", "User abort", "Timeout", "NaN loss", "Inf loss", "NaN gradient", "Preempted",
         "Crashed"}

@@ -76,8 +76,8 @@ def read_run(path: Path) -> Run:
 
 
 def find_run(wandb_dir: Path, run_id: str) -> Run:
-    [path] = Path(wandb_dir).glob(f"wandb/*-{run_id}/run-{run_id}.wandb")
-    return read_run(path)
+    [run] = find_runs(wandb_dir, run_id)
+    return run
 
 
 def find_runs(wandb_dir: Path, run_id: str, prefix: str = "") -> list[Run]:
