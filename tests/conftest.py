@@ -3,8 +3,10 @@
 import json
 import os
 import struct
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,8 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}  # real W&B, writing its run files locally
-# The real MNIST, never downloaded by the tests.
-REAL_MNIST = Path(os.environ.get("MNIST_DATA", ROOT.parent / "shared" / "data"))
+WAIT = 120  # seconds a test waits for a line of a process's output before it fails with what it read
 
 
 def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -91,6 +92,11 @@ def results(out: Path) -> tuple[Path, dict]:
     return path.parent, json.loads(path.read_text())
 
 
+def without_times(history: list[dict]) -> list[dict]:
+    """The history as a rerun must repeat it exactly: without the times, which no rerun repeats."""
+    return [{k: v for k, v in row.items() if not k.endswith("/time")} for row in history]
+
+
 def start_main(args: list[str], **kwargs) -> subprocess.Popen:
     """`python main.py ARGS` as a real process, in a session of its own like a shell job."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
@@ -112,3 +118,62 @@ def training_process(pid: int) -> int:
                 return int(entry.name)
         time.sleep(0.1)
     raise AssertionError("no training process found")
+
+
+class Output:
+    """A process's output, read by threads as it comes, so that a test waiting for a line never waits
+    forever: a wait that times out, or meets the end of the output, fails with everything read so far."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.lines, self.new = proc, {"stdout": [], "stderr": []}, queue.Queue()
+        self.readers = [threading.Thread(target=self._read, args=(name, stream), daemon=True)
+                        for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr)) if stream]
+        for reader in self.readers:
+            reader.start()
+
+    def _read(self, name: str, stream) -> None:
+        for line in stream:
+            self.lines[name].append(line)
+            if name == "stdout":
+                self.new.put(line)
+        if name == "stdout":
+            self.new.put(None)
+
+    def __str__(self) -> str:
+        return "".join(self.lines["stdout"]) + "".join(self.lines["stderr"])
+
+    def wait_for(self, seen, count: int = 1, timeout: float = WAIT) -> str:
+        """The count-th line of stdout from now on for which seen(line) holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.new.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"nothing awaited within {timeout:g} s; the output so far:\n{self}") from None
+            if line is None:
+                raise AssertionError(f"the output ended before what was awaited:\n{self}")
+            count -= bool(seen(line))
+            if count == 0:
+                return line
+
+    def finish(self, timeout: float = WAIT) -> tuple[str, str]:
+        """stdout and stderr, whole, once the process has ended; it is killed if it outlives `timeout`."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"the process did not end within {timeout:g} s; its output:\n{self}") from None
+        for reader in self.readers:
+            reader.join(timeout)
+        return "".join(self.lines["stdout"]), "".join(self.lines["stderr"])
+
+
+def find_real_mnist() -> Path:
+    """Where a test finds the real MNIST: $MNIST_DATA if set, else where `python main.py` looks
+    (data/, its --data_path default), else this machine's ../shared/data. Where none holds it, data/:
+    the run downloads it there, as `python main.py` does."""
+    if "MNIST_DATA" in os.environ:
+        return Path(os.environ["MNIST_DATA"])
+    default, shared = ROOT / "data", ROOT.parent / "shared" / "data"
+    holds = [folder for folder in (default, shared) if (folder / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").exists()]
+    return holds[0] if holds else default

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from conftest import OFFLINE, ROOT, results, small_run, start_main, training_process
+from conftest import OFFLINE, ROOT, Output, results, small_run, start_main, training_process
 from wandb_file import find_run
 
 
@@ -15,11 +15,10 @@ def test_ctrl_c_stops_cleanly_keeps_history_and_fails_the_run(tiny_data, tmp_pat
     args = small_run(tiny_data, out, "--epochs", "100000", "--verbose", "1", "--wandb_project", "boilerplate-tests")
     proc = start_main(args, env={**OFFLINE, "WANDB_DIR": str(tmp_path)})
     try:
-        for line in proc.stdout:  # wait until an epoch has been trained, logged and saved
-            if line.startswith("epoch 2/"):
-                break
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch 2/"))  # an epoch has been trained, logged and saved
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl+C in a terminal does: the whole foreground group
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = output.finish(60)
     finally:
         proc.kill()
     assert proc.returncode == 1, stderr
@@ -37,9 +36,8 @@ def test_a_stop_signal_repeated_until_the_end_changes_nothing(tiny_data, tmp_pat
     out = tmp_path / "out"
     proc = start_main(small_run(tiny_data, out, "--epochs", "100000", "--verbose", "1"))
     try:
-        for line in proc.stdout:
-            if line.startswith("epoch 2/"):
-                break
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch 2/"))
         child = training_process(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)
         while proc.poll() is None:
@@ -48,7 +46,7 @@ def test_a_stop_signal_repeated_until_the_end_changes_nothing(tiny_data, tmp_pat
             except ProcessLookupError:
                 break
             time.sleep(0.002)
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = output.finish(60)
     finally:
         proc.kill()
     assert proc.returncode == 1 and "Traceback" not in stderr, stderr
@@ -63,7 +61,7 @@ def test_standalone_prints_a_summary_per_epoch_and_the_outcome(tiny_data, tmp_pa
     assert proc.returncode == 0, stderr
     assert "epoch 1/2" in stdout and "epoch 2/2" in stdout and "test" in stdout
     assert "Run finished" in stdout and "Tags: Success" in stdout
-    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # nothing left behind
+    assert not list((tmp_path / "out").rglob("*"))  # nothing left behind, not even an empty folder
 
 
 def test_missing_data_says_where_it_looked_and_exits_1(tmp_path):

@@ -11,7 +11,7 @@ import time
 import warnings
 
 import yaml
-from conftest import OFFLINE, ROOT, results, small_run, start_main
+from conftest import OFFLINE, ROOT, Output, results, small_run, start_main
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 from wandb.sdk.lib import config_util
 from wandb_file import find_run
@@ -117,12 +117,9 @@ def start_run_sweep(tmp_path, tiny_data, n_agents: int, n_runs: int) -> subproce
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def wait_for_epochs(proc, runs: int) -> None:
-    seen = 0
-    for line in proc.stdout:  # the runs' summary lines come through the agents' output
-        seen += line.startswith("epoch 1/")
-        if seen == runs:
-            return
+def wait_for_epochs(output: Output, runs: int) -> None:
+    # the runs' summary lines come through the agents' output
+    output.wait_for(lambda line: line.startswith("epoch 1/"), count=runs)
 
 
 def processes_with(marker: str) -> list[str]:
@@ -133,9 +130,10 @@ def processes_with(marker: str) -> list[str]:
 def test_one_ctrl_c_ends_every_run_with_user_abort_and_stops_the_agents(tiny_data, tmp_path):
     proc = start_run_sweep(tmp_path, tiny_data, n_agents=2, n_runs=4)
     try:
-        wait_for_epochs(proc, 2)
+        output = Output(proc)
+        wait_for_epochs(output, 2)
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl+C: the foreground process group
-        _, stderr = proc.communicate(timeout=90)
+        _, stderr = output.finish(90)
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     assert proc.returncode == 130, stderr
@@ -153,11 +151,12 @@ def test_one_ctrl_c_ends_every_run_with_user_abort_and_stops_the_agents(tiny_dat
 def test_a_second_ctrl_c_ends_everything_at_once(tiny_data, tmp_path):
     proc = start_run_sweep(tmp_path, tiny_data, n_agents=2, n_runs=2)
     try:
-        wait_for_epochs(proc, 2)
+        output = Output(proc)
+        wait_for_epochs(output, 2)
         os.killpg(proc.pid, signal.SIGINT)
         time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
+        _, stderr = output.finish(30)
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     assert proc.returncode == 130 and "ending every run now" in stderr
@@ -189,7 +188,7 @@ def start_local_sweep(sweep, data, *options: str) -> subprocess.Popen:
 
 def finish(proc, timeout=240) -> str:
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
+        stdout, stderr = Output(proc).finish(timeout)
     finally:
         proc.kill()
     assert proc.returncode == 0 and "Traceback" not in stderr, stderr
@@ -249,14 +248,11 @@ def test_random_search_stops_at_its_run_cap(tiny_data, tmp_path):
 def test_an_interrupted_sweep_resumes_without_repeating_a_run(tiny_data, tmp_path):
     sweep = write_sweep(tmp_path, {"seed": {"values": [0, 1, 2]}, "epochs": {"value": 2}})
     proc = start_local_sweep(sweep, tiny_data, "--wandb", "disabled")
-    starts = 0
-    for line in proc.stdout:
-        starts += line.startswith("start")
-        if starts == 2:  # the first run has ended, the second is on its way
-            break
+    output = Output(proc)
+    output.wait_for(lambda line: line.startswith("start"), count=2)  # the first run has ended, the second began
     time.sleep(2)
     os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl+C
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = output.finish(120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     first = state(sweep)
     assert len(first) == 1 and first[0]["status"] == "finished"  # the interrupted run is forgotten
