@@ -90,7 +90,17 @@ def usage_tables(parser: argparse.ArgumentParser) -> str:
 # The stub
 
 
-def render(parser: argparse.ArgumentParser, requirements: list[str]) -> str:
+def licence(root: Path) -> str:
+    """The licence line: the LICENSE file's name for itself (its first line), or what to do without one."""
+    path = root / "LICENSE"
+    if not path.exists():
+        return f"{TODO}: choose a licence and put it in `LICENSE`."
+    name = path.read_text().strip().splitlines()[0].strip()
+    return (f"{name}: see [LICENSE](LICENSE). {TODO}: put your name on its copyright line; the notice of "
+            "the boilerplate this project grew from stays with the code taken from it.")
+
+
+def render(parser: argparse.ArgumentParser, requirements: list[str], licence_line: str) -> str:
     packages = "\n".join("    " + r for r in requirements)
     return f"""# TODO: project title
 
@@ -130,6 +140,10 @@ The detectors' thresholds:
 ## Results
 
 {TODO}: figures, tables, links to the W&B project.
+
+## License
+
+{licence_line}
 """
 
 
@@ -150,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {e.name} is missing: pip install -r requirements-tools.txt", file=sys.stderr)
         return 1
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    utils.atomic_write(args.output, lambda f: f.write(render(utils.get_arg_parser(), found).encode()))
+    utils.atomic_write(args.output, lambda f: f.write(render(utils.get_arg_parser(), found, licence(HERE)).encode()))
     print(f"Wrote {args.output}: fill in what is marked TODO.")
     return 0
 

@@ -13,8 +13,12 @@ Every option: `python main.py --help`. Exit status: 0 when the run ended without
 1 when it ended with one (or could not start), 2 for an invalid command line.
 """
 
+import logging
 import math
 import os
+import pickle
+import random
+import re
 import signal
 import sys
 import threading
@@ -29,6 +33,7 @@ if __name__ == "__main__":
     # Parse before torch loads (2 s): --help and usage errors answer at once. main() parses again.
     utils.get_arg_parser().parse_args()
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +43,10 @@ with warnings.catch_warnings():  # torcheval 0.0.7 still decorates with the depr
     from torcheval.metrics.functional import multiclass_accuracy, multiclass_f1_score
 from torchvision.datasets import MNIST
 from tqdm import tqdm
+
+# Macro F1 leaves a class absent from a split out, as the baselines do (utils.most_probable_baseline);
+# torcheval says so on the root logger each time, e.g. for every epoch cut short by a stop.
+logging.getLogger().addFilter(lambda record: "Some classes do not exist in the target" not in record.getMessage())
 
 NUM_CLASSES = 10
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -227,24 +236,53 @@ def baselines(data: dict) -> dict[str, float]:
 # watch.py watches it. It reports through `report`, as watch.py's docstring lists.
 
 
+def seed_everything(seed: int) -> None:
+    """torch, and the generators a fork's own code may draw from (augmentation with numpy or random)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def save_checkpoint(path: Path, epoch, model, optimizer, generator, history, tags) -> None:
-    """Everything a resumed run needs to go on as if it had never stopped, written whole or not at all."""
+    """Everything a resumed run needs to go on as if it had never stopped, written whole or not at all.
+    Only tensors and plain values, so that load_checkpoint can refuse anything else."""
+    numpy_rng = np.random.get_state(legacy=False)
     state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+             "python_rng": random.getstate(),
+             "numpy_rng": {**numpy_rng, "state": {"key": torch.from_numpy(numpy_rng["state"]["key"].astype(np.int64)),
+                                                  "pos": numpy_rng["state"]["pos"]}},
              "history": history, "tags": tags}
     utils.atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path, device: torch.device, model, optimizer, generator) -> tuple[int, list, list]:
-    """Restores what save_checkpoint wrote; returns the epoch it was written after, the history and the tags."""
-    state = torch.load(path, map_location=device, weights_only=False)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    """Restores what save_checkpoint wrote; returns the epoch it was written after, the history and the
+    tags. weights_only: a checkpoint found on shared storage is data, and must not run code as it loads."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        random.setstate(state["python_rng"])
+        numpy_rng = state["numpy_rng"]
+        np.random.set_state({**numpy_rng, "state": {"key": numpy_rng["state"]["key"].numpy().astype(np.uint32),
+                                                    "pos": numpy_rng["state"]["pos"]}})
+    except pickle.UnpicklingError as e:  # what weights_only refuses: the file would run code as it loads
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise utils.StartError(f"the checkpoint {path} holds more than tensors and plain values "
+                               f"({'it calls ' + found[1] if found else 'objects that run code on loading'}), so it was not "
+                               "loaded. A checkpoint this code wrote never does: delete the file (the run then "
+                               "trains again from its start), and find out what wrote it.") from None
+    except Exception as e:  # truncated, empty, another model's: the message names it
+        reason = str(e).strip().split(". ")[0] or type(e).__name__
+        raise utils.StartError(f"the checkpoint {path} could not be loaded ({reason}). It may be truncated, "
+                               "written by another version of the code, or not a checkpoint at all; delete it "
+                               "to train this run again from its start.") from None
     return state["epoch"], state["history"], state["tags"]
 
 
@@ -259,9 +297,8 @@ def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopReque
                                 f"(the training set has {len(data['train'][1])} samples)", 2))
     data["train"], data["val"] = hold_out(*data["train"], opts["val_size"])
     guesses = baselines(data)
-    report(("ready",))
 
-    torch.manual_seed(opts["seed"])
+    seed_everything(opts["seed"])
     generator = torch.Generator().manual_seed(opts["seed"])
     model = build_model(opts["hidden"], opts["dropout"]).to(device)
     if opts["optimizer"] == "adam":
@@ -272,7 +309,11 @@ def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopReque
     checkpoint = folder / "checkpoint.pt" if folder else None
     done, history, tags = 0, [], []
     if resume and checkpoint and checkpoint.exists():
-        done, history, tags = load_checkpoint(checkpoint, device, model, optimizer, generator)
+        try:
+            done, history, tags = load_checkpoint(checkpoint, device, model, optimizer, generator)
+        except utils.StartError as e:
+            return report(("error", str(e), 1))
+    report(("ready",))
 
     sync_every = sync_interval(device)
     for epoch in tqdm(range(done + 1, opts["epochs"] + 1), disable=opts["verbose"] < 1, desc="epochs"):

@@ -91,10 +91,17 @@ def run_folder(opts: dict, config: dict, resume: bool) -> tuple[Path, list]:
     return folder, []
 
 
+def remove_run_folder(folder: Path) -> None:
+    """The run's folder, and its group's too unless other runs use it."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()
+
+
 def remove_if_unstarted(folder: Path | None) -> None:
     """A run that never started (it wrote no results.json) leaves nothing behind."""
     if folder and not (folder / "results.json").exists():
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_run_folder(folder)
 
 
 def save_results(folder: Path | None, config: dict, run, history: list, tags: list, status: str) -> None:
@@ -154,9 +161,7 @@ class Record:
         if self.folder and not resumable:
             (self.folder / "checkpoint.pt").unlink(missing_ok=True)
             if not self.opts["save"]:
-                shutil.rmtree(self.folder)
-                with contextlib.suppress(OSError):  # the group's folder, unless other runs use it
-                    self.folder.parent.rmdir()
+                remove_run_folder(self.folder)
         if message:
             print(f"Error: {message}", file=sys.stderr)
         if self.opts["verbose"]:

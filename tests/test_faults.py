@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import OFFLINE, digits, make_dataset, results, start_main, training_process, write_idx
+from conftest import (OFFLINE, Output, digits, make_dataset, results, small_run, start_main, training_process,
+                      without_times, write_idx)
 from wandb_file import find_runs
 
 EPOCHS = 4
@@ -46,12 +47,8 @@ def launch(argv: list[str], wandb_dir: Path, env: dict | None = None) -> subproc
 
 def run(argv: list[str], wandb_dir: Path, env: dict | None = None) -> tuple[int, str]:
     proc = launch(argv, wandb_dir, env)
-    output, _ = proc.communicate(timeout=300)
+    output, _ = Output(proc).finish(300)
     return proc.returncode, output
-
-
-def without_times(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if not k.endswith("/time")} for row in history]
 
 
 @pytest.fixture(scope="module")
@@ -65,25 +62,19 @@ def uninterrupted(fault_data, tmp_path_factory) -> tuple[dict, dict, float]:
     return res, torch.load(folder / "model.pt"), train_time
 
 
-def inject(proc, signum: int, point: str, to_training: bool, train_time: float) -> int:
+def inject(output: Output, signum: int, point: str, to_training: bool, train_time: float) -> int:
     """Wait for `point` in the run's output, then send `signum`; returns the epochs seen finished."""
-    summaries = 0
-    for line in proc.stdout:
-        summaries += line.startswith("epoch ") and f"/{EPOCHS}" in line
-        if point == "first epoch" and "batches:" in line:
-            time.sleep(0.1)
-            break
-        if point in ("between epochs", "evaluation") and summaries == 1:
-            if point == "evaluation":
-                time.sleep(train_time + 0.05)
-            break
+    if point == "first epoch":
+        output.wait_for(lambda line: "batches:" in line)
+        time.sleep(0.1)
     else:
-        raise AssertionError("the run ended before the fault")
+        output.wait_for(lambda line: line.startswith("epoch ") and f"/{EPOCHS}" in line)
+        time.sleep(train_time + 0.05 if point == "evaluation" else 0)
     if to_training:
-        os.kill(training_process(proc.pid), signum)
+        os.kill(training_process(output.proc.pid), signum)
     else:
-        os.killpg(proc.pid, signum)  # a terminal's Ctrl+C, a scheduler's SIGTERM: the whole process group
-    return summaries
+        os.killpg(output.proc.pid, signum)  # a terminal's Ctrl+C, a scheduler's SIGTERM: the whole process group
+    return int(point != "first epoch")
 
 
 POINTS = ("first epoch", "between epochs", "evaluation")
@@ -98,8 +89,9 @@ def test_a_signal_ends_the_run_with_its_tag_and_loses_nothing(signum, point, fau
     to_training = signum in (signal.SIGKILL, signal.SIGSEGV)  # these kill the process that trains
     proc = launch(args(fault_data, tmp_path / "out"), tmp_path)
     try:
-        finished_before = inject(proc, signum, point, to_training, train_time)
-        output, _ = proc.communicate(timeout=120)
+        output = Output(proc)
+        finished_before = inject(output, signum, point, to_training, train_time)
+        output, _ = output.finish(120)
     finally:
         proc.kill()
     assert proc.returncode == 1, output
@@ -135,13 +127,19 @@ def test_a_signal_ends_the_run_with_its_tag_and_loses_nothing(signum, point, fau
     assert second.tags == res["tags"]
 
 
-def test_a_nan_in_the_weights_mid_run_is_caught_before_any_step(fault_data, tmp_path):
-    proc = launch(args(fault_data, tmp_path / "out"), tmp_path)
+def preempted_after_an_epoch(argv: list[str], wandb_dir: Path) -> None:
+    """Run main.py until an epoch has ended, then preempt it: a resumable run with a checkpoint."""
+    proc = launch(argv, wandb_dir)
     try:
-        inject(proc, signal.SIGTERM, "between epochs", False, 0)
-        proc.communicate(timeout=120)
+        output = Output(proc)
+        inject(output, signal.SIGTERM, "between epochs", False, 0)
+        output.finish(120)
     finally:
         proc.kill()
+
+
+def test_a_nan_in_the_weights_mid_run_is_caught_before_any_step(fault_data, tmp_path):
+    preempted_after_an_epoch(args(fault_data, tmp_path / "out"), tmp_path)
     folder, before = results(tmp_path / "out")
     state = torch.load(folder / "checkpoint.pt", weights_only=False)
     state["model"]["0.weight"][0, 0] = float("nan")  # the fault: a NaN in the weights, mid-run
@@ -152,6 +150,36 @@ def test_a_nan_in_the_weights_mid_run_is_caught_before_any_step(fault_data, tmp_
     assert res["status"] == "failed" and "NaN loss" in res["tags"]
     assert without_times(res["history"][:len(before["history"])]) == without_times(before["history"])
     assert res["history"][-1]["train/batches"] == 1  # stopped at the first batch, before its step
+
+
+class Payload:
+    """What a pickled checkpoint can carry: code that runs as it loads (here, it leaves a file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_is_not_plain_data_or_is_damaged_is_refused_and_nothing_is_lost(tiny_data, tmp_path):
+    argv = small_run(tiny_data, tmp_path / "out", "--epochs", str(EPOCHS), "--verbose", "1")
+    preempted_after_an_epoch(argv, tmp_path)
+    folder, before = results(tmp_path / "out")
+    checkpoint, marker = folder / "checkpoint.pt", tmp_path / "the-payload-ran"
+    good = checkpoint.read_bytes()
+    torch.save({**torch.load(checkpoint), "history": Payload(marker)}, checkpoint)
+    cases = [  # (the checkpoint's bytes, what the message must say)
+        (checkpoint.read_bytes(), "holds more than tensors and plain values (it calls posix.system)"),
+        (good[:len(good) // 2], "could not be loaded"),  # truncated, as by a full disk or a killed copy
+        (b"", "could not be loaded"),
+    ]
+    for content, message in cases:
+        checkpoint.write_bytes(content)
+        code, output = run([*argv, "--resume", "yes"], tmp_path)
+        assert code == 1 and f"Error: the checkpoint {checkpoint}" in output and message in output, output
+        assert "Traceback" not in output and "--resume yes" not in output
+        assert not marker.exists() and results(tmp_path / "out") == (folder, before)  # nothing ran, nothing lost
 
 
 def test_wandb_unreachable_online_logs_offline_and_loses_nothing(tmp_path):
@@ -185,7 +213,7 @@ def test_bad_data_or_output_path_is_a_clear_error_before_training(tmp_path):
         extra = ["--val_size", "600"] if status == 2 else []
         code, output = run(["--data_path", str(folder), *small, "--output_path", str(out), *extra], tmp_path)
         assert code == status and message in output and "Traceback" not in output, output
-        assert "epoch 1/" not in output and not (out.exists() and [p for p in out.rglob("*") if p.is_file()])
+        assert "epoch 1/" not in output and not (out.exists() and list(out.rglob("*")))  # not even a folder
 
 
 def test_a_training_process_stuck_past_the_epoch_timeout_is_killed(fault_data, tmp_path):
@@ -193,8 +221,9 @@ def test_a_training_process_stuck_past_the_epoch_timeout_is_killed(fault_data, t
     # check between batches never runs.
     proc = launch(args(fault_data, tmp_path / "out", "--epoch_timeout", "0.1"), tmp_path)
     try:
-        finished_before = inject(proc, signal.SIGSTOP, "between epochs", True, 0)
-        output, _ = proc.communicate(timeout=60)
+        output = Output(proc)
+        finished_before = inject(output, signal.SIGSTOP, "between epochs", True, 0)
+        output, _ = output.finish(60)
     finally:
         proc.kill()
     assert proc.returncode == 1 and "Traceback" not in output, output
@@ -212,8 +241,9 @@ def test_a_preempted_sweep_run_resumes_by_itself_when_wandb_requeues_it(fault_da
     argv = [a for a in args(fault_data, tmp_path / "out") if a not in ("--wandb_project", "boilerplate-tests")]
     proc = launch(argv, tmp_path, agent)
     try:
-        inject(proc, signal.SIGTERM, "between epochs", False, 0)
-        proc.communicate(timeout=120)
+        output = Output(proc)
+        inject(output, signal.SIGTERM, "between epochs", False, 0)
+        output.finish(120)
     finally:
         proc.kill()
     assert proc.returncode == 1 and "Preempted" in results(tmp_path / "out")[1]["tags"]

@@ -20,7 +20,7 @@ NEW_FLAG = ('    hyper.add_argument("--label_smoothing", type=Number(float, min=
 @pytest.fixture
 def project(tmp_path):
     """A fork of the boilerplate whose parser has one more hyper-parameter than ours."""
-    for path in [*ROOT.glob("*.py"), ROOT / "adjectives.txt", ROOT / "nouns.txt"]:
+    for path in [*ROOT.glob("*.py"), ROOT / "adjectives.txt", ROOT / "nouns.txt", ROOT / "LICENSE"]:
         shutil.copy(path, tmp_path / path.name)
     source = (tmp_path / "utils.py").read_text()
     anchor = '    exp = parser.add_argument_group("experiment")\n'
@@ -99,8 +99,18 @@ def test_finds_the_requirements_offline_and_not_its_own_tool(project):
     assert done.returncode == 0, done.stderr
     section = (project / "README.md").read_text().split("## Requirements")[1].split("## Usage")[0]
     names = {line.split("==")[0].strip() for line in section.splitlines() if "==" in line}
-    # The experiment's five, and local_sweep.py's two; not pipreqs, the generator's own tool.
-    assert names == {"torch", "torchvision", "torcheval", "wandb", "tqdm", "sweeps", "PyYAML"}
+    # The experiment's six, and local_sweep.py's two; not pipreqs, the generator's own tool.
+    assert names == {"torch", "torchvision", "torcheval", "wandb", "tqdm", "numpy", "sweeps", "PyYAML"}
+
+
+def test_names_the_licence_or_asks_for_one(project):
+    assert generate(project).returncode == 0
+    section = (project / "README.md").read_text().split("\n## License\n")[1]
+    assert section.strip().startswith("MIT License: see [LICENSE](LICENSE).")
+    (project / "LICENSE").unlink()
+    assert generate(project, "--force").returncode == 0
+    section = (project / "README.md").read_text().split("\n## License\n")[1]
+    assert "TODO" in section and "choose a licence" in section
 
 
 def test_refuses_to_overwrite_unless_forced_and_writes_elsewhere(project):
