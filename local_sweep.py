@@ -12,16 +12,20 @@ The state lives beside the sweep file (sweep.yaml -> sweep.state.json; each run'
 screen output in output.log, under sweep.runs/) and changes only under a file lock: re-running the
 command continues where it stopped, never repeats a finished or failed run, and several processes
 can share one sweep without running a configuration twice. Ctrl+C stops every running experiment
-with User abort; those runs are run again next time.
+with User abort; those runs are run again next time. So does this process's death, even by SIGKILL
+(on Linux): its runs end, and a rerun waits for any still ending before it runs them again.
+The sweep's parameters are checked against main.py's parser before the first run.
 At the end it prints one row per group: the sweep metric's mean and standard deviation over the
 finished runs (the seeds), and how many runs finished and failed.
-Exit status: 0 the sweep is done (whatever its runs' tags), 2 bad command line or sweep file,
-130 interrupted by Ctrl+C.
+Exit status: 0 the sweep is done (whatever its runs' tags), 1 its state file is damaged, 2 bad
+command line or sweep file, 130 interrupted by Ctrl+C.
 """
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
+import functools
 import json
 import os
 import secrets
@@ -38,10 +42,15 @@ import yaml
 import utils
 
 POLL_SECONDS = 0.5
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 # ----------------------------------------------------------------------------------------------
 # State: one JSON file beside the sweep, read and written under an exclusive lock
+
+
+class DamagedState(Exception):
+    """The sweep's state file cannot be read; the message says what to do."""
 
 
 @contextlib.contextmanager
@@ -49,7 +58,14 @@ def locked_state(path: Path):
     """The sweep's state, locked against the other local_sweep processes until the block ends."""
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        state = json.loads(path.read_text()) if path.exists() else {"runs": []}
+        try:
+            state = json.loads(path.read_text()) if path.exists() else {"runs": []}
+            if not isinstance(state.get("runs"), list):
+                raise ValueError("no list of runs")
+        except (ValueError, AttributeError) as e:
+            raise DamagedState(f"the sweep's state file {path} is damaged ({e}). It records which runs have "
+                               "run: mend it, or move it away to start the sweep afresh (every run then runs "
+                               "again).") from None
         yield state
         utils.write_json(path, state)
 
@@ -64,9 +80,17 @@ def alive(pid: int) -> bool:
         return True
 
 
+def orphans_alive(state: dict) -> bool:
+    """Whether a run whose local_sweep is gone still runs (it is ending: see start())."""
+    return any(r["status"] == "running" and not alive(r["owner"]) and alive(r.get("pid") or 0)
+               for r in state["runs"])
+
+
 def drop_orphans(state: dict) -> None:
-    """Runs left "running" by a local_sweep that is gone never finished: forget them, so they run again."""
-    state["runs"] = [r for r in state["runs"] if r["status"] != "running" or alive(r["owner"])]
+    """Runs left "running" by a local_sweep that is gone never finished: once their process has
+    ended too, forget them, so they run again. One still alive keeps its configuration taken."""
+    state["runs"] = [r for r in state["runs"]
+                     if r["status"] != "running" or alive(r["owner"]) or alive(r.get("pid") or 0)]
 
 
 def propose(config: dict, state: dict):
@@ -83,17 +107,21 @@ def propose(config: dict, state: dict):
     return None if proposal is None else {k: v["value"] for k, v in proposal.config.items()}
 
 
-def claim(config: dict, state_path: Path) -> tuple[str, dict] | None:
+WAIT = "wait"  # claim(): nothing to start now, but a run of a dead local_sweep may yet free its configuration
+
+
+def claim(config: dict, state_path: Path) -> tuple[str, dict] | str | None:
     """A name and the next configuration, recorded as running under the lock (so no other process
-    proposes it now), or None when the sweep is done."""
+    proposes it now); WAIT while only orphaned runs still hold configurations; None when done."""
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     with locked_state(state_path) as state:
         drop_orphans(state)
         params = propose(config, state)
-        if params is not None:
-            state["runs"].append({"name": name, "config": params, "status": "running", "owner": os.getpid(),
-                                  "group": None, "tags": [], "metric": None})
-    return None if params is None else (name, params)
+        if params is None:
+            return WAIT if orphans_alive(state) else None
+        state["runs"].append({"name": name, "config": params, "status": "running", "owner": os.getpid(),
+                              "pid": None, "group": None, "tags": [], "metric": None})
+    return name, params
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,12 +163,26 @@ def outcome(output: Path, metric: str) -> dict:
             "metric": values[-1] if values else None}
 
 
-def start(name: str, params: dict, argv: list[str], runs_dir: Path, env: dict) -> subprocess.Popen:
-    """Starts a run in a process group of its own, as W&B's agent does, its screen in output.log."""
+def stop_with_parent(parent: int) -> None:
+    """In a run's process before it starts: Linux sends it SIGINT when this local_sweep dies, even by
+    SIGKILL, so the run ends as User abort (to run again) instead of training on unowned."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: no such call, the run outlives us
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+    if os.getppid() != parent:  # this local_sweep died before the call
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def start(name: str, params: dict, argv: list[str], runs_dir: Path, env: dict, state_path: Path) -> subprocess.Popen:
+    """Starts a run in a process group of its own, as W&B's agent does, its screen in output.log, and
+    records its pid: a rerun leaves its configuration alone while it is alive."""
     print(f"start {name}: " + " ".join(f"{k}={v}" for k, v in params.items()), flush=True)
     (runs_dir / name).mkdir(parents=True)
     with open(runs_dir / name / "output.log", "w") as log:
-        return subprocess.Popen(argv, env={**env, "WANDB_RUN_ID": name}, process_group=0, stdout=log, stderr=log)
+        proc = subprocess.Popen(argv, env={**env, "WANDB_RUN_ID": name}, process_group=0, stdout=log, stderr=log,
+                                preexec_fn=functools.partial(stop_with_parent, os.getpid()))
+    with locked_state(state_path) as state:
+        next(r for r in state["runs"] if r["name"] == name)["pid"] = proc.pid
+    return proc
 
 
 def record_end(name: str, output: Path, metric: str, state_path: Path, interrupted: bool) -> None:
@@ -159,8 +201,8 @@ def record_end(name: str, output: Path, metric: str, state_path: Path, interrupt
 
 def summary(config: dict, runs: list[dict]) -> str:
     metric = config["metric"]["name"]
-    varied = [k for k, p in config["parameters"].items()  # a distribution varies; a list of one value does not
-              if k != "seed" and ("values" not in p or len(p["values"]) > 1)]
+    varied = [k for k, p in config["parameters"].items()  # a distribution varies; one value does not
+              if k != "seed" and "value" not in p and len(p.get("values", [0, 1])) > 1]
     groups = {}
     for run in runs:
         groups.setdefault(run["group"] or "(no results: could not start)", []).append(run)
@@ -173,7 +215,9 @@ def summary(config: dict, runs: list[dict]) -> str:
                     + [mean, std, str(sum(r["status"] == "finished" for r in members)),
                        str(sum(r["status"] == "failed" for r in members))])
     header = ["group", *varied, f"{metric} mean", "std", "finished", "failed"]
-    return utils.markdown_table(header, rows)
+    constant = [f"{k}={p['value'] if 'value' in p else p['values'][0]}" for k, p in config["parameters"].items()
+                if k != "seed" and k not in varied]
+    return ("Every run: " + ", ".join(constant) + "\n\n" if constant else "") + utils.markdown_table(header, rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,20 +230,44 @@ def load_sweep(path: Path, parser: argparse.ArgumentParser) -> dict:
         config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         parser.error(f"cannot read the sweep file {path}: {e}")
-    problems = sweeps.schema_violations_from_proposed_config(config) if isinstance(config, dict) else ["not a map"]
+    try:
+        problems = sweeps.schema_violations_from_proposed_config(config) if isinstance(config, dict) else ["not a map"]
+    except ValueError as e:  # a parameter with no value (`lr:`) is an exception there, not a violation
+        problems = [f"{e} (each needs value:, values: or a distribution)"]
     if not problems and not {"program", "metric"} <= config.keys():
         problems = ["local_sweep.py needs `program` and `metric`"]
     if problems:
         parser.error(f"{path} is not a valid W&B sweep: " + "; ".join(problems))
     if config["method"] == "random" and "run_cap" not in config:
         parser.error(f"{path}: a random search never ends by itself; set run_cap")
+    if Path(config["program"]).name == "main.py":
+        if problems := parameter_problems(config["parameters"], utils.get_arg_parser()):
+            parser.error(f"{path}: " + "; ".join(problems))
     return config
+
+
+def parameter_problems(parameters: dict, main_parser: argparse.ArgumentParser) -> list[str]:
+    """What main.py would refuse in every run: an unknown option, a listed value its parser rejects."""
+    actions = {a.dest: a for group in utils.option_groups(main_parser).values() for a in group.actions}
+    problems = []
+    for name, spec in parameters.items():
+        if name not in actions:
+            problems.append(f"main.py has no option --{name}")
+            continue
+        for value in spec.get("values", [spec["value"]] if "value" in spec else []):
+            try:
+                parsed = actions[name].type(str(value)) if actions[name].type else str(value)
+                if actions[name].choices and parsed not in actions[name].choices:
+                    raise argparse.ArgumentTypeError(f"not one of {', '.join(map(str, actions[name].choices))}")
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+                problems.append(f"--{name}={value}: {e}")
+    return problems
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict, list[str]]:
     """Options, the sweep, and main.py's own arguments (those after `--`)."""
     ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                      usage="%(prog)s SWEEP.yaml [options] [-- main.py options]")
     parser.add_argument("sweep", type=Path, help="a W&B sweep file, e.g. sweep.yaml")
     parser.add_argument("--workers", type=utils.Number(int, min=1), default=1, help="runs at the same time")
@@ -216,6 +284,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args, config, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return sweep(args, config, extra)
+    except DamagedState as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+
+
+def sweep(args: argparse.Namespace, config: dict, extra: list[str]) -> int:
     state_path, runs_dir = args.sweep.with_suffix(".state.json"), args.sweep.with_suffix(".runs")
     metric = config["metric"]["name"]
     env = {**os.environ, "WANDB_MODE": args.wandb, "WANDB_SILENT": "true"}
@@ -231,10 +307,11 @@ def main(argv: list[str] | None = None) -> int:
                 while not exhausted and len(running) < args.workers:
                     claimed = claim(config, state_path)
                     exhausted = claimed is None
-                    if claimed:
-                        name, params = claimed
-                        running[name] = start(name, params, command(config, params, extra, runs_dir / name,
-                                                                    args.wandb, args.project), runs_dir, env)
+                    if claimed in (None, WAIT):
+                        break
+                    name, params = claimed
+                    running[name] = start(name, params, command(config, params, extra, runs_dir / name,
+                                                                args.wandb, args.project), runs_dir, env, state_path)
                 time.sleep(POLL_SECONDS)
                 for name in [n for n, proc in running.items() if proc.poll() is not None]:
                     del running[name]

@@ -89,6 +89,10 @@ def load_mnist(data_path: str, device: torch.device) -> dict[str, tuple[torch.Te
                                        f"be downloaded ({reason}).\n{how}") from None
             raise utils.StartError(f"the MNIST files in {raw} could not be read ({reason}); they may be "
                                    f"truncated or corrupted.\n{how}") from None
+        if len(ds.targets) and not 0 <= int(ds.targets.min()) <= int(ds.targets.max()) < NUM_CLASSES:
+            raise utils.StartError(f"the MNIST labels in {raw} go from {int(ds.targets.min())} to "
+                                   f"{int(ds.targets.max())}, outside the {NUM_CLASSES} classes 0 to "
+                                   f"{NUM_CLASSES - 1}; the files are not MNIST's.")
         x = ds.data.float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD).reshape(len(ds.data), -1)  # in place: 0.25 s
         splits[name] = (x.to(device), ds.targets.to(device))
     return splits
@@ -239,7 +243,7 @@ def baselines(data: dict) -> dict[str, float]:
 def seed_everything(seed: int) -> None:
     """torch, and the generators a fork's own code may draw from (augmentation with numpy or random)."""
     torch.manual_seed(seed)
-    np.random.seed(seed)
+    np.random.seed([seed % 2**32, seed // 2**32])  # numpy's legacy seed takes 32-bit words
     random.seed(seed)
 
 
@@ -300,7 +304,12 @@ def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopReque
 
     seed_everything(opts["seed"])
     generator = torch.Generator().manual_seed(opts["seed"])
-    model = build_model(opts["hidden"], opts["dropout"]).to(device)
+    try:
+        model = build_model(opts["hidden"], opts["dropout"]).to(device)
+    except (RuntimeError, MemoryError) as e:  # CPU and CUDA allocators both raise RuntimeError
+        asked = re.search(r"allocate ([0-9.]+ ?[A-Za-z]+)", str(e))
+        return report(("error", f"the model does not fit in the memory of {device}" + (
+            f" (one of its tensors needs {asked[1]})" if asked else "") + "; make it smaller (--hidden).", 1))
     if opts["optimizer"] == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=opts["lr"], weight_decay=opts["weight_decay"], fused=True)
     else:

@@ -58,8 +58,9 @@ class Number(Validator):
     max_open: bool = False
 
     def describe(self) -> str:
-        bounds = [f"{'>' if self.min_open else '>='} {self.min:g}"] if self.min is not None else []
-        bounds += [f"{'<' if self.max_open else '<='} {self.max:g}"] if self.max is not None else []
+        show = (lambda v: str(int(v))) if self.kind is int else (lambda v: f"{v:g}")
+        bounds = [f"{'>' if self.min_open else '>='} {show(self.min)}"] if self.min is not None else []
+        bounds += [f"{'<' if self.max_open else '<='} {show(self.max)}"] if self.max is not None else []
         return " and ".join([self.kind.__name__ + (" " + bounds[0] if bounds else "")] + bounds[1:])
 
     def __call__(self, text: str):
@@ -69,9 +70,13 @@ class Number(Validator):
             raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}") from None
         too_low = self.min is not None and (value <= self.min if self.min_open else value < self.min)
         too_high = self.max is not None and (value >= self.max if self.max_open else value > self.max)
-        if math.isnan(value) or too_low or too_high:
-            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}")
+        if not math.isfinite(value) or too_low or too_high:  # no flag has a use for inf: 0 is "off"
+            finite = "a finite " if self.kind is float else ""
+            raise argparse.ArgumentTypeError(f"expected {finite}{self.describe()}, got {text!r}")
         return value
+
+
+INT64 = 2**63  # torch takes seeds, and Python's range() lengths, below it
 
 
 RANDOM_SEED = "random"
@@ -83,6 +88,8 @@ class Seed(Number):
 
     kind: type = int
     min: float | None = 0
+    max: float | None = INT64
+    max_open: bool = True
 
     def describe(self) -> str:
         return f"{super().describe()}, or {RANDOM_SEED}"
@@ -139,11 +146,13 @@ def get_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train an MLP on MNIST with a hand-written loop; log, group and tag the run in W&B.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # a misspelt sweep key must fail, not set another flag (--hid is not --hidden)
     )
     yes_no, text = Boolean(), Validator()
 
     hyper = parser.add_argument_group(HYPERPARAMETERS, "they change results, so they name the W&B group")
-    hyper.add_argument("--epochs", type=Number(int, min=1), default=10, help="passes over the training split")
+    hyper.add_argument("--epochs", type=Number(int, min=1, max=INT64, max_open=True), default=10,
+                       help="passes over the training split")
     hyper.add_argument("--batch_size", type=Number(int, min=1), default=128, help="samples per optimizer step")
     hyper.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="optimizer")
     hyper.add_argument("--lr", type=Number(float, min=0, min_open=True), default=1e-3, help="learning rate")

@@ -67,13 +67,17 @@ def previous_run(opts: dict, config: dict) -> tuple[Path, dict] | None:
     else:
         candidates = sorted(group.glob("*/"), key=lambda p: p.stat().st_mtime, reverse=True)
     for folder in candidates:
+        if not (folder / "results.json").exists():  # not started yet, or never: nothing to continue
+            continue
         try:
             results = json.loads((folder / "results.json").read_text())
-        except (OSError, ValueError):
-            continue
-        stopped = results["status"] == "running" or utils.resumable(results["tags"])
-        if results["seed"] == opts["seed"] and stopped:
-            return folder, results
+            stopped = results["status"] == "running" or utils.resumable(results["tags"])
+            if results["seed"] == opts["seed"] and stopped:
+                return folder, results
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"Warning: --resume skipped the run in {folder}: its results.json could not be read "
+                  f"({type(e).__name__}: {e}). Mend or delete that folder if it is the run to continue.",
+                  file=sys.stderr)
     return None
 
 

@@ -162,15 +162,19 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_a_checkpoint_that_is_not_plain_data_or_is_damaged_is_refused_and_nothing_is_lost(tiny_data, tmp_path):
+def test_a_checkpoint_that_is_not_plain_data_damaged_or_another_models_is_refused_and_nothing_is_lost(tiny_data, tmp_path):
     argv = small_run(tiny_data, tmp_path / "out", "--epochs", str(EPOCHS), "--verbose", "1")
     preempted_after_an_epoch(argv, tmp_path)
     folder, before = results(tmp_path / "out")
     checkpoint, marker = folder / "checkpoint.pt", tmp_path / "the-payload-ran"
     good = checkpoint.read_bytes()
-    torch.save({**torch.load(checkpoint), "history": Payload(marker)}, checkpoint)
+    state = torch.load(checkpoint)
+    torch.save({**state, "model": {**state["model"], "0.weight": torch.zeros(3, 784)}}, checkpoint)
+    other_model = checkpoint.read_bytes()
+    torch.save({**state, "history": Payload(marker)}, checkpoint)
     cases = [  # (the checkpoint's bytes, what the message must say)
         (checkpoint.read_bytes(), "holds more than tensors and plain values (it calls posix.system)"),
+        (other_model, "could not be loaded (Error(s) in loading state_dict"),  # another --hidden's weights
         (good[:len(good) // 2], "could not be loaded"),  # truncated, as by a full disk or a killed copy
         (b"", "could not be loaded"),
     ]

@@ -60,11 +60,11 @@ def test_usage_has_one_row_per_option_with_type_and_default_even_for_a_new_flag(
     assert sorted(rows) == sorted(ours + ["--label_smoothing"])
     expected = {  # flag: (group, type, default)
         "--label_smoothing": ("hyper-parameters", "float >= 0 and <= 1", "`0.1`"),
-        "--epochs": ("hyper-parameters", "int >= 1", "`10`"),
+        "--epochs": ("hyper-parameters", "int >= 1 and < 9223372036854775808", "`10`"),
         "--lr": ("hyper-parameters", "float > 0", "`0.001`"),
         "--optimizer": ("hyper-parameters", "one of `adam`, `sgd`", "`adam`"),
         "--hidden": ("hyper-parameters", "ints >= 1, comma-separated", "`512,512`"),
-        "--seed": ("experiment", "int >= 0, or random", "`0`"),
+        "--seed": ("experiment", "int >= 0 and < 9223372036854775808, or random", "`0`"),
         "--verbose": ("experiment", "int, one of `0`, `1`, `2`", "`1`"),
         "--data_path": ("experiment", "str", "`data`"),
         "--device": ("experiment", "str", "unset"),

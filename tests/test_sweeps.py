@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import yaml
 from conftest import OFFLINE, ROOT, Output, results, small_run, start_main
@@ -228,9 +229,10 @@ def test_grid_runs_the_product_once_each_logs_offline_and_summarises_the_seeds(n
     assert len(by_group) == 2 and set(rows) == set(by_group)
     for group, values in by_group.items():
         mean, std = f"{statistics.mean(values):.4f}", f"{statistics.stdev(values):.4f}"
-        assert rows[group][3:5] == [mean, std]
-        assert rows[group][5:] == ["2", "0"]
+        assert rows[group][2:4] == [mean, std]
+        assert rows[group][4:] == ["2", "0"]
     assert len({v for values in by_group.values() for v in values}) > 1  # the figures are not all alike
+    assert "Every run: epochs=1\n" in stdout  # the constants, apart from the varied columns
 
     again = finish(start_local_sweep(sweep, noise_data, "--workers", "2"))  # done: nothing runs again
     assert "start" not in again and configs(state(sweep)) == configs(runs)
@@ -271,6 +273,77 @@ def test_two_sweep_processes_share_a_sweep_without_running_a_configuration_twice
     assert configs(runs) == configs([{"config": {"seed": s, "epochs": 1}} for s in range(4)])
     assert all(r["status"] == "finished" for r in runs)
     assert all("start" in out for out in outputs)  # both took part
+
+
+def run_local_sweep(sweep, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "local_sweep.py"), str(sweep), *options], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_a_killed_sweep_process_ends_its_runs(tiny_data, tmp_path):
+    sweep = write_sweep(tmp_path, {"seed": {"values": [0, 1]}, "epochs": {"value": 100000}})
+    proc = start_local_sweep(sweep, tiny_data, "--workers", "2", "--wandb", "disabled")
+    output = Output(proc)
+    output.wait_for(lambda line: line.startswith("start"), count=2)
+    pids = [run["pid"] for run in state(sweep)]
+    time.sleep(3)  # both are training
+    proc.kill()  # SIGKILL: this process gets no chance to stop its runs itself
+    output.finish(30)
+    deadline = time.monotonic() + 60
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in pids)
+    ends = [json.loads(path.read_text()) for path in sweep.with_suffix(".runs").glob("*/*/*/results.json")]
+    assert len(ends) == 2 and all(res["tags"][-1] == "User abort" for res in ends)  # a run to run again
+
+
+def alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+
+
+def test_a_rerun_leaves_a_configuration_alone_while_an_orphaned_run_of_it_lives(tiny_data, tmp_path):
+    sweep = write_sweep(tmp_path, {"seed": {"values": [0, 1]}, "epochs": {"value": 1}})
+    gone = subprocess.Popen(["true"])  # a local_sweep that has died: its pid is free
+    gone.wait()
+    orphan = subprocess.Popen(["sleep", "600"])  # its run, still ending
+    try:
+        sweep.with_suffix(".state.json").write_text(json.dumps({"runs": [
+            {"name": "orphan", "config": {"seed": 0, "epochs": 1}, "status": "running", "owner": gone.pid,
+             "pid": orphan.pid, "group": None, "tags": [], "metric": None}]}))
+        proc = start_local_sweep(sweep, tiny_data, "--wandb", "disabled")
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("end"))  # seed 1 has run; seed 0 waits for the orphan
+        time.sleep(2)
+        assert [r["config"]["seed"] for r in state(sweep)] == [0, 1] and proc.poll() is None
+    finally:
+        orphan.kill()
+        orphan.wait()
+    stdout, stderr = output.finish(120)
+    assert proc.returncode == 0, stderr
+    runs = state(sweep)
+    assert sorted(r["config"]["seed"] for r in runs) == [0, 1] and all(r["status"] == "finished" for r in runs)
+    assert stdout.count("start") == 2
+
+
+def test_a_damaged_state_file_is_named_with_what_to_do(tmp_path):
+    sweep = write_sweep(tmp_path, {"seed": {"values": [0]}})
+    sweep.with_suffix(".state.json").write_text('{"runs": [{"name": ')
+    done = run_local_sweep(sweep)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"state file {sweep.with_suffix('.state.json')} is damaged" in done.stderr and "move it away" in done.stderr
+
+
+def test_parameters_main_py_would_refuse_are_a_usage_error_before_any_run(tmp_path):
+    sweep = write_sweep(tmp_path, {"hid": {"value": 32}, "lr": {"values": [0.1, "inf"]},
+                                   "optimizer": {"values": ["adam", "rmsprop"]}})
+    done = run_local_sweep(sweep)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    for problem in ("main.py has no option --hid", "--lr=inf: expected a finite float > 0",
+                    "--optimizer=rmsprop: not one of adam, sgd"):
+        assert problem in done.stderr
+    assert not sweep.with_suffix(".runs").exists()
+    no_value = run_local_sweep(write_sweep(tmp_path, {"lr": None}))  # `lr:` with nothing after it
+    assert no_value.returncode == 2 and "needs value:, values: or a distribution" in no_value.stderr
 
 
 def test_an_invalid_sweep_file_is_refused_with_exit_2(tmp_path):

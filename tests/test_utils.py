@@ -47,6 +47,9 @@ def test_both_flag_forms_and_every_boolean_spelling():
     (["--abort_irrelevant", "2"], "--abort_irrelevant"), (["--verbose", "3"], "--verbose"),
     (["--epoch_timeout", "-1"], "--epoch_timeout"), (["--std_threshold", "-5"], "--std_threshold"),
     (["--unknown", "1"], "--unknown"),
+    # accepted once, then a crash: the bounds torch and Python can take, no infinities, no abbreviations
+    (["--seed", str(2**63)], "--seed"), (["--epochs", str(2**63)], "--epochs"), (["--lr", "inf"], "--lr"),
+    (["--grad_clipping", "inf"], "--grad_clipping"), (["--hid", "32"], "--hid"), (["--epoch", "3"], "--epoch"),
 ])
 def test_bad_values_end_with_a_usage_error_naming_the_flag(args, flag, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -54,6 +57,11 @@ def test_bad_values_end_with_a_usage_error_naming_the_flag(args, flag, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "usage:" in err and flag in err and "Traceback" not in err
+
+
+def test_the_largest_values_the_parser_allows_are_taken():
+    opts = vars(utils.get_arg_parser().parse_args(["--seed", str(2**63 - 1), "--epochs", str(2**63 - 1)]))
+    assert opts["seed"] == opts["epochs"] == 2**63 - 1
 
 
 def test_help_lists_every_option_with_its_default(capsys):
