@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -370,6 +371,19 @@ def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopReque
     report(("done", tags))
 
 
+def train_reporting_bugs(opts: dict, folder: Path | None, resume: bool, report, stop: StopRequest) -> None:
+    """train(), with an exception raised in it (a bug in the training code) reported as the run's end:
+    its traceback on screen, the run Failed, and no advice to resume, which would only raise it again."""
+    try:
+        train(opts, folder, resume, report, stop)
+    except utils.StartError:  # from report (runs.Record) in this process: the run could not start
+        raise
+    except Exception:
+        traceback.print_exc()
+        report(("exception", "the training code raised an exception (its traceback is above); fix it, then start "
+                             "the run again"))
+
+
 def train_process(opts: dict, folder: Path | None, resume: bool, connection) -> None:
     """The training process's entry: train() reporting through a pipe to the watching process."""
     tqdm.set_lock(threading.RLock())  # tqdm's default lock is a named semaphore, which a killed process leaks
@@ -378,7 +392,7 @@ def train_process(opts: dict, folder: Path | None, resume: bool, connection) -> 
     for signum in utils.STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     with connection, StopRequest() as stop:
-        train(opts, folder, resume, connection.send, stop)
+        train_reporting_bugs(opts, folder, resume, connection.send, stop)
 
 
 def summary_line(row: dict, epochs: int) -> str:
@@ -431,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             record.finish([utils.IRRELEVANT()])
         elif not opts["watchdog"]:
             with StopRequest() as stop:
-                train(opts, folder, resume, record.handle, stop)
+                train_reporting_bugs(opts, folder, resume, record.handle, stop)
         else:
             with watch.Watch(train_process, opts, folder, resume) as training:
                 while record.status is None:
@@ -445,4 +459,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Outside the training loop a stop signal changes nothing: the run's end is written whole and the
+    # exit status is the run's (a Ctrl+C key held down, an agent's late SIGTERM).
+    for signum in utils.STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     sys.exit(main())

@@ -315,13 +315,16 @@ PREEMPTED = Tag("Preempted", True,
                 "stopped by SIGTERM (a scheduler's preemption) at the next batch; marked preempting in W&B; "
                 "the epoch under way is dropped, to be trained again by --resume yes from the last checkpoint",
                 resumable=True)
+EXCEPTION = Tag("Exception", True,
+                "the training code raised an exception (a bug): its traceback is printed, and in W&B's Logs tab; "
+                "not resumable, it would only raise again")
 CRASHED = Tag("Crashed", True,
-              "the training process died (segmentation fault, abort, out-of-memory kill); every epoch it "
+              "the training process was killed (segmentation fault, abort, out-of-memory kill); every epoch it "
               "finished is kept", resumable=True)
 
 TAGS = (SUCCESS, OVERFITTING_LEARNING, OVERFITTING_END, RANDOM_GUESSING, MOST_PROBABLE_GUESSING,
         VANISHING_GRADIENT, EXPLODING_GRADIENT, HIGH_STD,
-        IRRELEVANT, USER_ABORT, TIMEOUT, NAN_LOSS, INF_LOSS, NAN_GRADIENT, PREEMPTED, CRASHED)
+        IRRELEVANT, USER_ABORT, TIMEOUT, NAN_LOSS, INF_LOSS, NAN_GRADIENT, PREEMPTED, EXCEPTION, CRASHED)
 ERROR_TAGS = frozenset(tag.template for tag in TAGS if tag.error)
 # What main.py's training loop makes of a stop signal (SIGINT: Ctrl+C; SIGTERM: a scheduler's preemption).
 STOP_SIGNALS = {signal.SIGINT: USER_ABORT, signal.SIGTERM: PREEMPTED}
@@ -366,6 +369,18 @@ def thresholds_table(parser: argparse.ArgumentParser | None = None) -> str:
 
 METRICS = ("accuracy", "f1")
 SPLITS = ("train", "val", "test")
+WANDB_TAG_LIMIT = 64  # characters; W&B drops a longer tag without a word
+
+
+def check_tag_lengths(tags: tuple[Tag, ...]) -> None:
+    """Refuse, as the table is built, a tag W&B would drop: every metric and split filled in."""
+    too_long = {text for tag in tags for metric in METRICS for split in SPLITS
+                if len(text := tag(metric=metric, split=split)) > WANDB_TAG_LIMIT}
+    if too_long:
+        raise ValueError(f"tags longer than W&B's {WANDB_TAG_LIMIT} characters: {', '.join(sorted(too_long))}")
+
+
+check_tag_lengths(TAGS)
 
 
 def gradient_tags(norm_min: float, norm_max: float, norm_std: float, opts: dict) -> list[str]:

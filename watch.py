@@ -3,10 +3,11 @@ properly whatever becomes of training.
 
 main.py's train() runs in a process of its own (started with the spawn method, required with
 CUDA) and reports through a pipe: ("ready",) once its data is loaded, ("epoch", n, when) as an
-epoch starts, ("row", row, tags) as it ends, ("done", tags) at the end, or ("error", message,
-exit status). `Watch` starts it and turns its death or silence into a report of its own, ("ended",
-tag, message); `Record` logs and saves every report at once, so nothing finished is lost. With
---watchdog no, main.py calls train() with Record.handle directly. Nothing here imports torch.
+epoch starts, ("row", row, tags) as it ends, ("done", tags) at the end, ("error", message, exit
+status) when the run cannot start, or ("exception", message) when the training code raised one.
+`Watch` starts it and turns its death or silence into a report of its own, ("ended", tag, message);
+`Record` logs and saves every report at once, so nothing finished is lost. With --watchdog no,
+main.py calls train() with Record.handle directly. Nothing here imports torch.
 """
 
 import contextlib
@@ -28,7 +29,8 @@ WATCH_GRACE = 2.0  # seconds the watcher allows past a deadline before it acts
 
 
 def start_wandb(opts: dict, config: dict, run_id: str | None):
-    if not (opts["wandb_project"] or os.environ.get("WANDB_SWEEP_ID")):
+    # As for any W&B script: WANDB_PROJECT in the environment turns logging on like --wandb_project.
+    if not (opts["wandb_project"] or os.environ.get("WANDB_PROJECT") or os.environ.get("WANDB_SWEEP_ID")):
         return None
     import wandb  # only runs that log pay for its import
 
@@ -43,9 +45,12 @@ def start_wandb(opts: dict, config: dict, run_id: str | None):
                   "later with `wandb sync`.", file=sys.stderr)
             wandb.teardown()  # W&B's service still holds the run id of the attempt
             return wandb.init(**init, mode="offline")
-    except wandb.Error as e:
-        raise utils.StartError(f"W&B could not start: {e}\nLog in with `wandb login`, or run with "
-                               "WANDB_MODE=offline (upload later with `wandb sync`).") from None
+    except Exception as e:  # W&B's own errors, and its service failing as it starts: name the cause
+        cause = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
+        login = isinstance(e, wandb.errors.AuthenticationError) or any(
+            word in str(e).lower() for word in ("api key", "api_key", "login"))
+        raise utils.StartError(f"W&B could not start ({cause}).\n" + ("Log in with `wandb login`, or run" if login
+                               else "Run") + " with WANDB_MODE=offline (upload later with `wandb sync`).") from None
 
 
 def check_writable(path: str) -> None:
@@ -108,11 +113,12 @@ def remove_if_unstarted(folder: Path | None) -> None:
         remove_run_folder(folder)
 
 
-def save_results(folder: Path | None, config: dict, run, history: list, tags: list, status: str) -> None:
+def save_results(folder: Path | None, config: dict, run_path: str | None, history: list, tags: list,
+                 status: str) -> None:
     if folder:
         utils.write_json(folder / "results.json", {
             "history": history, "tags": tags, "status": status, "group": config["group"],
-            "seed": config["seed"], "wandb_run_path": run.path if run and not run.disabled else None})
+            "seed": config["seed"], "wandb_run_path": run_path})
 
 
 class Record:
@@ -122,7 +128,8 @@ class Record:
 
     def __init__(self, opts: dict, config: dict, folder: Path | None, history: list):
         self.opts, self.config, self.folder = opts, config, folder
-        self.run, self.history, self.tags, self.status = None, history, [], None
+        self.run, self.run_path, self.user_tags = None, None, ()
+        self.history, self.tags, self.status = history, [], None
         # Epochs W&B already has: a resumed run trains again those logged after its checkpoint.
         self.logged = max([row["epoch"] for row in history if "test/accuracy" in row], default=0)
 
@@ -134,40 +141,68 @@ class Record:
             raise utils.StartError(args[0])
         elif kind == "ready":
             self.run = start_wandb(self.opts, self.config, self.folder.name if self.folder else None)
+            self.run_path = self.run.path if self.run and not self.run.disabled else None
+            self.user_tags = tuple(self.run.tags) if self.run else ()
             self.save("running")
         elif kind == "row":
-            row, self.tags = args
+            row, tags = args
             self.history = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
             if self.run and row["epoch"] > self.logged:
-                self.run.log(row)
+                self.use_wandb(f"logging epoch {row['epoch']}", lambda: self.run.log(row))
+            if self.run and tags != self.tags:  # set as they are raised: a live run can be filtered by them
+                self.use_wandb("setting its tags", lambda: setattr(self.run, "tags", self.wandb_tags(tags)))
+            self.tags = tags
             self.save("running")
         elif kind == "done":
             self.finish(args[0])
+        elif kind == "exception":  # a bug in the training code: its traceback is on screen already
+            self.finish(self.tags + [utils.EXCEPTION()], args[0])
         elif kind == "ended":  # from the watcher: the training process died or hung
             tag, message = args
             self.finish(self.tags + [tag], message)
 
+    def wandb_tags(self, tags: list) -> tuple:
+        """The run's tags: those the user gave W&B (WANDB_TAGS), then the run's own."""
+        return tuple(dict.fromkeys([*self.user_tags, *tags]))
+
+    def use_wandb(self, what: str, call) -> None:
+        """W&B's service can die mid-run (killed, out of memory): say what is lost, and go on without
+        it. Training and results.json never depend on W&B."""
+        try:
+            call()
+        except Exception as e:
+            print(f"Warning: W&B failed while {what} ({type(e).__name__}: {str(e).strip()[:200]}): its service has "
+                  "probably died, and what it had not written yet is lost from W&B. The run goes on without it; "
+                  "results.json holds every epoch and the run's end.", file=sys.stderr, flush=True)
+            self.run = None
+            with contextlib.suppress(Exception):  # now, or W&B's exit hook prints the broken link's traceback
+                sys.modules["wandb"].teardown()
+
     def save(self, status: str) -> None:
-        save_results(self.folder, self.config, self.run, self.history, self.tags, status)
+        save_results(self.folder, self.config, self.run_path, self.history, self.tags, status)
 
     def finish(self, tags: list, message: str | None = None) -> None:
         self.tags = list(dict.fromkeys(tags))
         failed = utils.failed(self.tags)
         status = "failed" if failed else "finished"
         self.save(status)
+        if message:  # before W&B finishes: its Logs tab holds the reason too
+            print(f"Error: {message}", file=sys.stderr, flush=True)
         if self.run:
-            self.run.summary["seed"] = self.config["seed"]
-            self.run.tags = tuple(self.tags)
-            if utils.PREEMPTED() in self.tags:
-                self.run.mark_preempting()  # W&B then re-queues a preempted sweep run
-            self.run.finish(exit_code=int(failed))
+            def finish():
+                self.run.summary["seed"] = self.config["seed"]
+                if message:
+                    self.run.summary["end"] = message
+                self.run.tags = self.wandb_tags(self.tags)
+                if utils.PREEMPTED() in self.tags:
+                    self.run.mark_preempting()  # W&B then re-queues a preempted sweep run
+                self.run.finish(exit_code=int(failed))
+            self.use_wandb("finishing the run", finish)
         resumable = self.opts["checkpoint_every"] and utils.resumable(self.tags)
         if self.folder and not resumable:
             (self.folder / "checkpoint.pt").unlink(missing_ok=True)
             if not self.opts["save"]:
                 remove_run_folder(self.folder)
-        if message:
-            print(f"Error: {message}", file=sys.stderr)
         if self.opts["verbose"]:
             print(f"Run {status}. Group {self.config['group']}, seed {self.config['seed']}. "
                   f"Tags: {', '.join(self.tags) or 'none'}")
@@ -183,17 +218,18 @@ class Watch:
 
     def __init__(self, target, opts: dict, *args):
         """Starts target(opts, *args, connection): the training process's entry, a module-level function."""
+        self.deadline, self.stop_tag = math.inf, None
         context = multiprocessing.get_context("spawn")
         self.receive, send = context.Pipe(duplex=False)
         self.process = context.Process(target=target, args=(opts, *args, send), name="training")
+        # Handled, not ignored, before the start: an ignored signal would stay ignored in the new process.
+        self.previous = {s: signal.signal(s, self._forward) for s in utils.STOP_SIGNALS}
         self.process.start()
         send.close()  # the training process holds the only sending end: its death closes the pipe
         self.minutes = opts["epoch_timeout"]
         self.timeout = 60 * self.minutes + WATCH_GRACE if self.minutes else None
-        self.deadline, self.stop_tag, self.previous = math.inf, None, {}
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self._forward) for s in utils.STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):

@@ -107,8 +107,9 @@ def test_a_signal_ends_the_run_with_its_tag_and_loses_nothing(signum, point, fau
     [wandb_run] = find_runs(tmp_path, folder.name)
     assert wandb_run.exit_code == 1 and tag in wandb_run.tags and len(wandb_run.history) == len(history)
     assert wandb_run.preempting == (signum == signal.SIGTERM)
-    if to_training:
+    if to_training:  # the reason is on screen, and where a W&B user looks: the summary (and the Logs tab)
         assert f"killed by {signal.Signals(signum).name}" in output
+        assert f"killed by {signal.Signals(signum).name}" in wandb_run.summary["end"]
     if signum != signal.SIGTERM:
         return
 

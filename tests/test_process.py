@@ -1,10 +1,15 @@
 """main.py as users start it: a real `python main.py` process, real signals, real exit statuses."""
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from conftest import OFFLINE, ROOT, Output, results, small_run, start_main, training_process
 from wandb_file import find_run
@@ -87,3 +92,87 @@ def test_help_answers_without_loading_torch_or_wandb():
             "print(sorted(m for m in ('torch', 'wandb', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     assert "--wandb_project" in out and out.strip().endswith("[]")
+
+
+def test_a_stop_signal_after_the_run_has_ended_changes_nothing(tiny_data, tmp_path):
+    """A Ctrl+C key held down, an agent's late SIGTERM: the exit status is still the run's."""
+    proc = start_main(small_run(tiny_data, tmp_path / "out", "--verbose", "1"))
+    try:
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("Run finished"))
+        while proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGINT)
+            time.sleep(0.002)
+        stdout, stderr = output.finish(60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert results(tmp_path / "out")[1]["status"] == "finished"
+
+
+def wandb_core_of(pid: int) -> list[int]:
+    """The W&B service processes main.py started (W&B starts each in a session of its own)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat, cmdline = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if b"wandb-core" in cmdline and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def test_wandb_service_dying_mid_run_costs_nothing_but_wandb_logging(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    args = small_run(tiny_data, out, "--epochs", "40", "--batch_size", "8", "--verbose", "1",
+                     "--wandb_project", "boilerplate-tests")
+    proc = start_main(args, env={**OFFLINE, "WANDB_DIR": str(tmp_path)})
+    try:
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch 2/"))
+        deadline = time.monotonic() + 60  # W&B is up once results.json is written (it starts as training does)
+        while not list(out.glob("*/*/results.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cores = wandb_core_of(proc.pid)
+        for core in cores:  # as the out-of-memory killer would
+            os.kill(core, signal.SIGKILL)
+        stdout, stderr = output.finish(120)
+    finally:
+        proc.kill()
+    assert cores and proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert "Warning: W&B failed" in stderr and "results.json holds every epoch" in stderr
+    _, res = results(out)
+    assert res["status"] == "finished" and res["tags"][0] == "Success" and len(res["history"]) == 40
+
+
+def fork_with_a_bug(tmp_path: Path) -> Path:
+    """A copy of the project whose training code raises in its second epoch, as a user's bug would."""
+    fork = tmp_path / "fork"
+    fork.mkdir()
+    for path in [*ROOT.glob("*.py"), ROOT / "adjectives.txt", ROOT / "nouns.txt"]:
+        shutil.copy(path, fork / path.name)
+    source = (fork / "main.py").read_text()
+    anchor = "        stats, stop_tag = train_epoch("
+    assert anchor in source
+    bug = "        if epoch == 2:\n            raise ValueError('a bug in the training code')\n"
+    (fork / "main.py").write_text(source.replace(anchor, bug + anchor))
+    return fork
+
+
+@pytest.mark.parametrize("watchdog", ["yes", "no"])
+def test_an_exception_in_the_training_code_fails_the_run_without_advice_to_resume(watchdog, tiny_data, tmp_path):
+    fork, out = fork_with_a_bug(tmp_path), tmp_path / "out"
+    args = small_run(tiny_data, out, "--epochs", "3", "--verbose", "1", "--wandb_project", "boilerplate-tests",
+                     "--watchdog", watchdog)
+    proc = subprocess.run([sys.executable, str(fork / "main.py"), *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **OFFLINE, "WANDB_DIR": str(tmp_path)})
+    assert proc.returncode == 1, proc.stderr
+    assert "ValueError: a bug in the training code" in proc.stderr and "Traceback" in proc.stderr  # the user's own
+    assert "--resume yes" not in proc.stdout + proc.stderr and "Crashed" not in proc.stdout + proc.stderr
+    folder, res = results(out)
+    assert res["status"] == "failed" and res["tags"][-1] == "Exception" and len(res["history"]) == 1
+    assert not (folder / "checkpoint.pt").exists()  # nothing to resume: it would raise again
+    run = find_run(tmp_path, folder.name)
+    assert run.exit_code == 1 and "Exception" in run.tags and "raised an exception" in run.summary["end"]

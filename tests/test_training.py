@@ -59,6 +59,18 @@ def test_success_with_wandb_and_save(tiny_data, wandb_dir, tmp_path):
     assert run.summary["seed"] == 3
 
 
+def test_wandb_project_from_the_environment_and_the_users_own_tags(tiny_data, wandb_dir, tmp_path, monkeypatch):
+    # As for any W&B script: WANDB_PROJECT turns logging on, and the tags in WANDB_TAGS stay.
+    monkeypatch.setenv("WANDB_PROJECT", "boilerplate-tests")
+    monkeypatch.setenv("WANDB_TAGS", "mine,baseline")
+    assert run_main(*small_run(tiny_data, tmp_path, "--vanishing_threshold", "1000")) == 0
+    folder, res = results(tmp_path)
+    run = wandb_run(wandb_dir, folder.name)
+    assert res["tags"] == ["Success", "Vanishing gradient"]
+    assert run.tags == ["mine", "baseline", "Success", "Vanishing gradient"]
+    assert ["mine", "baseline", "Vanishing gradient"] in run.tag_updates  # set as it was raised, mid-run
+
+
 def test_same_seed_gives_the_same_history(tiny_data, tmp_path):
     histories = []
     for name in ("a", "b"):

@@ -182,7 +182,14 @@ def test_failed_and_tag_bookkeeping():
     assert utils.RESUMABLE_TAGS == {"User abort", "Timeout", "Preempted", "Crashed"} <= utils.ERROR_TAGS
     assert {t.template for t in utils.TAGS if t.error} == {
         "Irrelevant hyperparameters", "User abort", "Timeout", "NaN loss", "Inf loss", "NaN gradient", "Preempted",
-        "Crashed"}
+        "Exception", "Crashed"}
+
+
+def test_a_tag_longer_than_wandb_keeps_is_refused_as_the_table_is_built():
+    long = utils.Tag("Most probable guessing after a very long and winding explanation {metric} ({split})", False, "")
+    with pytest.raises(ValueError, match="longer than W&B's 64 characters: Most probable guessing after"):
+        utils.check_tag_lengths((*utils.TAGS, long))
+    utils.check_tag_lengths(utils.TAGS)
 
 
 def test_readme_tables_are_the_code_tables():

@@ -44,6 +44,7 @@ class Run:
     group: str = ""
     sweep_id: str = ""
     tags: list = field(default_factory=list)
+    tag_updates: list = field(default_factory=list)  # every tag list the run was given, in order
     config: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     summary: dict = field(default_factory=dict)
@@ -59,6 +60,8 @@ def read_run(path: Path) -> Run:
             run.group = record.run.run_group or run.group
             run.sweep_id = record.run.sweep_id or run.sweep_id
             run.tags = list(record.run.tags) or run.tags
+            if record.run.tags and (not run.tag_updates or run.tag_updates[-1] != run.tags):
+                run.tag_updates.append(run.tags)
             run.config.update({u.key: json.loads(u.value_json) for u in record.run.config.update})
         elif kind == "config":
             run.config.update({u.key: json.loads(u.value_json) for u in record.config.update})
