@@ -317,7 +317,7 @@ def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopReque
         optimizer = torch.optim.SGD(model.parameters(), lr=opts["lr"], momentum=opts["momentum"],
                                     weight_decay=opts["weight_decay"], fused=True)
     checkpoint = folder / "checkpoint.pt" if folder else None
-    done, history, tags = 0, [], []
+    done, history, tags, unsaved = 0, [], [], None
     if resume and checkpoint and checkpoint.exists():
         try:
             done, history, tags = load_checkpoint(checkpoint, device, model, optimizer, generator)
@@ -351,7 +351,9 @@ def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopReque
             tqdm.write(summary_line(row, opts["epochs"]))
         whole = "test/accuracy" in row  # trained to its end and evaluated
         if checkpoint and opts["checkpoint_every"] and whole and epoch % opts["checkpoint_every"] == 0:
-            save_checkpoint(checkpoint, epoch, model, optimizer, generator, history, tags)
+            unsaved = utils.write_failure(checkpoint, lambda: save_checkpoint(checkpoint, epoch, model, optimizer,
+                                                                              generator, history, tags))
+            stop_tag = utils.SAVE_FAILED() if unsaved else stop_tag  # the previous checkpoint stays whole
         stop_tag = stop_tag or stop.tag  # a signal during evaluation or saving: stop now, the epoch is whole
         if stop_tag:
             utils.add_tags(tags, [stop_tag])
@@ -366,9 +368,12 @@ def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopReque
                        + utils.guessing_tags(last, "random", opts["rnd_threshold"], utils.RANDOM_GUESSING)
                        + utils.guessing_tags(last, "most_probable", opts["mp_threshold"],
                                              utils.MOST_PROBABLE_GUESSING))
-    if opts["save"]:
-        utils.atomic_write(folder / "model.pt", lambda f: torch.save(model.state_dict(), f))
-    report(("done", tags))
+    if opts["save"] and not unsaved:
+        model_file = folder / "model.pt"
+        unsaved = utils.write_failure(model_file, lambda: utils.atomic_write(
+            model_file, lambda f: torch.save(model.state_dict(), f)))
+        utils.add_tags(tags, [utils.SAVE_FAILED()] if unsaved else [])
+    report(("done", tags, unsaved))
 
 
 def train_reporting_bugs(opts: dict, folder: Path | None, resume: bool, report, stop: StopRequest) -> None:
@@ -376,7 +381,7 @@ def train_reporting_bugs(opts: dict, folder: Path | None, resume: bool, report, 
     its traceback on screen, the run Failed, and no advice to resume, which would only raise it again."""
     try:
         train(opts, folder, resume, report, stop)
-    except utils.StartError:  # from report (runs.Record) in this process: the run could not start
+    except (utils.StartError, utils.RunEnded):  # from report (watch.Record) in this process: not bugs
         raise
     except Exception:
         traceback.print_exc()
@@ -435,10 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     keep = opts["save"] or opts["checkpoint_every"]  # checkpoints live in the run folder too
     # Under `wandb agent` a run id that left a checkpoint is a preempted run W&B has re-queued.
     resume = keep and (opts["resume"] or bool(os.environ.get("WANDB_RUN_ID")))
-    folder, history = None, []
+    folder, history, lock = None, [], None
     try:
         if keep:
-            folder, history = watch.run_folder(opts, config, resume)
+            folder, history, lock = watch.run_folder(opts, config, resume)
         record = watch.Record(opts, config, folder, history)
         if reasons and opts["abort_irrelevant"]:
             record.handle(("ready",))
@@ -454,8 +459,12 @@ def main(argv: list[str] | None = None) -> int:
     except utils.StartError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
+    except utils.RunEnded:  # its end is written: results.json could not be saved
+        return record.status
     finally:
         watch.remove_if_unstarted(folder)
+        if lock is not None:  # the run has ended: its folder is free for the next process
+            os.close(lock)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ class StartError(Exception):
     """The run cannot start (no data, no place to save, no W&B); the message says what to do."""
 
 
+class RunEnded(Exception):
+    """The run has ended early and its end is written (results.json could not be saved): raised
+    through the training loop to stop it."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Validators: argparse `type=` callables. Their limits are public attributes so that tools (the
 # README generator) can describe a flag without parsing error messages.
@@ -315,6 +320,10 @@ PREEMPTED = Tag("Preempted", True,
                 "stopped by SIGTERM (a scheduler's preemption) at the next batch; marked preempting in W&B; "
                 "the epoch under way is dropped, to be trained again by --resume yes from the last checkpoint",
                 resumable=True)
+SAVE_FAILED = Tag("Save failed", True,
+                  "a checkpoint, model.pt or results.json could not be written (a full disk, a quota): the run stops, "
+                  "keeping the last good checkpoint and the history saved so far; free space, then --resume yes",
+                  resumable=True)
 EXCEPTION = Tag("Exception", True,
                 "the training code raised an exception (a bug): its traceback is printed, and in W&B's Logs tab; "
                 "not resumable, it would only raise again")
@@ -324,7 +333,8 @@ CRASHED = Tag("Crashed", True,
 
 TAGS = (SUCCESS, OVERFITTING_LEARNING, OVERFITTING_END, RANDOM_GUESSING, MOST_PROBABLE_GUESSING,
         VANISHING_GRADIENT, EXPLODING_GRADIENT, HIGH_STD,
-        IRRELEVANT, USER_ABORT, TIMEOUT, NAN_LOSS, INF_LOSS, NAN_GRADIENT, PREEMPTED, EXCEPTION, CRASHED)
+        IRRELEVANT, USER_ABORT, TIMEOUT, NAN_LOSS, INF_LOSS, NAN_GRADIENT, PREEMPTED, SAVE_FAILED, EXCEPTION,
+        CRASHED)
 ERROR_TAGS = frozenset(tag.template for tag in TAGS if tag.error)
 # What main.py's training loop makes of a stop signal (SIGINT: Ctrl+C; SIGTERM: a scheduler's preemption).
 STOP_SIGNALS = {signal.SIGINT: USER_ABORT, signal.SIGTERM: PREEMPTED}
@@ -457,6 +467,21 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_failure(path: Path, save) -> str | None:
+    """Call save(), which writes `path`: None when it could, else why not (a full disk, a quota, a
+    read-only folder), for a run to end with that reason rather than a traceback."""
+    try:
+        save()
+        return None
+    except Exception as e:
+        cause = e  # torch.save reports a failed write as a RuntimeError raised while handling the OSError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        return f"could not write {path} ({cause.strerror or cause})"
 
 
 def json_safe(value):

@@ -11,6 +11,7 @@ main.py calls train() with Record.handle directly. Nothing here imports torch.
 """
 
 import contextlib
+import fcntl
 import json
 import math
 import multiprocessing
@@ -86,18 +87,42 @@ def previous_run(opts: dict, config: dict) -> tuple[Path, dict] | None:
     return None
 
 
-def run_folder(opts: dict, config: dict, resume: bool) -> tuple[Path, list]:
-    """The run's folder, OUTPUT_PATH/GROUP/RUN_ID, and the history it already holds: with `resume`,
-    that of the run to continue, if there is one; else a new folder holding config.json. RUN_ID is
-    also the W&B run's id: WANDB_RUN_ID under `wandb agent`, else 8 random hex digits."""
+def own(folder: Path) -> int:
+    """An exclusive lock on the run folder for this process, which the OS releases however the process
+    dies: a run is never trained by two processes at once (a job submitted twice, a re-queue racing a
+    restart). Returns the lock's descriptor; close it when the run has ended."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise utils.StartError(f"the run in {folder} is being trained by another process, so this one leaves it "
+                               "alone. Wait for that one to end (or stop it), then run this command again.") from None
+    return fd
+
+
+def run_folder(opts: dict, config: dict, resume: bool) -> tuple[Path, list, int]:
+    """The run's folder, OUTPUT_PATH/GROUP/RUN_ID, owned by this process (see own()), and the history it
+    already holds: with `resume`, that of the run to continue, if there is one; else a new folder
+    holding config.json. RUN_ID is also the W&B run's id: WANDB_RUN_ID under `wandb agent`, else 8
+    random hex digits."""
     check_writable(opts["output_path"])
     if resume and (found := previous_run(opts, config)):
+        lock = own(found[0])
         print(f"Resuming the run in {found[0]}", file=sys.stderr)
-        return found[0], found[1]["history"]
+        return found[0], found[1]["history"], lock
     folder = Path(opts["output_path"], config["group"], os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))
-    folder.mkdir(parents=True, exist_ok=True)
-    utils.write_json(folder / "config.json", config)
-    return folder, []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise utils.StartError(f"cannot make the run folder {folder}: {e.strerror or e}") from None
+    lock = own(folder)
+    try:
+        utils.write_json(folder / "config.json", config)
+    except OSError as e:
+        os.close(lock)
+        raise utils.StartError(f"cannot write in the run folder {folder}: {e.strerror or e}") from None
+    return folder, [], lock
 
 
 def remove_run_folder(folder: Path) -> None:
@@ -154,7 +179,7 @@ class Record:
             self.tags = tags
             self.save("running")
         elif kind == "done":
-            self.finish(args[0])
+            self.finish(*args)  # the tags, and why a file could not be saved, if one could not
         elif kind == "exception":  # a bug in the training code: its traceback is on screen already
             self.finish(self.tags + [utils.EXCEPTION()], args[0])
         elif kind == "ended":  # from the watcher: the training process died or hung
@@ -179,7 +204,15 @@ class Record:
                 sys.modules["wandb"].teardown()
 
     def save(self, status: str) -> None:
-        save_results(self.folder, self.config, self.run_path, self.history, self.tags, status)
+        """Write results.json; when it cannot be written (a full disk), the run ends here with that reason,
+        its previous results.json and checkpoint kept, and RunEnded stops the training loop."""
+        if not self.folder:
+            return
+        unsaved = utils.write_failure(self.folder / "results.json", lambda: save_results(
+            self.folder, self.config, self.run_path, self.history, self.tags, status))
+        if unsaved and status == "running":
+            self.finish(self.tags + [utils.SAVE_FAILED()], unsaved)
+            raise utils.RunEnded()
 
     def finish(self, tags: list, message: str | None = None) -> None:
         self.tags = list(dict.fromkeys(tags))

@@ -7,17 +7,20 @@ and "evaluation" (an epoch's training time after a summary line: on this data ev
 as long as training, so the signal lands in the next epoch's evaluation or near it).
 """
 
+import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import (OFFLINE, Output, digits, make_dataset, results, small_run, start_main, training_process,
+from conftest import (OFFLINE, ROOT, Output, digits, make_dataset, results, small_run, start_main, training_process,
                       without_times, write_idx)
 from wandb_file import find_runs
 
@@ -39,14 +42,14 @@ def args(data: Path, out: Path, *extra: str) -> list[str]:
             "--wandb_project", "boilerplate-tests", "--verbose", "2", *extra]
 
 
-def launch(argv: list[str], wandb_dir: Path, env: dict | None = None) -> subprocess.Popen:
+def launch(argv: list[str], wandb_dir: Path, env: dict | None = None, **kwargs) -> subprocess.Popen:
     """main.py with W&B offline into `wandb_dir`, its output on stdout with its errors."""
     return start_main(argv, cwd=wandb_dir, env={**OFFLINE, "WANDB_DIR": str(wandb_dir), **(env or {})},
-                      stderr=subprocess.STDOUT)
+                      stderr=subprocess.STDOUT, **kwargs)
 
 
-def run(argv: list[str], wandb_dir: Path, env: dict | None = None) -> tuple[int, str]:
-    proc = launch(argv, wandb_dir, env)
+def run(argv: list[str], wandb_dir: Path, env: dict | None = None, **kwargs) -> tuple[int, str]:
+    proc = launch(argv, wandb_dir, env, **kwargs)
     output, _ = Output(proc).finish(300)
     return proc.returncode, output
 
@@ -151,6 +154,100 @@ def test_a_nan_in_the_weights_mid_run_is_caught_before_any_step(fault_data, tmp_
     assert res["status"] == "failed" and "NaN loss" in res["tags"]
     assert without_times(res["history"][:len(before["history"])]) == without_times(before["history"])
     assert res["history"][-1]["train/batches"] == 1  # stopped at the first batch, before its step
+
+
+def test_a_run_has_one_owner_two_resumes_at_once_never_train_it_twice(tiny_data, tmp_path):
+    argv = small_run(tiny_data, tmp_path / "out", "--epochs", "100000", "--verbose", "1")
+    proc = launch(argv, tmp_path)
+    try:
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch 1/"))
+        os.killpg(proc.pid, signal.SIGTERM)  # preempted: a run to resume
+        output.finish(120)
+        first = launch([*argv, "--resume", "yes"], tmp_path)  # a job script submitted twice
+        first_output = Output(first)
+        first_output.wait_for(lambda line: line.startswith("epoch 3/"))
+        second = launch([*argv, "--resume", "yes"], tmp_path)
+        second_output, _ = Output(second).finish(60)  # a second owner would train on and time out here
+        assert second.returncode == 1 and "is being trained by another process" in second_output, second_output
+        assert "Traceback" not in second_output
+        assert "epoch " not in second_output
+        os.killpg(first.pid, signal.SIGKILL)  # its owner dies: the OS releases the run
+        first_output.finish(60)
+        third = launch([*argv, "--resume", "yes"], tmp_path)
+        third_output = Output(third)
+        third_output.wait_for(lambda line: line.startswith("epoch "))
+        os.killpg(third.pid, signal.SIGINT)
+        third_output.finish(120)
+    finally:
+        for p in (proc, locals().get("first"), locals().get("second"), locals().get("third")):
+            if p and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert "Resuming the run in" in str(third_output) and third.returncode == 1
+    _, res = results(tmp_path / "out")
+    epochs = [row["epoch"] for row in res["history"]]
+    assert epochs == list(range(1, len(epochs) + 1)) and res["tags"][-1] == "User abort"
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """make(kib) -> (folder, preexec): a folder on a tmpfs of that size, a real full disk, where this
+    machine lets a test mount one; else a plain folder, and a preexec_fn that limits main.py's files to
+    that size (RLIMIT_FSIZE: EFBIG instead of ENOSPC, the same path through the code). TEST_NO_MOUNT=1
+    takes the second way where mounting works too."""
+    mounted = []
+
+    def make(kib: int):
+        folder = tmp_path / f"disk{kib}"
+        folder.mkdir()
+        if not os.environ.get("TEST_NO_MOUNT") and subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)], capture_output=True).returncode == 0:
+            mounted.append(folder)
+            return folder, None
+
+        def limit():
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+            resource.setrlimit(resource.RLIMIT_FSIZE, (kib * 1024, kib * 1024))
+        return folder, limit
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.mark.parametrize("what, kib, extra", [
+    ("checkpoint.pt", 300, ["--hidden", "64"]),  # the first checkpoint does not fit
+    ("results.json", 24, ["--hidden", "64", "--checkpoint_every", "0"]),  # results.json outgrows the disk
+])
+def test_a_full_disk_ends_the_run_with_its_cause_and_keeps_what_was_saved(what, kib, extra, tiny_data, full_disk,
+                                                                           tmp_path):
+    disk, limit = full_disk(kib)
+    # Under a file-size limit W&B's own files would break too: W&B is checked on a real full disk only.
+    wandb = ["--wandb_project", "boilerplate-tests"] if limit is None else []
+    argv = small_run(tiny_data, disk, "--epochs", "100", "--verbose", "1", *wandb, *extra)
+    code, output = run(argv, tmp_path, preexec_fn=limit)
+    assert code == 1 and "Traceback" not in output, output
+    assert f"Error: could not write {disk}" in output and f"/{what} (" in output
+    folder, res = results(disk)  # parses: the last good one
+    assert res["history"] and [r["epoch"] for r in res["history"]] == list(range(1, len(res["history"]) + 1))
+    if what == "checkpoint.pt":
+        assert res["status"] == "failed" and res["tags"][-1] == "Save failed" and len(res["history"]) == 1
+    if wandb:
+        wandb_run = find_runs(tmp_path, folder.name)[-1]
+        assert wandb_run.exit_code == 1 and "Save failed" in wandb_run.tags
+        assert "could not write" in wandb_run.summary["end"]
+
+
+def test_a_run_folder_that_cannot_be_made_is_a_clear_start_error(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    group = out / json.loads(subprocess.run(
+        [sys.executable, "-c", "import json, sys, utils; o = vars(utils.get_arg_parser().parse_args(sys.argv[1:])); "
+         "print(json.dumps(utils.generate_name(o)))", *small_run(tiny_data, out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60).stdout)
+    out.mkdir()
+    group.write_text("not a folder")  # where the run's group folder must go
+    code, output = run(small_run(tiny_data, out, "--verbose", "1"), tmp_path)
+    assert code == 1 and "Traceback" not in output and f"cannot make the run folder {group}/" in output, output
 
 
 class Payload:
