@@ -9,8 +9,9 @@
 
 Training runs in a second process that this one watches, so that a crash, a hang or a preemption
 still ends the run properly (tagged, saved, Failed in W&B); --watchdog no trains in this process.
-Every option: `python main.py --help`. Exit status: 0 when the run ended without an error tag,
-1 when it ended with one (or could not start), 2 for an invalid command line.
+Every option: `python main.py --help`. Exit status: 0 when the run ended without an error tag (or
+declined to train a pruned combination), 1 when it ended with one (or could not start), 2 for an
+invalid command line.
 """
 
 import logging
@@ -448,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         if reasons and opts["abort_irrelevant"]:
             record.handle(("ready",))
             record.finish([utils.IRRELEVANT()])
+            # Failed in W&B and tagged, but it did what was asked (declined to train): exit 0, so W&B's
+            # agent does not take a sparse sweep's pruned runs for a broken setup (its flapping checks).
+            return 0
         elif not opts["watchdog"]:
             with StopRequest() as stop:
                 train_reporting_bugs(opts, folder, resume, record.handle, stop)

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Start N W&B agents for one sweep on this machine; Ctrl+C stops them cleanly.
 #
-#   ./run_sweep.sh N SWEEP_ID [wandb agent options, e.g. --count 5]
+#   ./run_sweep.sh N SWEEP_ID [--gpus 0,1,...] [wandb agent options, e.g. --count 5]
+#
+# --gpus pins agent i to the i-th GPU of the list (CUDA_VISIBLE_DEVICES, as W&B documents for parallel
+# agents; the list is reused from its start when N is larger).
 #
 # Each agent asks W&B's server for a configuration and runs `python main.py --key=value ...`, one
 # run after another. W&B's agent starts every run in a process group of its own, so a terminal's
@@ -16,25 +19,34 @@
 # arguments, else the highest of the agents' exit statuses.
 set -u
 
+usage="usage: $0 N SWEEP_ID [--gpus 0,1,...] [wandb agent options]   (N: how many agents, at least 1)"
 if [[ $# -lt 2 || ! $1 =~ ^[1-9][0-9]*$ ]]; then
-    echo "usage: $0 N SWEEP_ID [wandb agent options]   (N: how many agents, at least 1)" >&2
+    echo "$usage" >&2
     exit 2
 fi
 n=$1 sweep=$2
 shift 2
+gpus=()
+if [[ ${1:-} == --gpus ]]; then
+    if [[ ! ${2:-} =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+        echo "$usage" >&2
+        exit 2
+    fi
+    IFS=, read -r -a gpus <<< "$2"
+    shift 2
+fi
 cd "$(dirname "$0")"
-
-# This project's sweeps are sparse by design: a pruned combination (see prune_hyperparameters) ends
-# within seconds with exit status 1. W&B's agent takes quick failures for a broken setup and quits:
-# 3 failures in its first 60 s ("flapping"), or at least WANDB_AGENT_MAX_INITIAL_FAILURES (5) failures
-# with no more successes than failures. Unless you set them yourself, those checks are relaxed here.
-export WANDB_AGENT_DISABLE_FLAPPING="${WANDB_AGENT_DISABLE_FLAPPING:-true}"
-export WANDB_AGENT_MAX_INITIAL_FAILURES="${WANDB_AGENT_MAX_INITIAL_FAILURES:-1000}"
+# W&B's agent's flapping checks stay on: a pruned combination exits 0 (it did what was asked), so
+# only a broken setup (every run failing at once) stops the agents, as W&B intends.
 
 set -m  # job control: each background agent gets a process group of its own
 pids=()
 for ((i = 0; i < n; i++)); do
-    wandb agent --forward-signals "$@" "$sweep" &
+    if ((${#gpus[@]})); then
+        CUDA_VISIBLE_DEVICES=${gpus[i % ${#gpus[@]}]} wandb agent --forward-signals "$@" "$sweep" &
+    else
+        wandb agent --forward-signals "$@" "$sweep" &
+    fi
     pids+=($!)
 done
 

@@ -40,18 +40,27 @@ def start_wandb(opts: dict, config: dict, run_id: str | None):
     init = dict(project=opts["wandb_project"], group=config["group"], config=config, id=run_id, resume="allow")
     try:
         try:
-            return wandb.init(**init)
+            return with_epoch_axis(wandb.init(**init))
         except wandb.errors.CommError as e:  # W&B's server unreachable: nothing is lost offline
             print(f"Warning: W&B is unreachable ({str(e).splitlines()[0]}); logging offline instead. Upload "
                   "later with `wandb sync`.", file=sys.stderr)
             wandb.teardown()  # W&B's service still holds the run id of the attempt
-            return wandb.init(**init, mode="offline")
+            return with_epoch_axis(wandb.init(**init, mode="offline"))
     except Exception as e:  # W&B's own errors, and its service failing as it starts: name the cause
         cause = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
         login = isinstance(e, wandb.errors.AuthenticationError) or any(
             word in str(e).lower() for word in ("api key", "api_key", "login"))
         raise utils.StartError(f"W&B could not start ({cause}).\n" + ("Log in with `wandb login`, or run" if login
                                else "Run") + " with WANDB_MODE=offline (upload later with `wandb sync`).") from None
+
+
+def with_epoch_axis(run):
+    """The epoch metrics are plotted against `epoch`, whatever else is logged in between (a fork's
+    own wandb.log calls in the batch loop advance W&B's step, not the epoch)."""
+    run.define_metric("epoch")
+    for split in (*utils.SPLITS, "gap"):
+        run.define_metric(f"{split}/*", step_metric="epoch")
+    return run
 
 
 def check_writable(path: str) -> None:
@@ -172,8 +181,12 @@ class Record:
         elif kind == "row":
             row, tags = args
             self.history = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
-            if self.run and row["epoch"] > self.logged:
+            # W&B's history holds each whole epoch once: one cut short (a stop, a non-finite loss) is
+            # trained again whole on resume, and W&B cannot overwrite a row, so it goes to the summary.
+            if self.run and row["epoch"] > self.logged and "test/accuracy" in row:
                 self.use_wandb(f"logging epoch {row['epoch']}", lambda: self.run.log(row))
+            elif self.run and row["epoch"] > self.logged:
+                self.use_wandb("noting the epoch cut short", lambda: self.run.summary.update({"cut_short": row}))
             if self.run and tags != self.tags:  # set as they are raised: a live run can be filtered by them
                 self.use_wandb("setting its tags", lambda: setattr(self.run, "tags", self.wandb_tags(tags)))
             self.tags = tags

@@ -92,6 +92,11 @@ def results(out: Path) -> tuple[Path, dict]:
     return path.parent, json.loads(path.read_text())
 
 
+def whole_epochs(history: list[dict]) -> list[int]:
+    """The epochs of a history trained to their end and evaluated: those W&B's history holds."""
+    return [row["epoch"] for row in history if "test/accuracy" in row]
+
+
 def without_times(history: list[dict]) -> list[dict]:
     """The history as a rerun must repeat it exactly: without the times, which no rerun repeats."""
     return [{k: v for k, v in row.items() if not k.endswith("/time")} for row in history]

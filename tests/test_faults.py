@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import (OFFLINE, ROOT, Output, digits, make_dataset, results, small_run, start_main, training_process,
-                      without_times, write_idx)
-from wandb_file import find_runs
+                      whole_epochs, without_times, write_idx)
+from wandb_file import find_runs, whole_run
 
 EPOCHS = 4
 
@@ -108,7 +108,7 @@ def test_a_signal_ends_the_run_with_its_tag_and_loses_nothing(signum, point, fau
     assert len(whole) >= finished_before  # no finished epoch lost
     assert without_times(whole) == without_times(expected_res["history"][:len(whole)])
     [wandb_run] = find_runs(tmp_path, folder.name)
-    assert wandb_run.exit_code == 1 and tag in wandb_run.tags and len(wandb_run.history) == len(history)
+    assert wandb_run.exit_code == 1 and tag in wandb_run.tags and whole_epochs(wandb_run.history) == whole_epochs(history)
     assert wandb_run.preempting == (signum == signal.SIGTERM)
     if to_training:  # the reason is on screen, and where a W&B user looks: the summary (and the Logs tab)
         assert f"killed by {signal.Signals(signum).name}" in output
@@ -129,6 +129,32 @@ def test_a_signal_ends_the_run_with_its_tag_and_loses_nothing(signum, point, fau
     first, second = find_runs(tmp_path, folder.name)  # one W&B run (one id), written in two sittings offline
     assert len(first.history) + len(second.history) == EPOCHS and second.exit_code == 0
     assert second.tags == res["tags"]
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGKILL", "Timeout"])
+def test_after_a_stop_and_a_resume_wandb_holds_each_epoch_once(stop, fault_data, uninterrupted, tmp_path):
+    """W&B cannot overwrite a step: an epoch cut short (Ctrl+C or a timeout mid-epoch) must not be in
+    its history, or the resumed run, which trains that epoch again whole, would log it twice."""
+    train_time, argv = uninterrupted[2], args(fault_data, tmp_path / "out")
+    if stop == "Timeout":  # every epoch outlasts the limit: the first is cut short, nothing is whole
+        code, output = run([*argv, "--epoch_timeout", str(train_time / 2 / 60)], tmp_path)
+        assert code == 1 and "Timeout" in results(tmp_path / "out")[1]["tags"], output
+    else:
+        proc = launch(argv, tmp_path)
+        try:
+            output = Output(proc)
+            # Ctrl+C mid-epoch leaves a cut-short row; SIGKILL of the training process, none
+            inject(output, getattr(signal, stop), "first epoch" if stop == "SIGINT" else "evaluation",
+                   stop == "SIGKILL", train_time)
+            output.finish(120)
+        finally:
+            proc.kill()
+    code, output = run([*argv, "--resume", "yes"], tmp_path)  # --epoch_timeout is not a hyper-parameter
+    assert code == 0 and "Resuming the run in" in output, output
+    folder, res = results(tmp_path / "out")
+    wandb_run = whole_run(tmp_path, folder.name)  # every sitting of the run, as W&B's server joins them
+    assert [row["epoch"] for row in wandb_run.history] == [row["epoch"] for row in res["history"]] == [1, 2, 3, 4]
+    assert wandb_run.step_metrics["train/*"] == wandb_run.step_metrics["test/*"] == "epoch"
 
 
 def preempted_after_an_epoch(argv: list[str], wandb_dir: Path) -> None:
@@ -333,7 +359,8 @@ def test_a_training_process_stuck_past_the_epoch_timeout_is_killed(fault_data, t
     folder, res = results(tmp_path / "out")
     assert res["status"] == "failed" and "Timeout" in res["tags"] and len(res["history"]) >= finished_before
     [wandb_run] = find_runs(tmp_path, folder.name)
-    assert wandb_run.exit_code == 1 and "Timeout" in wandb_run.tags and len(wandb_run.history) == len(res["history"])
+    assert wandb_run.exit_code == 1 and "Timeout" in wandb_run.tags
+    assert whole_epochs(wandb_run.history) == whole_epochs(res["history"])
 
 
 def test_a_preempted_sweep_run_resumes_by_itself_when_wandb_requeues_it(fault_data, uninterrupted, tmp_path):

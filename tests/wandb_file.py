@@ -50,6 +50,7 @@ class Run:
     summary: dict = field(default_factory=dict)
     exit_code: int | None = None
     preempting: bool = False  # run.mark_preempting() was called
+    step_metrics: dict = field(default_factory=dict)  # define_metric: metric or glob -> its step metric
 
 
 def read_run(path: Path) -> Run:
@@ -75,6 +76,8 @@ def read_run(path: Path) -> Run:
             run.exit_code = record.exit.exit_code
         elif kind == "preempting":
             run.preempting = True
+        elif kind == "metric":
+            run.step_metrics[record.metric.name or record.metric.glob_name] = record.metric.step_metric
     return run
 
 
@@ -86,3 +89,20 @@ def find_run(wandb_dir: Path, run_id: str) -> Run:
 def find_runs(wandb_dir: Path, run_id: str, prefix: str = "") -> list[Run]:
     """Every W&B run file of this id, oldest first: offline, a resumed run writes a second one."""
     return [read_run(path) for path in sorted(Path(wandb_dir).glob(f"wandb/{prefix}*-{run_id}/run-{run_id}.wandb"))]
+
+
+def whole_run(wandb_dir: Path, run_id: str) -> Run:
+    """One run across its sittings (offline, each resume writes a file of its own), as W&B's server
+    joins them: the history of each in turn, the tags and exit code of the last."""
+    sittings = find_runs(wandb_dir, run_id)
+    assert sittings, f"no W&B run {run_id} under {wandb_dir}"
+    whole = Run()
+    for run in sittings:
+        whole.group, whole.sweep_id = run.group or whole.group, run.sweep_id or whole.sweep_id
+        whole.tags, whole.exit_code = run.tags or whole.tags, run.exit_code
+        whole.config.update(run.config)
+        whole.summary.update(run.summary)
+        whole.step_metrics.update(run.step_metrics)
+        whole.history += run.history
+        whole.preempting |= run.preempting
+    return whole
