@@ -29,6 +29,9 @@ import utils
 WATCH_GRACE = 2.0  # seconds the watcher allows past a deadline before it acts
 
 
+WANDB_INIT_TIMEOUT = 15.0  # seconds W&B's server has to answer before the run logs offline instead
+
+
 def start_wandb(opts: dict, config: dict, run_id: str | None):
     # As for any W&B script: WANDB_PROJECT in the environment turns logging on like --wandb_project.
     if not (opts["wandb_project"] or os.environ.get("WANDB_PROJECT") or os.environ.get("WANDB_SWEEP_ID")):
@@ -38,6 +41,8 @@ def start_wandb(opts: dict, config: dict, run_id: str | None):
     # Under `wandb agent` (WANDB_SWEEP_ID set) the project comes from the sweep. A resumed run
     # continues its own W&B run: resume="allow" with its id.
     init = dict(project=opts["wandb_project"], group=config["group"], config=config, id=run_id, resume="allow")
+    if not os.environ.get("WANDB_INIT_TIMEOUT"):  # W&B's own 90 s would keep finished epochs waiting unsaved
+        init["settings"] = wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT)
     try:
         try:
             return with_epoch_axis(wandb.init(**init))
@@ -47,7 +52,7 @@ def start_wandb(opts: dict, config: dict, run_id: str | None):
             wandb.teardown()  # W&B's service still holds the run id of the attempt
             return with_epoch_axis(wandb.init(**init, mode="offline"))
     except Exception as e:  # W&B's own errors, and its service failing as it starts: name the cause
-        cause = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
+        cause = f"{type(e).__name__}: {' '.join(line.strip() for line in str(e).splitlines())[:300] or 'no message'}"
         login = isinstance(e, wandb.errors.AuthenticationError) or any(
             word in str(e).lower() for word in ("api key", "api_key", "login"))
         raise utils.StartError(f"W&B could not start ({cause}).\n" + ("Log in with `wandb login`, or run" if login

@@ -202,6 +202,14 @@ def test_wandb_without_login_is_a_clear_error_before_training(tiny_data, wandb_d
     assert not list((tmp_path / "out").glob("*/*"))  # nothing trained, nothing saved
 
 
+def test_a_wandb_mode_wandb_rejects_is_a_clear_error_naming_it(tiny_data, wandb_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "sideways")
+    assert run_main(*small_run(tiny_data, tmp_path / "out", "--wandb_project", "boilerplate-tests")) == 1
+    err = capsys.readouterr().err
+    assert "W&B could not start" in err and "sideways" in err and "wandb login" not in err
+    assert not list((tmp_path / "out").glob("*/*"))  # nothing trained, nothing saved
+
+
 def test_unwritable_output_path_fails_before_training(tiny_data, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
