@@ -106,7 +106,11 @@ def start_run_sweep(tmp_path, tiny_data, n_agents: int, n_runs: int, *options: s
     queue.mkdir()
     bin_dir.mkdir()
     (bin_dir / "wandb").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "agent_standin.py"}" "$@"\n')
-    (bin_dir / "wandb").chmod(0o755)
+    # W&B's agent starts `python main.py`: that python must be the one running these tests, whether or
+    # not its virtual environment is activated.
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    for shim in ("wandb", "python"):
+        (bin_dir / shim).chmod(0o755)
     base = small_run(tiny_data, tmp_path / "out", "--epochs", "100000", "--verbose", "1", "--batch_size", "8")
     for i in range(n_runs):
         args = {k[2:]: {"value": v} for k, v in zip(base[::2], base[1::2])} | {"seed": {"value": i}}
