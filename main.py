@@ -324,7 +324,9 @@ def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopReque
             done, history, tags = load_checkpoint(checkpoint, device, model, optimizer, generator)
         except utils.StartError as e:
             return report(("error", str(e), 1))
-    report(("ready",))
+    # What this data and model are, once: W&B's config and results.json keep it, not every epoch's row.
+    report(("ready", {**guesses, **{f"data/{split}_size": len(y) for split, (_, y) in data.items()},
+                      "model/parameters": sum(p.numel() for p in model.parameters())}))
 
     sync_every = sync_interval(device)
     for epoch in tqdm(range(done + 1, opts["epochs"] + 1), disable=opts["verbose"] < 1, desc="epochs"):
@@ -342,7 +344,6 @@ def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopReque
             epoch_time = sum(row[f"{s}/time"] for s in utils.SPLITS)
             if opts["epoch_timeout"] and epoch_time > 60 * opts["epoch_timeout"]:
                 stop_tag = utils.TIMEOUT()
-        row.update(guesses)
         history.append(row)
         utils.add_tags(tags, utils.gradient_tags(row["train/grad_norm_min"], row["train/grad_norm_max"],
                                                  row["train/grad_norm_std"], opts)
@@ -364,7 +365,7 @@ def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopReque
 
     evaluated = [row for row in history if "test/accuracy" in row]
     if evaluated:
-        last = evaluated[-1]
+        last = {**guesses, **evaluated[-1]}  # the guessing detectors compare with the baselines
         utils.add_tags(tags, utils.overfitting_tags(last, opts["overfitting_threshold"], utils.OVERFITTING_END)
                        + utils.guessing_tags(last, "random", opts["rnd_threshold"], utils.RANDOM_GUESSING)
                        + utils.guessing_tags(last, "most_probable", opts["mp_threshold"],

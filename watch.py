@@ -2,7 +2,8 @@
 properly whatever becomes of training.
 
 main.py's train() runs in a process of its own (started with the spawn method, required with
-CUDA) and reports through a pipe: ("ready",) once its data is loaded, ("epoch", n, when) as an
+CUDA) and reports through a pipe: ("ready", constants) once its data is loaded and its model built
+(the figures that do not change: baselines, split sizes, parameter count), ("epoch", n, when) as an
 epoch starts, ("row", row, tags) as it ends, ("done", tags) at the end, ("error", message, exit
 status) when the run cannot start, or ("exception", message) when the training code raised one.
 `Watch` starts it and turns its death or silence into a report of its own, ("ended", tag, message);
@@ -153,11 +154,11 @@ def remove_if_unstarted(folder: Path | None) -> None:
 
 
 def save_results(folder: Path | None, config: dict, run_path: str | None, history: list, tags: list,
-                 status: str) -> None:
+                 status: str, constants: dict) -> None:
     if folder:
         utils.write_json(folder / "results.json", {
             "history": history, "tags": tags, "status": status, "group": config["group"],
-            "seed": config["seed"], "wandb_run_path": run_path})
+            "seed": config["seed"], "constants": constants, "wandb_run_path": run_path})
 
 
 class Record:
@@ -167,7 +168,7 @@ class Record:
 
     def __init__(self, opts: dict, config: dict, folder: Path | None, history: list):
         self.opts, self.config, self.folder = opts, config, folder
-        self.run, self.run_path, self.user_tags = None, None, ()
+        self.run, self.run_path, self.user_tags, self.constants = None, None, (), {}
         self.history, self.tags, self.status = history, [], None
         # Epochs W&B already has: a resumed run trains again those logged after its checkpoint.
         self.logged = max([row["epoch"] for row in history if "test/accuracy" in row], default=0)
@@ -179,7 +180,11 @@ class Record:
         elif kind == "error":  # before W&B starts: the message says what to fix
             raise utils.StartError(args[0])
         elif kind == "ready":
+            self.constants = args[0] if args else {}
             self.run = start_wandb(self.opts, self.config, self.folder.name if self.folder else None)
+            if self.run and self.constants:
+                self.use_wandb("recording the data's and model's figures", lambda: self.run.config.update(
+                    self.constants, allow_val_change=True))
             self.run_path = self.run.path if self.run and not self.run.disabled else None
             self.user_tags = tuple(self.run.tags) if self.run else ()
             self.save("running")
@@ -227,7 +232,7 @@ class Record:
         if not self.folder:
             return
         unsaved = utils.write_failure(self.folder / "results.json", lambda: save_results(
-            self.folder, self.config, self.run_path, self.history, self.tags, status))
+            self.folder, self.config, self.run_path, self.history, self.tags, status, self.constants))
         if unsaved and status == "running":
             self.finish(self.tags + [utils.SAVE_FAILED()], unsaved)
             raise utils.RunEnded()

@@ -45,8 +45,14 @@ def test_success_with_wandb_and_save(tiny_data, wandb_dir, tmp_path):
     assert len(res["history"]) == 2 and res["history"][-1]["test/accuracy"] > 0.9
     for key in ("train/loss", "train/accuracy", "train/f1", "val/accuracy", "val/f1", "test/accuracy", "test/f1",
                 "train/grad_norm_mean", "train/grad_norm_std", "train/time", "val/time", "test/time",
-                "gap/accuracy", "gap/f1", "test/random_accuracy", "val/most_probable_f1"):
+                "gap/accuracy", "gap/f1"):
         assert key in res["history"][0], key
+    # What does not change, once: the guessing baselines, the split sizes, the parameter count
+    constants = res["constants"]
+    assert constants["test/random_accuracy"] == pytest.approx(0.1) and "val/most_probable_f1" in constants
+    assert (constants["data/train_size"], constants["data/val_size"], constants["data/test_size"]) == (500, 100, 200)
+    assert constants["model/parameters"] == 784 * 64 + 64 + 64 * 10 + 10
+    assert not any(key in row for row in res["history"] for key in constants)
     state = torch.load(folder / "model.pt")
     assert [tuple(t.shape) for t in state.values()] == [(64, 784), (64,), (10, 64), (10,)]
 
@@ -55,6 +61,8 @@ def test_success_with_wandb_and_save(tiny_data, wandb_dir, tmp_path):
     assert run.group == res["group"] and run.tags == ["Success"] and run.exit_code == 0
     assert run.config["seed"] == 3 and run.config["lr"] == 1e-3 and run.config["group"] == res["group"]
     assert [row["epoch"] for row in run.history] == [1, 2]
+    assert all(run.config[key] == value for key, value in constants.items())  # in the config, not the history
+    assert not any(key in row for row in run.history for key in constants)
     assert run.history[1]["test/accuracy"] == pytest.approx(res["history"][1]["test/accuracy"])
     assert run.summary["seed"] == 3
 
