@@ -280,10 +280,10 @@ def load_checkpoint(path: Path, device: torch.device, model, optimizer, generato
                                                     "pos": numpy_rng["state"]["pos"]}})
     except pickle.UnpicklingError as e:  # what weights_only refuses: the file would run code as it loads
         found = re.search(r"GLOBAL (\S+)", str(e))
-        raise utils.StartError(f"the checkpoint {path} holds more than tensors and plain values "
-                               f"({'it calls ' + found[1] if found else 'objects that run code on loading'}), so it was not "
-                               "loaded. A checkpoint this code wrote never does: delete the file (the run then "
-                               "trains again from its start), and find out what wrote it.") from None
+        what = f"it calls {found[1]}" if found else "objects that run code on loading"
+        raise utils.StartError(f"the checkpoint {path} holds more than tensors and plain values ({what}), so it "
+                               "was not loaded. A checkpoint this code wrote never does: delete the file (the run "
+                               "then trains again from its start), and find out what wrote it.") from None
     except Exception as e:  # truncated, empty, another model's: the message names it
         reason = str(e).strip().split(". ")[0] or type(e).__name__
         raise utils.StartError(f"the checkpoint {path} could not be loaded ({reason}). It may be truncated, "

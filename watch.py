@@ -28,8 +28,6 @@ from pathlib import Path
 import utils
 
 WATCH_GRACE = 2.0  # seconds the watcher allows past a deadline before it acts
-
-
 WANDB_INIT_TIMEOUT = 15.0  # seconds W&B's server has to answer before the run logs offline instead
 
 
@@ -136,6 +134,7 @@ def run_folder(opts: dict, config: dict, resume: bool) -> tuple[Path, list, int]
         utils.write_json(folder / "config.json", config)
     except OSError as e:
         os.close(lock)
+        remove_run_folder(folder)
         raise utils.StartError(f"cannot write in the run folder {folder}: {e.strerror or e}") from None
     return folder, [], lock
 

@@ -108,7 +108,8 @@ def test_a_signal_ends_the_run_with_its_tag_and_loses_nothing(signum, point, fau
     assert len(whole) >= finished_before  # no finished epoch lost
     assert without_times(whole) == without_times(expected_res["history"][:len(whole)])
     [wandb_run] = find_runs(tmp_path, folder.name)
-    assert wandb_run.exit_code == 1 and tag in wandb_run.tags and whole_epochs(wandb_run.history) == whole_epochs(history)
+    assert wandb_run.exit_code == 1 and tag in wandb_run.tags
+    assert whole_epochs(wandb_run.history) == whole_epochs(history)
     assert wandb_run.preempting == (signum == signal.SIGTERM)
     if to_training:  # the reason is on screen, and where a W&B user looks: the summary (and the Logs tab)
         assert f"killed by {signal.Signals(signum).name}" in output
@@ -226,8 +227,8 @@ def full_disk(tmp_path):
     def make(kib: int):
         folder = tmp_path / f"disk{kib}"
         folder.mkdir()
-        if not os.environ.get("TEST_NO_MOUNT") and subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)], capture_output=True).returncode == 0:
+        mount = ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)]
+        if not os.environ.get("TEST_NO_MOUNT") and subprocess.run(mount, capture_output=True).returncode == 0:
             mounted.append(folder)
             return folder, None
 
@@ -288,7 +289,7 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_a_checkpoint_that_is_not_plain_data_damaged_or_another_models_is_refused_and_nothing_is_lost(tiny_data, tmp_path):
+def test_a_checkpoint_not_plain_data_damaged_or_another_models_is_refused_and_nothing_lost(tiny_data, tmp_path):
     argv = small_run(tiny_data, tmp_path / "out", "--epochs", str(EPOCHS), "--verbose", "1")
     preempted_after_an_epoch(argv, tmp_path)
     folder, before = results(tmp_path / "out")
