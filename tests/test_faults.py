@@ -336,17 +336,36 @@ def test_bad_data_or_output_path_is_a_clear_error_before_training(tmp_path):
     images.write_bytes(images.read_bytes()[:1000])  # truncated, as by an interrupted copy
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
+    labels = shutil.copytree(data, tmp_path / "labels")
+    raw = labels / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    raw.write_bytes(raw.read_bytes()[:-1] + bytes([12]))  # a label beyond the ten classes
     small = ["--val_size", "100", "--hidden", "64", "--device", "cpu", "--save", "yes"]
-    cases = [  # (data, output path, exit status, what the message must say)
-        (broken, tmp_path / "out1", 1, "could not be read"),
-        (data, blocker / "out", 1, "--output_path"),
-        (data, tmp_path / "out3", 2, "argument --val_size"),
+    cases = [  # (data, output path, exit status, what the message must say, more arguments)
+        (broken, tmp_path / "out1", 1, "could not be read", []),
+        (data, blocker / "out", 1, "--output_path", []),
+        (data, tmp_path / "out3", 2, "argument --val_size", ["--val_size", "600"]),
+        (labels, tmp_path / "out4", 1, "outside the 10 classes", []),
+        (data, tmp_path / "out5", 1, "does not fit in the memory of cpu", ["--hidden", "99999999"]),
+        (data, tmp_path / "out6", 2, "argument --seed", ["--seed", str(2**63)]),
+        (data, tmp_path / "out7", 2, "argument --epochs", ["--epochs", "10000000000000000000000"]),
+        (data, tmp_path / "out8", 2, "argument --lr: expected a finite", ["--lr", "inf"]),
+        (data, tmp_path / "out9", 2, "unrecognized arguments: --hid", ["--hid", "32"]),
     ]
-    for folder, out, status, message in cases:
-        extra = ["--val_size", "600"] if status == 2 else []
+    for folder, out, status, message, extra in cases:
         code, output = run(["--data_path", str(folder), *small, "--output_path", str(out), *extra], tmp_path)
         assert code == status and message in output and "Traceback" not in output, output
         assert "epoch 1/" not in output and not (out.exists() and list(out.rglob("*")))  # not even a folder
+
+
+def test_resume_names_a_run_it_skips_for_a_damaged_results_file(tiny_data, tmp_path):
+    argv = small_run(tiny_data, tmp_path / "out", "--verbose", "1")
+    assert run(argv, tmp_path)[0] == 0
+    folder, _ = results(tmp_path / "out")
+    (folder.parent / "damaged1").mkdir()
+    (folder.parent / "damaged1" / "results.json").write_text('{"history": [')  # cut short, as by a full disk
+    code, output = run([*argv, "--resume", "yes"], tmp_path)
+    assert code == 0 and f"--resume skipped the run in {folder.parent / 'damaged1'}" in output, output
+    assert "Traceback" not in output and len(list(folder.parent.glob("*/config.json"))) == 2
 
 
 def test_a_training_process_stuck_past_the_epoch_timeout_is_killed(fault_data, tmp_path):

@@ -241,34 +241,9 @@ def test_val_size_larger_than_the_training_set_is_a_usage_error(tiny_data, tmp_p
     assert exit_.value.code == 2 and "--val_size" in capsys.readouterr().err
 
 
-def test_what_only_the_data_or_the_memory_rule_out_is_a_start_error(tiny_data, tmp_path, capsys):
-    assert run_main(*small_run(tiny_data, tmp_path / "out", "--hidden", "99999999")) == 1
-    assert "the model does not fit in the memory of cpu" in capsys.readouterr().err
-    labels = tmp_path / "labels"
-    shutil.copytree(tiny_data, labels)
-    raw = labels / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
-    raw.write_bytes(raw.read_bytes()[:-1] + bytes([12]))  # one label beyond the ten classes
-    assert run_main(*small_run(labels, tmp_path / "out")) == 1
-    err = capsys.readouterr().err
-    assert "go from 0 to 12, outside the 10 classes" in err and "Traceback" not in err
-    assert not list((tmp_path / "out").iterdir())  # nothing to resume, nothing left behind
-
-
 def test_the_largest_seed_trains(tiny_data, tmp_path):
     assert run_main(*small_run(tiny_data, tmp_path, "--seed", str(2**63 - 1), "--epochs", "1")) == 0
     assert results(tmp_path)[1]["seed"] == 2**63 - 1
-
-
-def test_resume_says_which_run_it_skipped_for_a_damaged_results_file(tiny_data, tmp_path, capsys):
-    assert run_main(*small_run(tiny_data, tmp_path)) == 0
-    folder, _ = results(tmp_path)
-    damaged = folder.parent / "damaged1"
-    damaged.mkdir()
-    (damaged / "results.json").write_text('{"history": [')  # cut short, as by a full disk
-    assert run_main(*small_run(tiny_data, tmp_path, "--resume", "yes")) == 0
-    err = capsys.readouterr().err
-    assert f"--resume skipped the run in {damaged}" in err and "could not be read" in err
-    assert len(list(folder.parent.glob("*/config.json"))) == 2  # it started a new run, and said why
 
 
 def test_unusable_device_is_a_usage_error(tiny_data, tmp_path, capsys, monkeypatch):
