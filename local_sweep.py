@@ -23,7 +23,6 @@ command line or sweep file, 130 interrupted by Ctrl+C.
 
 import argparse
 import contextlib
-import ctypes
 import fcntl
 import functools
 import json
@@ -42,7 +41,6 @@ import yaml
 import utils
 
 POLL_SECONDS = 0.5
-PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,15 +161,6 @@ def outcome(output: Path, metric: str) -> dict:
             "metric": values[-1] if values else None}
 
 
-def stop_with_parent(parent: int) -> None:
-    """In a run's process before it starts: Linux sends it SIGINT when this local_sweep dies, even by
-    SIGKILL, so the run ends as User abort (to run again) instead of training on unowned."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: no such call, the run outlives us
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
-    if os.getppid() != parent:  # this local_sweep died before the call
-        os.kill(os.getpid(), signal.SIGINT)
-
-
 def start(name: str, params: dict, argv: list[str], runs_dir: Path, env: dict, state_path: Path) -> subprocess.Popen:
     """Starts a run in a process group of its own, as W&B's agent does, its screen in output.log, and
     records its pid: a rerun leaves its configuration alone while it is alive."""
@@ -179,7 +168,7 @@ def start(name: str, params: dict, argv: list[str], runs_dir: Path, env: dict, s
     (runs_dir / name).mkdir(parents=True)
     with open(runs_dir / name / "output.log", "w") as log:
         proc = subprocess.Popen(argv, env={**env, "WANDB_RUN_ID": name}, process_group=0, stdout=log, stderr=log,
-                                preexec_fn=functools.partial(stop_with_parent, os.getpid()))
+                                preexec_fn=functools.partial(utils.stop_with_parent, os.getpid(), signal.SIGINT))
     with locked_state(state_path) as state:
         next(r for r in state["runs"] if r["name"] == name)["pid"] = proc.pid
     return proc

@@ -7,8 +7,11 @@
     wandb agent SWEEP_ID                                           # runs `python main.py --key=value ...`
     python main.py --data_path ../shared/data --resume yes         # go on from where a stopped run was
 
-Training runs in a second process that this one watches, so that a crash, a hang or a preemption
-still ends the run properly (tagged, saved, Failed in W&B); --watchdog no trains in this process.
+An ordinary W&B training script: wandb.init, run.log and finish happen in the process that trains
+(runs.py), so a fork's own wandb.log calls anywhere in the training code land in the run. By
+default it runs under a small guard (watch.py: `python main.py` starts itself again, as torchrun
+does) that ends the run properly if training crashes or hangs (tagged, saved, Failed in W&B);
+--watchdog no trains without it.
 Every option: `python main.py --help`. Exit status: 0 when the run ended without an error tag (or
 declined to train a pruned combination), 1 when it ended with one (or could not start), 2 for an
 invalid command line.
@@ -28,12 +31,15 @@ import traceback
 import warnings
 from pathlib import Path
 
+import runs
 import utils
 import watch
 
 if __name__ == "__main__":
     # Parse before torch loads (2 s): --help and usage errors answer at once. main() parses again.
-    utils.get_arg_parser().parse_args()
+    args = utils.get_arg_parser().parse_args()
+    if args.watchdog and not watch.guarded():  # this process becomes the guard, and never loads torch
+        sys.exit(watch.guard(__file__, sys.argv[1:], args.epoch_timeout))
 
 import numpy as np
 import torch
@@ -113,7 +119,7 @@ def hold_out(x: torch.Tensor, y: torch.Tensor, size: int):
 class StopRequest:
     """SIGINT (Ctrl+C) and SIGTERM (a scheduler's preemption) ask the loop to stop at the next batch
     (one that comes while the data loads: at the first). Asking again changes nothing here: the
-    watching process decides what a second Ctrl+C does."""
+    guard decides what a second Ctrl+C does (it kills training)."""
 
     def __init__(self):
         self.tag = None
@@ -237,9 +243,8 @@ def baselines(data: dict) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The training process. With --watchdog yes (the default) it is a process of its own, started by
-# the spawn method (required with CUDA), so its entry lives at module level where spawn finds it;
-# watch.py watches it. It reports through `report`, as watch.py's docstring lists.
+# The run: train() loads the data, builds the model, then trains and evaluates epoch after epoch.
+# `record` (runs.py) starts W&B, logs and saves each epoch as it ends, and writes the run's end.
 
 
 def seed_everything(seed: int) -> None:
@@ -292,15 +297,12 @@ def load_checkpoint(path: Path, device: torch.device, model, optimizer, generato
     return state["epoch"], state["history"], state["tags"]
 
 
-def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopRequest) -> None:
+def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, stop: StopRequest) -> None:
     device = torch.device(opts["device"])
-    try:
-        data = load_mnist(opts["data_path"], device)
-    except utils.StartError as e:
-        return report(("error", str(e), 1))
+    data = load_mnist(opts["data_path"], device)
     if opts["val_size"] >= len(data["train"][1]):
-        return report(("error", f"argument --val_size: {opts['val_size']} leaves no training data "
-                                f"(the training set has {len(data['train'][1])} samples)", 2))
+        raise utils.UsageError(f"argument --val_size: {opts['val_size']} leaves no training data "
+                               f"(the training set has {len(data['train'][1])} samples)")
     data["train"], data["val"] = hold_out(*data["train"], opts["val_size"])
     guesses = baselines(data)
 
@@ -310,8 +312,8 @@ def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopReque
         model = build_model(opts["hidden"], opts["dropout"]).to(device)
     except (RuntimeError, MemoryError) as e:  # CPU and CUDA allocators both raise RuntimeError
         asked = re.search(r"allocate ([0-9.]+ ?[A-Za-z]+)", str(e))
-        return report(("error", f"the model does not fit in the memory of {device}" + (
-            f" (one of its tensors needs {asked[1]})" if asked else "") + "; make it smaller (--hidden).", 1))
+        raise utils.StartError(f"the model does not fit in the memory of {device}" + (
+            f" (one of its tensors needs {asked[1]})" if asked else "") + "; make it smaller (--hidden).") from None
     if opts["optimizer"] == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=opts["lr"], weight_decay=opts["weight_decay"], fused=True)
     else:
@@ -320,17 +322,14 @@ def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopReque
     checkpoint = folder / "checkpoint.pt" if folder else None
     done, history, tags, unsaved = 0, [], [], None
     if resume and checkpoint and checkpoint.exists():
-        try:
-            done, history, tags = load_checkpoint(checkpoint, device, model, optimizer, generator)
-        except utils.StartError as e:
-            return report(("error", str(e), 1))
+        done, history, tags = load_checkpoint(checkpoint, device, model, optimizer, generator)
     # What this data and model are, once: W&B's config and results.json keep it, not every epoch's row.
-    report(("ready", {**guesses, **{f"data/{split}_size": len(y) for split, (_, y) in data.items()},
-                      "model/parameters": sum(p.numel() for p in model.parameters())}))
+    record.start({**guesses, **{f"data/{split}_size": len(y) for split, (_, y) in data.items()},
+                  "model/parameters": sum(p.numel() for p in model.parameters())})
 
     sync_every = sync_interval(device)
     for epoch in tqdm(range(done + 1, opts["epochs"] + 1), disable=opts["verbose"] < 1, desc="epochs"):
-        report(("epoch", epoch, time.monotonic()))  # the clock is the machine's: the watcher reads it too
+        record.epoch_started(epoch)
         stats, stop_tag = train_epoch(model, optimizer, *data["train"], opts, generator, stop, sync_every,
                                       opts["verbose"])
         if stats is None or stop_tag == utils.PREEMPTED():  # a preempted epoch is trained again on resume
@@ -348,7 +347,7 @@ def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopReque
         utils.add_tags(tags, utils.gradient_tags(row["train/grad_norm_min"], row["train/grad_norm_max"],
                                                  row["train/grad_norm_std"], opts)
                        + utils.overfitting_tags(row, opts["overfitting_threshold"], utils.OVERFITTING_LEARNING))
-        report(("row", row, list(tags)))
+        record.log(row, tags)
         if opts["verbose"]:
             tqdm.write(summary_line(row, opts["epochs"]))
         whole = "test/accuracy" in row  # trained to its end and evaluated
@@ -375,31 +374,21 @@ def train(opts: dict, folder: Path | None, resume: bool, report, stop: StopReque
         unsaved = utils.write_failure(model_file, lambda: utils.atomic_write(
             model_file, lambda f: torch.save(model.state_dict(), f)))
         utils.add_tags(tags, [utils.SAVE_FAILED()] if unsaved else [])
-    report(("done", tags, unsaved))
+    record.finish(tags, unsaved)
 
 
-def train_reporting_bugs(opts: dict, folder: Path | None, resume: bool, report, stop: StopRequest) -> None:
-    """train(), with an exception raised in it (a bug in the training code) reported as the run's end:
-    its traceback on screen, the run Failed, and no advice to resume, which would only raise it again."""
+def train_reporting_bugs(opts: dict, folder: Path | None, resume: bool, record: runs.Record,
+                         stop: StopRequest) -> None:
+    """train(), with an exception raised in it (a bug in the training code) made the run's end: its
+    traceback on screen, the run Failed, and no advice to resume, which would only raise it again."""
     try:
-        train(opts, folder, resume, report, stop)
-    except (utils.StartError, utils.RunEnded):  # from report (watch.Record) in this process: not bugs
+        train(opts, folder, resume, record, stop)
+    except (utils.StartError, utils.RunEnded):  # the run could not start, or its end is written
         raise
     except Exception:
         traceback.print_exc()
-        report(("exception", "the training code raised an exception (its traceback is above); fix it, then start "
-                             "the run again"))
-
-
-def train_process(opts: dict, folder: Path | None, resume: bool, connection) -> None:
-    """The training process's entry: train() reporting through a pipe to the watching process."""
-    tqdm.set_lock(threading.RLock())  # tqdm's default lock is a named semaphore, which a killed process leaks
-    # A stop signal can come twice, from the terminal and forwarded by the watcher. Once training has
-    # ended, the watcher alone decides (it kills on a second Ctrl+C): a late one must not break the exit.
-    for signum in utils.STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    with connection, StopRequest() as stop:
-        train_reporting_bugs(opts, folder, resume, connection.send, stop)
+        record.finish(record.tags + [utils.EXCEPTION()], "the training code raised an exception (its traceback is "
+                      "above); fix it, then start the run again")
 
 
 def summary_line(row: dict, epochs: int) -> str:
@@ -445,36 +434,34 @@ def main(argv: list[str] | None = None) -> int:
     folder, history, lock = None, [], None
     try:
         if keep:
-            folder, history, lock = watch.run_folder(opts, config, resume)
-        record = watch.Record(opts, config, folder, history)
+            folder, history, lock = runs.run_folder(opts, config, resume)
+        record = runs.Record(opts, config, folder, history, watch.Channel())
         if reasons and opts["abort_irrelevant"]:
-            record.handle(("ready",))
+            record.start({})
             record.finish([utils.IRRELEVANT()])
             # Failed in W&B and tagged, but it did what was asked (declined to train): exit 0, so W&B's
             # agent does not take a sparse sweep's pruned runs for a broken setup (its flapping checks).
             return 0
-        elif not opts["watchdog"]:
-            with StopRequest() as stop:
-                train_reporting_bugs(opts, folder, resume, record.handle, stop)
-        else:
-            with watch.Watch(train_process, opts, folder, resume) as training:
-                while record.status is None:
-                    record.handle(training.next())
+        with StopRequest() as stop:
+            train_reporting_bugs(opts, folder, resume, record, stop)
         return record.status
+    except utils.UsageError as e:  # a command-line value the data rules out
+        parser.error(str(e))
     except utils.StartError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
     except utils.RunEnded:  # its end is written: results.json could not be saved
         return record.status
     finally:
-        watch.remove_if_unstarted(folder)
+        runs.remove_if_unstarted(folder)
         if lock is not None:  # the run has ended: its folder is free for the next process
             os.close(lock)
 
 
 if __name__ == "__main__":
+    tqdm.set_lock(threading.RLock())  # tqdm's default lock is a named semaphore, which a killed process leaks
     # Outside the training loop a stop signal changes nothing: the run's end is written whole and the
-    # exit status is the run's (a Ctrl+C key held down, an agent's late SIGTERM).
+    # exit status is the run's (a Ctrl+C key held down, an agent's late SIGTERM, one forwarded by the guard).
     for signum in utils.STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     sys.exit(main())

@@ -7,6 +7,8 @@ answers before either is loaded.
 """
 
 import argparse
+import contextlib
+import ctypes
 import hashlib
 import json
 import math
@@ -23,6 +25,10 @@ HERE = Path(__file__).resolve().parent
 
 class StartError(Exception):
     """The run cannot start (no data, no place to save, no W&B); the message says what to do."""
+
+
+class UsageError(StartError):
+    """A command-line value that only the data rules out: exit status 2, as for any usage error."""
 
 
 class RunEnded(Exception):
@@ -498,3 +504,15 @@ def json_safe(value):
 def write_json(path: Path, obj) -> None:
     data = json.dumps(json_safe(obj), indent=2, allow_nan=False).encode() + b"\n"
     atomic_write(path, lambda f: f.write(data))
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def stop_with_parent(parent: int, signum: int) -> None:
+    """In a child process before it starts its program: Linux sends it `signum` when `parent` dies, even by
+    SIGKILL, so that it stops cleanly instead of going on unwatched."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: no such call, the child outlives its parent
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+    if os.getppid() != parent:  # the parent died before the call
+        os.kill(os.getpid(), signum)

@@ -1,20 +1,17 @@
 """How long main.py takes to start: to print --help, and from launch to its first training batch.
 
-    python benchmarks/startup.py --data_path ../shared/data [--repeats 3]
+    python benchmarks/startup.py --data_path ../shared/data [--repeats 5]
 
-Each repeat launches a fresh interpreter that imports main.py and calls main.main() as
-`python main.py` would, for one epoch, standalone and with W&B in offline mode:
-- by default (--watchdog yes) training runs in a second, spawned process; the first batch is when
-  that process reports its first epoch (the report carries the moment, on the machine's clock);
-- with --watchdog no, timers around main.py's own load_mnist and start_wandb break the start-up
-  down, and the first call of train_epoch is the first batch (it records the moment and returns
-  at once, which main() takes as a run stopped before its first batch).
-It prints the median of each figure, in seconds since launch.
+Each repeat launches `python main.py --verbose 2` as a user would, watched by the guard (the
+default) and with --watchdog no, standalone and with W&B in offline mode. The first batch is when
+the batch bar appears on the screen (tqdm draws it as the loop over batches begins); the run is then
+stopped. Launches alternate between the modes, so that the machine's load moves them alike. It
+prints the median of each mode and the ratio watched / --watchdog no.
 """
 
 import argparse
-import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -25,99 +22,58 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def child(argv: list[str]) -> None:
-    """Runs in the launched interpreter: time main.py's phases, print them as JSON."""
-    launch = float(os.environ["LAUNCHED_AT"])
-    sys.path.insert(0, str(ROOT))
-    phases = {}
-    import main as experiment
-    import watch
-
-    phases["imports"] = time.monotonic() - launch
-
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            start = time.monotonic()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                phases[name] = time.monotonic() - start
-        return wrapper
-
-    def first_batch(*args, **kwargs):
-        phases["first batch"] = time.monotonic() - launch
-        return None, experiment.utils.USER_ABORT()  # a stop before the first batch: main() ends the run
-
-    handle = watch.Record.handle
-
-    def watched(record, report):
-        if report[0] == "epoch" and report[1] == 1:
-            phases["first batch"] = report[2] - launch
-        return handle(record, report)
-
-    experiment.load_mnist = timed("load_mnist", experiment.load_mnist)
-    watch.start_wandb = timed("start_wandb", watch.start_wandb)
-    if "--watchdog=no" in argv:
-        experiment.train_epoch = first_batch
-    else:
-        watch.Record.handle = watched
-    experiment.main(argv)
-    print(json.dumps(phases))
-
-
-def launch(args: list[str], env: dict) -> tuple[float, str]:
-    """Run `python ARGS`; the launch moment goes to the child in $LAUNCHED_AT."""
-    start = time.monotonic()  # the machine's clock (on Linux and macOS): the launched processes read it too
-    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**env, "LAUNCHED_AT": repr(start)})
-    if done.returncode not in (0, 1):  # 1: the run stopped before its first batch, as intended
-        sys.exit(f"python {' '.join(args)} failed:\n{done.stderr}")
-    return time.monotonic() - start, done.stdout
+def first_batch(args: list[str], env: dict) -> float:
+    """Seconds from launching `python main.py ARGS` to its batch bar."""
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    seen = b""
+    try:
+        while b"batches:" not in seen:
+            chunk = proc.stderr.read1(4096)
+            if not chunk:
+                sys.exit(f"python main.py {' '.join(args)} ended before its first batch:\n{seen.decode()}")
+            seen += chunk
+        return time.monotonic() - start
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_path", default="../shared/data")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
 
     env = {**os.environ, "WANDB_SILENT": "true"}
-    helps = [launch(["main.py", "--help"], env)[0] for _ in range(args.repeats)]
+    helps = []
+    for _ in range(args.repeats):
+        start = time.monotonic()
+        subprocess.run([sys.executable, "main.py", "--help"], cwd=ROOT, capture_output=True, check=True)
+        helps.append(time.monotonic() - start)
     print(f"python main.py --help: median {statistics.median(helps):.2f} s "
           f"(min {min(helps):.2f}, max {max(helps):.2f}, {args.repeats} launches)\n")
 
-    main_args = ["--data_path", str(Path(args.data_path).resolve()), "--epochs", "1", "--verbose", "0",
-                 "--checkpoint_every", "0"]
+    run = ["--data_path", str(Path(args.data_path).resolve()), "--epochs", "1", "--verbose", "2", "--save", "no"]
     with tempfile.TemporaryDirectory() as wandb_dir:
         offline = {**env, "WANDB_MODE": "offline", "WANDB_DIR": wandb_dir}
         wandb = ["--wandb_project", "startup-benchmark"]
-        modes = {"standalone, in one process": (main_args + ["--watchdog=no"], env),
-                 "W&B offline, in one process": (main_args + wandb + ["--watchdog=no"], offline),
-                 "standalone, watched (default)": (main_args, env),
-                 "W&B offline, watched (default)": (main_args + wandb, offline)}
-        results = {}
-        for mode, (margs, menv) in modes.items():
-            runs = [json.loads(launch([__file__, "--child", json.dumps(margs)], menv)[1].splitlines()[-1])
-                    for _ in range(args.repeats)]
-            for r in runs:
-                if "load_mnist" in r:
-                    r["other"] = r["first batch"] - sum(r.get(k, 0.0) for k in ("imports", "load_mnist",
-                                                                                   "start_wandb"))
-            results[mode] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    rows = {"imports": "launch to main.py imported (Python, torch, torcheval, torchvision, tqdm)",
-            "load_mnist": "load_mnist: MNIST read, normalised, on the device",
-            "start_wandb": "start_wandb: import wandb and wandb.init",
-            "other": "the rest: parse, validation split, baselines, model, optimizer",
-            "first batch": "**launch to the first training batch**"}
-    print("| phase | " + " | ".join(modes) + " |\n|---|" + "---|" * len(modes))
-    for key, label in rows.items():
-        print(f"| {label} | " + " | ".join(f"{results[m][key]:.2f} s" if key in results[m] else "" for m in modes)
-              + " |")
+        modes = {("standalone", "watched (default)"): (run, env),
+                 ("standalone", "--watchdog no"): (run + ["--watchdog", "no"], env),
+                 ("W&B offline", "watched (default)"): (run + wandb, offline),
+                 ("W&B offline", "--watchdog no"): (run + wandb + ["--watchdog", "no"], offline)}
+        times = {mode: [] for mode in modes}
+        for _ in range(args.repeats):
+            for mode, (margs, menv) in modes.items():
+                times[mode].append(first_batch(margs, menv))
+    print("| launch to the first training batch | watched (default) | --watchdog no | watched / --watchdog no |\n"
+          "|---|---|---|---|")
+    for logging in ("standalone", "W&B offline"):
+        watched, alone = (statistics.median(times[(logging, how)]) for how in ("watched (default)", "--watchdog no"))
+        print(f"| {logging} | {watched:.2f} s | {alone:.2f} s | {watched / alone:.2f} |")
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(json.loads(sys.argv[2]))
-    else:
-        sys.exit(main())
+    sys.exit(main())

@@ -110,17 +110,24 @@ def start_main(args: list[str], **kwargs) -> subprocess.Popen:
                             text=True, start_new_session=True, **kwargs)
 
 
+def children(pid: int, program: bytes) -> list[int]:
+    """The processes `pid` started whose command line names `program`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat, cmdline = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and program in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
 def training_process(pid: int) -> int:
-    """The pid of main.py's training process: its child started by multiprocessing's spawn."""
+    """The pid of main.py's training process: the guard's child, main.py run again."""
     for _ in range(100):
-        for entry in Path("/proc").iterdir():
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes()
-            except (OSError, ValueError):
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
-                return int(entry.name)
+        if found := children(pid, b"main.py"):
+            return found[0]
         time.sleep(0.1)
     raise AssertionError("no training process found")
 

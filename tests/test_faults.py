@@ -107,7 +107,9 @@ def test_a_signal_ends_the_run_with_its_tag_and_loses_nothing(signum, point, fau
     assert [r["epoch"] for r in history] == list(range(1, len(history) + 1))
     assert len(whole) >= finished_before  # no finished epoch lost
     assert without_times(whole) == without_times(expected_res["history"][:len(whole)])
-    [wandb_run] = find_runs(tmp_path, folder.name)
+    # A killed training process cannot end its W&B run: the guard re-opens it by its id to end it (offline,
+    # in a second sitting); either way W&B holds every epoch results.json does.
+    wandb_run = whole_run(tmp_path, folder.name)
     assert wandb_run.exit_code == 1 and tag in wandb_run.tags
     assert whole_epochs(wandb_run.history) == whole_epochs(history)
     assert wandb_run.preempting == (signum == signal.SIGTERM)
@@ -382,7 +384,7 @@ def test_a_training_process_stuck_past_the_epoch_timeout_is_killed(fault_data, t
     assert "stuck" in output and "--epoch_timeout 0.1 min" in output
     folder, res = results(tmp_path / "out")
     assert res["status"] == "failed" and "Timeout" in res["tags"] and len(res["history"]) >= finished_before
-    [wandb_run] = find_runs(tmp_path, folder.name)
+    wandb_run = whole_run(tmp_path, folder.name)
     assert wandb_run.exit_code == 1 and "Timeout" in wandb_run.tags
     assert whole_epochs(wandb_run.history) == whole_epochs(res["history"])
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OFFLINE, ROOT, Output, results, small_run, start_main, training_process, whole_epochs
+from conftest import OFFLINE, ROOT, Output, children, results, small_run, start_main, training_process, whole_epochs
 from wandb_file import find_run
 
 
@@ -111,19 +111,6 @@ def test_a_stop_signal_after_the_run_has_ended_changes_nothing(tiny_data, tmp_pa
     assert results(tmp_path / "out")[1]["status"] == "finished"
 
 
-def wandb_core_of(pid: int) -> list[int]:
-    """The W&B service processes main.py started (W&B starts each in a session of its own)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat, cmdline = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue
-        if b"wandb-core" in cmdline and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
 def test_wandb_service_dying_mid_run_costs_nothing_but_wandb_logging(tiny_data, tmp_path):
     out = tmp_path / "out"
     args = small_run(tiny_data, out, "--epochs", "40", "--batch_size", "8", "--verbose", "1",
@@ -135,7 +122,7 @@ def test_wandb_service_dying_mid_run_costs_nothing_but_wandb_logging(tiny_data, 
         deadline = time.monotonic() + 60  # W&B is up once results.json is written (it starts as training does)
         while not list(out.glob("*/*/results.json")) and time.monotonic() < deadline:
             time.sleep(0.05)
-        cores = wandb_core_of(proc.pid)
+        cores = children(training_process(proc.pid), b"wandb-core")  # W&B's service, started by training
         for core in cores:  # as the out-of-memory killer would
             os.kill(core, signal.SIGKILL)
         stdout, stderr = output.finish(120)
@@ -147,32 +134,72 @@ def test_wandb_service_dying_mid_run_costs_nothing_but_wandb_logging(tiny_data, 
     assert res["status"] == "finished" and res["tags"][0] == "Success" and len(res["history"]) == 40
 
 
+def fork(tmp_path: Path, *changes: tuple[str, str]) -> Path:
+    """A copy of the project whose main.py has each (anchor, code) change: code inserted before the anchor."""
+    folder = tmp_path / "fork"
+    folder.mkdir()
+    for path in [*ROOT.glob("*.py"), ROOT / "adjectives.txt", ROOT / "nouns.txt"]:
+        shutil.copy(path, folder / path.name)
+    source = (folder / "main.py").read_text()
+    for anchor, code in changes:
+        assert source.count(anchor) == 1, anchor
+        source = source.replace(anchor, code + anchor)
+    (folder / "main.py").write_text(source)
+    return folder
+
+
 def fork_with_a_bug(tmp_path: Path) -> Path:
     """A copy of the project whose training code raises in its second epoch, as a user's bug would."""
-    fork = tmp_path / "fork"
-    fork.mkdir()
-    for path in [*ROOT.glob("*.py"), ROOT / "adjectives.txt", ROOT / "nouns.txt"]:
-        shutil.copy(path, fork / path.name)
-    source = (fork / "main.py").read_text()
-    anchor = "        stats, stop_tag = train_epoch("
-    assert anchor in source
-    bug = "        if epoch == 2:\n            raise ValueError('a bug in the training code')\n"
-    (fork / "main.py").write_text(source.replace(anchor, bug + anchor))
-    return fork
+    return fork(tmp_path, ("        stats, stop_tag = train_epoch(",
+                           "        if epoch == 2:\n            raise ValueError('a bug in the training code')\n"))
 
 
 @pytest.mark.parametrize("watchdog", ["yes", "no"])
-def test_an_exception_in_the_training_code_fails_the_run_without_advice_to_resume(watchdog, tiny_data, tmp_path):
-    fork, out = fork_with_a_bug(tmp_path), tmp_path / "out"
-    args = small_run(tiny_data, out, "--epochs", "3", "--verbose", "1", "--wandb_project", "boilerplate-tests",
-                     "--watchdog", watchdog)
-    proc = subprocess.run([sys.executable, str(fork / "main.py"), *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **OFFLINE, "WANDB_DIR": str(tmp_path)})
-    assert proc.returncode == 1, proc.stderr
-    assert "ValueError: a bug in the training code" in proc.stderr and "Traceback" in proc.stderr  # the user's own
-    assert "--resume yes" not in proc.stdout + proc.stderr and "Crashed" not in proc.stdout + proc.stderr
-    folder, res = results(out)
-    assert res["status"] == "failed" and res["tags"][-1] == "Exception" and len(res["history"]) == 1
-    assert not (folder / "checkpoint.pt").exists()  # nothing to resume: it would raise again
+def test_a_forks_own_wandb_calls_land_in_the_run_and_each_epoch_stays_one_row(watchdog, tiny_data, tmp_path):
+    """wandb.log in the batch loop, wandb.watch, a wandb.Table at the end: plain W&B, no project API."""
+    folder = fork(tmp_path, ("import numpy as np\n", "import wandb\n"),
+                  ("        optimizer.zero_grad(set_to_none=True)\n",
+                   "        wandb.log({'custom/batch_loss': loss.item()})\n"),
+                  ("    sync_every = sync_interval(device)\n", "    wandb.watch(model, log='gradients', log_freq=4)\n"),
+                  ("    record.finish(tags, unsaved)\n",
+                   "    wandb.log({'custom/table': wandb.Table(columns=['epochs'], data=[[len(history)]])})\n"))
+    args = small_run(tiny_data, tmp_path / "out", "--verbose", "1", "--watchdog", watchdog)
+    env = {**os.environ, **OFFLINE, "WANDB_DIR": str(tmp_path), "WANDB_X_STATS_SAMPLING_INTERVAL": "0.1"}
+    for logging in (["--save", "no"], ["--wandb_project", "boilerplate-tests"]):  # nor need they W&B on
+        proc = subprocess.run([sys.executable, str(folder / "main.py"), *args, *logging], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    folder, res = results(tmp_path / "out")
     run = find_run(tmp_path, folder.name)
-    assert run.exit_code == 1 and "Exception" in run.tags and "raised an exception" in run.summary["end"]
+    assert run.exit_code == 0 and whole_epochs(run.history) == whole_epochs(res["history"]) == [1, 2]
+    assert run.step_metrics["test/*"] == "epoch"  # the epoch rows are plotted against the epoch
+    assert len([row for row in run.history if "custom/batch_loss" in row]) == 2 * res["history"][0]["train/batches"]
+    logged = {key.split("/")[0] + "/" + key.split("/")[1] for row in run.history for key in row if "/" in key}
+    assert "custom/table" in logged and "gradients/0.weight" in logged  # wandb.Table; wandb.watch's histograms
+    # The Logs tab holds the training process's output, and the system metrics describe it (torch loaded).
+    assert "epoch 2/2" in run.output and "Run finished" not in run.output  # printed after finish
+    assert max(sample.get("proc.memory.rssMB", 0) for sample in run.stats) > 150
+
+
+def test_the_guards_death_stops_training_cleanly_and_leaves_it_resumable(tiny_data, tmp_path):
+    """The out-of-memory killer may pick the guard: training stops at once, as preempted, resumable."""
+    out, training = tmp_path / "out", None
+    args = small_run(tiny_data, out, "--epochs", "20", "--batch_size", "1", "--verbose", "1")
+    proc = start_main(args)
+    try:
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch 2/"))
+        training = training_process(proc.pid)
+        proc.kill()
+        stdout, stderr = output.finish(60)  # the output ends when the training process, which shares it, ends
+    finally:
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(training, signal.SIGKILL)
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+    folder, res = results(out)
+    assert res["status"] == "failed" and res["tags"][-1] == "Preempted" and (folder / "checkpoint.pt").exists()
+    assert "continue it with --resume yes" in stdout and len(res["history"]) < 20
+    resumed = start_main([*args, "--resume", "yes"])
+    _, stderr = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, stderr
+    assert [row["epoch"] for row in results(out)[1]["history"]] == list(range(1, 21))

@@ -17,6 +17,7 @@ from conftest import find_real_mnist, results, small_run, without_times
 from wandb_file import find_run
 
 import main
+import runs
 import utils
 
 
@@ -183,11 +184,11 @@ def test_timeout_keeps_the_history_so_far(tiny_data, tmp_path):
 def test_a_stop_signal_before_the_first_batch_ends_the_run_cleanly(signum, tag, tiny_data, tmp_path):
     """A signal while the data loads: train() is under StopRequest from its first line."""
     opts = vars(utils.get_arg_parser().parse_args(small_run(tiny_data, tmp_path, "--save", "no")))
-    reports = []
+    record = runs.Record(opts, {**opts, "group": "a-group"}, None, [])
     with main.StopRequest() as stop:
         os.kill(os.getpid(), signum)
-        main.train(opts, None, False, reports.append, stop)
-    assert [r[0] for r in reports] == ["ready", "epoch", "done"] and reports[-1][1] == [tag]
+        main.train(opts, None, False, record, stop)
+    assert record.tags == [tag] and record.history == [] and record.status == 1
 
 
 def test_wandb_disabled_trains_and_records_no_run_path(tiny_data, wandb_dir, tmp_path, monkeypatch):

@@ -51,6 +51,8 @@ class Run:
     exit_code: int | None = None
     preempting: bool = False  # run.mark_preempting() was called
     step_metrics: dict = field(default_factory=dict)  # define_metric: metric or glob -> its step metric
+    output: str = ""  # what the process printed: W&B's Logs tab
+    stats: list = field(default_factory=list)  # system metrics, one dict per sample
 
 
 def read_run(path: Path) -> Run:
@@ -76,6 +78,10 @@ def read_run(path: Path) -> Run:
             run.exit_code = record.exit.exit_code
         elif kind == "preempting":
             run.preempting = True
+        elif kind == "output_raw":
+            run.output += record.output_raw.line
+        elif kind == "stats":
+            run.stats.append({i.key: json.loads(i.value_json) for i in record.stats.item})
         elif kind == "metric":
             run.step_metrics[record.metric.name or record.metric.glob_name] = record.metric.step_metric
     return run

@@ -1,0 +1,315 @@
+"""What a run keeps: its folder (config.json, results.json, checkpoints), its W&B run, its end.
+
+The training process owns all of it while it lives (main.py calls Record as each thing happens: the
+run starts, an epoch starts, an epoch ends, the run ends). If it dies or hangs, the guard (watch.py)
+takes the run over and writes its end with the same Record: results.json's status and tags, and the
+W&B run re-opened by its id to be tagged and finished Failed. Nothing here imports torch, or wandb
+before a run starts.
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import utils
+
+WANDB_INIT_TIMEOUT = 15.0  # seconds W&B's server has to answer before the run logs offline instead
+# W&B's service buffers the run file and flushes it every 15 s; when the process it serves dies (killed,
+# out of memory) it drops what it had not flushed. It notices a death within about 0.1 s: flushing
+# more often than that keeps every epoch logged before the death.
+WANDB_FLUSH_INTERVAL = 0.02
+
+
+def wandb_wanted(opts: dict) -> bool:
+    """As for any W&B script: WANDB_PROJECT in the environment turns logging on like --wandb_project;
+    under `wandb agent` (WANDB_SWEEP_ID set) the project comes from the sweep."""
+    return bool(opts["wandb_project"] or os.environ.get("WANDB_PROJECT") or os.environ.get("WANDB_SWEEP_ID"))
+
+
+def start_wandb(**init):
+    """wandb.init(**init), or W&B offline when its server does not answer within WANDB_INIT_TIMEOUT;
+    a StartError naming the cause when W&B cannot start at all."""
+    import wandb  # only runs that log pay for its import
+
+    settings = {"x_transaction_log_flush_interval": WANDB_FLUSH_INTERVAL}
+    if not os.environ.get("WANDB_INIT_TIMEOUT"):  # W&B's own 90 s would keep training waiting
+        settings["init_timeout"] = WANDB_INIT_TIMEOUT
+    init["settings"] = wandb.Settings(**settings)
+    try:
+        try:
+            return wandb.init(**init)
+        except wandb.errors.CommError as e:  # W&B's server unreachable: nothing is lost offline
+            print(f"Warning: W&B is unreachable ({str(e).splitlines()[0]}); logging offline instead. Upload "
+                  "later with `wandb sync`.", file=sys.stderr)
+            wandb.teardown()  # W&B's service still holds the run id of the attempt
+            return wandb.init(**{**init, "mode": "offline"})
+    except Exception as e:  # W&B's own errors, and its service failing as it starts: name the cause
+        cause = f"{type(e).__name__}: {' '.join(line.strip() for line in str(e).splitlines())[:300] or 'no message'}"
+        login = isinstance(e, wandb.errors.AuthenticationError) or any(
+            word in str(e).lower() for word in ("api key", "api_key", "login"))
+        raise utils.StartError(f"W&B could not start ({cause}).\n" + ("Log in with `wandb login`, or run" if login
+                               else "Run") + " with WANDB_MODE=offline (upload later with `wandb sync`).") from None
+
+
+def with_epoch_axis(run):
+    """The epoch metrics are plotted against `epoch`, whatever else is logged in between (a fork's
+    own wandb.log calls in the batch loop advance W&B's step, not the epoch)."""
+    run.define_metric("epoch")
+    for split in (*utils.SPLITS, "gap"):
+        run.define_metric(f"{split}/*", step_metric="epoch")
+    return run
+
+
+def check_writable(path: str) -> None:
+    """Fail before training, not after it, when results could not be saved."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise utils.StartError(f"cannot save under --output_path {path}: {e.strerror or e}") from None
+
+
+def previous_run(opts: dict, config: dict) -> tuple[Path, dict] | None:
+    """The folder and results of this command's last run (same group and seed) that stopped before
+    its end: ended with a tag --resume can continue from, or never ended (its watcher was killed too).
+    Under `wandb agent` the run id says which: W&B re-queues a preempted run under its own id."""
+    group = Path(opts["output_path"], config["group"])
+    if os.environ.get("WANDB_RUN_ID"):
+        candidates = [group / os.environ["WANDB_RUN_ID"]]
+    else:
+        candidates = sorted(group.glob("*/"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for folder in candidates:
+        if not (folder / "results.json").exists():  # not started yet, or never: nothing to continue
+            continue
+        try:
+            results = json.loads((folder / "results.json").read_text())
+            stopped = results["status"] == "running" or utils.resumable(results["tags"])
+            if results["seed"] == opts["seed"] and stopped:
+                return folder, results
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"Warning: --resume skipped the run in {folder}: its results.json could not be read "
+                  f"({type(e).__name__}: {e}). Mend or delete that folder if it is the run to continue.",
+                  file=sys.stderr)
+    return None
+
+
+def own(folder: Path, wait: float = 0.0) -> int:
+    """An exclusive lock on the run folder for this process, which the OS releases however the process
+    dies: a run is never trained by two processes at once (a job submitted twice, a re-queue racing a
+    restart). Waits up to `wait` seconds for it. Returns the lock's descriptor; close it when the run
+    has ended."""
+    fd, deadline = os.open(folder, os.O_RDONLY), time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            os.close(fd)
+            raise utils.StartError(f"the run in {folder} is being trained by another process, so this one leaves "
+                                   "it alone. Wait for that one to end (or stop it), then run this command again."
+                                   ) from None
+
+
+def run_folder(opts: dict, config: dict, resume: bool) -> tuple[Path, list, int]:
+    """The run's folder, OUTPUT_PATH/GROUP/RUN_ID, owned by this process (see own()), and the history it
+    already holds: with `resume`, that of the run to continue, if there is one; else a new folder
+    holding config.json. RUN_ID is also the W&B run's id: WANDB_RUN_ID under `wandb agent`, else 8
+    random hex digits."""
+    check_writable(opts["output_path"])
+    if resume and (found := previous_run(opts, config)):
+        lock = own(found[0])
+        print(f"Resuming the run in {found[0]}", file=sys.stderr)
+        return found[0], found[1]["history"], lock
+    folder = Path(opts["output_path"], config["group"], os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise utils.StartError(f"cannot make the run folder {folder}: {e.strerror or e}") from None
+    lock = own(folder)
+    try:
+        utils.write_json(folder / "config.json", config)
+    except OSError as e:
+        os.close(lock)
+        remove_run_folder(folder)
+        raise utils.StartError(f"cannot write in the run folder {folder}: {e.strerror or e}") from None
+    return folder, [], lock
+
+
+def remove_run_folder(folder: Path) -> None:
+    """The run's folder, and its group's too unless other runs use it."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()
+
+
+def remove_if_unstarted(folder: Path | None) -> None:
+    """A run that never started (it wrote no results.json) leaves nothing behind."""
+    if folder and not (folder / "results.json").exists():
+        remove_run_folder(folder)
+
+
+def save_results(folder: Path | None, config: dict, run_path: str | None, history: list, tags: list,
+                 status: str, constants: dict) -> None:
+    if folder:
+        utils.write_json(folder / "results.json", {
+            "history": history, "tags": tags, "status": status, "group": config["group"],
+            "seed": config["seed"], "constants": constants, "wandb_run_path": run_path})
+
+
+class Record:
+    """What the run keeps, as it happens: each epoch is logged and saved as soon as it has ended, so
+    nothing finished is lost if training dies afterwards. `guard` (watch.Channel, or None with
+    --watchdog no) hears of each step, so that it can take the run over. `status` is the exit status,
+    once the run has ended."""
+
+    def __init__(self, opts: dict, config: dict, folder: Path | None, history: list, guard=None):
+        self.opts, self.config, self.folder, self.guard = opts, config, folder, guard
+        self.run, self.run_path, self.user_tags, self.constants = None, None, (), {}
+        self.history, self.tags, self.status = history, [], None
+        # Epochs W&B already has: a resumed run trains again those logged after its checkpoint.
+        self.logged = max([row["epoch"] for row in history if "test/accuracy" in row], default=0)
+
+    def start(self, constants: dict) -> None:
+        """The run starts: its data is loaded and its model built. W&B starts now, in this process, so
+        that a fork's own wandb.log calls anywhere in the training code land in this run."""
+        self.constants = constants  # the figures that do not change: baselines, split sizes, parameter count
+        if wandb_wanted(self.opts):
+            # A resumed run continues its own W&B run: resume="allow" with its id.
+            self.run = with_epoch_axis(start_wandb(
+                project=self.opts["wandb_project"], group=self.config["group"], config=self.config,
+                id=self.folder.name if self.folder else None, resume="allow"))
+            self.use_wandb("recording the data's and model's figures", lambda: self.run.config.update(
+                self.constants, allow_val_change=True))
+        else:  # W&B's own way to log nothing: a fork's wandb.log calls work in a run that does not log too
+            import wandb
+
+            self.run = wandb.init(mode="disabled")
+        self.run_path = self.run.path if self.run and not self.run.disabled else None
+        self.user_tags = tuple(self.run.tags) if self.run else ()
+        self.save("running")
+        self.tell_guard("started", folder=str(self.folder) if self.folder else None, config=self.config,
+                        wandb=self.wandb_address())
+
+    def wandb_address(self) -> dict | None:
+        """What re-opens this W&B run from another process."""
+        if not self.run_path:
+            return None
+        return {"id": self.run.id, "project": self.run.project, "entity": self.run.entity, "path": self.run_path,
+                "mode": "offline" if self.run.offline else None, "user_tags": list(self.user_tags)}
+
+    def epoch_started(self, epoch: int) -> None:
+        self.tell_guard("epoch", epoch=epoch, started=time.monotonic())  # the machine's clock: the guard reads it too
+
+    def log(self, row: dict, tags: list) -> None:
+        """An epoch has ended (whole, or cut short by a stop): W&B's history and results.json."""
+        self.history = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
+        # W&B's history holds each whole epoch once: one cut short (a stop, a non-finite loss) is
+        # trained again whole on resume, and W&B cannot overwrite a row, so it goes to the summary.
+        if self.run and row["epoch"] > self.logged and "test/accuracy" in row:
+            self.use_wandb(f"logging epoch {row['epoch']}", lambda: self.run.log(row))
+        elif self.run and row["epoch"] > self.logged:
+            self.use_wandb("noting the epoch cut short", lambda: self.run.summary.update({"cut_short": row}))
+        if self.run and tags != self.tags:  # set as they are raised: a live run can be filtered by them
+            self.use_wandb("setting its tags", lambda: setattr(self.run, "tags", self.wandb_tags(tags)))
+        self.tags = list(tags)
+        self.save("running")
+        self.tell_guard("saved", epoch=row["epoch"], tags=self.tags)
+
+    def tell_guard(self, kind: str, **fields) -> None:
+        if self.guard:
+            self.guard.send(kind, **fields)
+
+    def wandb_tags(self, tags: list) -> tuple:
+        """The run's tags: those the user gave W&B (WANDB_TAGS), then the run's own."""
+        return tuple(dict.fromkeys([*self.user_tags, *tags]))
+
+    def use_wandb(self, what: str, call) -> None:
+        """W&B's service can die mid-run (killed, out of memory): say what is lost, and go on without
+        it. Training and results.json never depend on W&B."""
+        if not self.run:
+            return
+        try:
+            call()
+        except Exception as e:
+            print(f"Warning: W&B failed while {what} ({type(e).__name__}: {str(e).strip()[:200]}): its service has "
+                  "probably died, and what it had not written yet is lost from W&B. The run goes on without it; "
+                  "results.json holds every epoch and the run's end.", file=sys.stderr, flush=True)
+            self.run = None
+            wandb = sys.modules["wandb"]
+            with contextlib.suppress(Exception):  # now, or W&B's exit hook prints the broken link's traceback
+                wandb.teardown()
+            with contextlib.suppress(Exception):  # a fork's own wandb.log calls go on, into nothing
+                wandb.init(mode="disabled")
+
+    def save(self, status: str) -> None:
+        """Write results.json; when it cannot be written (a full disk), the run ends here with that reason,
+        its previous results.json and checkpoint kept, and RunEnded stops the training loop."""
+        if not self.folder:
+            return
+        unsaved = utils.write_failure(self.folder / "results.json", lambda: save_results(
+            self.folder, self.config, self.run_path, self.history, self.tags, status, self.constants))
+        if unsaved and status == "running":
+            self.finish(self.tags + [utils.SAVE_FAILED()], unsaved)
+            raise utils.RunEnded()
+
+    def finish(self, tags: list, message: str | None = None) -> None:
+        self.tags = list(dict.fromkeys(tags))
+        self.tell_guard("ending", tags=self.tags)
+        failed = utils.failed(self.tags)
+        status = "failed" if failed else "finished"
+        self.save(status)
+        if message:  # before W&B finishes: its Logs tab holds the reason too
+            print(f"Error: {message}", file=sys.stderr, flush=True)
+
+        def finish():
+            self.run.summary["seed"] = self.config["seed"]
+            if message:
+                self.run.summary["end"] = message
+            self.run.tags = self.wandb_tags(self.tags)
+            if utils.PREEMPTED() in self.tags:
+                self.run.mark_preempting()  # W&B then re-queues a preempted sweep run
+            self.run.finish(exit_code=int(failed))
+        self.use_wandb("finishing the run", finish)
+        resumable = self.opts["checkpoint_every"] and utils.resumable(self.tags)
+        if self.folder and not resumable:
+            (self.folder / "checkpoint.pt").unlink(missing_ok=True)
+            if not self.opts["save"]:
+                remove_run_folder(self.folder)
+        if self.opts["verbose"]:
+            print(f"Run {status}. Group {self.config['group']}, seed {self.config['seed']}. "
+                  f"Tags: {', '.join(self.tags) or 'none'}", flush=True)
+            if self.folder and (self.opts["save"] or resumable):
+                print(f"Saved in {self.folder}" + (": continue it with --resume yes" if resumable else ""), flush=True)
+        self.status = int(failed)
+        self.tell_guard("ended")
+
+    @classmethod
+    def take_over(cls, started: dict, tags: list) -> "Record":
+        """In the guard, once the training process has died: the run as it last saved it, its W&B run
+        re-opened by its id, ready for finish() to write the end."""
+        config, folder = started["config"], started["folder"] and Path(started["folder"])
+        history, constants = [], {}
+        if folder and (folder / "results.json").exists():
+            with contextlib.suppress(OSError, ValueError):
+                saved = json.loads((folder / "results.json").read_text())
+                history, tags, constants = saved["history"], saved["tags"], saved["constants"]
+        record = cls(config, config, folder, history)
+        record.tags, record.constants = tags, constants
+        if address := started["wandb"]:
+            record.user_tags, record.run_path = tuple(address["user_tags"]), address["path"]
+            try:
+                record.run = start_wandb(id=address["id"], project=address["project"], entity=address["entity"],
+                                         mode=address["mode"], group=config["group"], resume="allow")
+            except utils.StartError as e:
+                print(f"Warning: the run's end could not be written to W&B: {e}", file=sys.stderr, flush=True)
+        return record
