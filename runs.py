@@ -60,10 +60,15 @@ def start_wandb(**init):
 
 def with_epoch_axis(run):
     """The epoch metrics are plotted against `epoch`, whatever else is logged in between (a fork's
-    own wandb.log calls in the batch loop advance W&B's step, not the epoch)."""
+    own wandb.log calls in the batch loop advance W&B's step, not the epoch). The summary of each
+    validation and test metric holds its best epoch's value and its last (W&B's runs table shows
+    both; the sweep engine ranks runs by the best value in the history)."""
     run.define_metric("epoch")
     for split in (*utils.SPLITS, "gap"):
         run.define_metric(f"{split}/*", step_metric="epoch")
+    for split in ("val", "test"):
+        for metric in utils.METRICS:
+            run.define_metric(f"{split}/{metric}", step_metric="epoch", summary="max,last")
     return run
 
 

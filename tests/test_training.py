@@ -66,6 +66,8 @@ def test_success_with_wandb_and_save(tiny_data, wandb_dir, tmp_path):
     assert not any(key in row for row in run.history for key in constants)
     assert run.history[1]["test/accuracy"] == pytest.approx(res["history"][1]["test/accuracy"])
     assert run.summary["seed"] == 3
+    accuracies = [row["val/accuracy"] for row in res["history"]]  # the best epoch's and the last
+    assert run.summary["val/accuracy"] == {"max": pytest.approx(max(accuracies)), "last": pytest.approx(accuracies[-1])}
 
 
 def test_wandb_project_from_the_environment_and_the_users_own_tags(tiny_data, wandb_dir, tmp_path, monkeypatch):
