@@ -117,12 +117,13 @@ def hold_out(x: torch.Tensor, y: torch.Tensor, size: int):
 
 
 class StopRequest:
-    """SIGINT (Ctrl+C) and SIGTERM (a scheduler's preemption) ask the loop to stop at the next batch
-    (one that comes while the data loads: at the first). Asking again changes nothing here: the
-    guard decides what a second Ctrl+C does (it kills training)."""
+    """SIGINT (Ctrl+C), SIGTERM (a scheduler's preemption) and the guard's SIGUSR1 (a stop) ask the loop to
+    stop at the next batch (one that comes while the data loads: at the first), tagged as utils.STOP_SIGNALS
+    says. Asking again changes nothing here: the guard decides what a second Ctrl+C does (it kills training).
+    `heard(tag)` is told of the first: the guard learns from it that this process had a SIGTERM of its own."""
 
-    def __init__(self):
-        self.tag = None
+    def __init__(self, heard=lambda tag: None):
+        self.tag, self.heard = None, heard
 
     @property
     def requested(self) -> bool:
@@ -135,6 +136,7 @@ class StopRequest:
     def _handle(self, signum, frame):
         if self.tag is None:
             self.tag = utils.STOP_SIGNALS[signum]()
+            self.heard(self.tag)
             print(f"\nStopping at the next batch: {self.tag}.", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
@@ -332,7 +334,7 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
         record.epoch_started(epoch)
         stats, stop_tag = train_epoch(model, optimizer, *data["train"], opts, generator, stop, sync_every,
                                       opts["verbose"])
-        if stats is None or stop_tag == utils.PREEMPTED():  # a preempted epoch is trained again on resume
+        if stats is None or stop_tag in (utils.PREEMPTED(), utils.STOPPED()):  # trained again on resume
             utils.add_tags(tags, [stop_tag])
             break
         row = {"epoch": epoch, **stats}
@@ -435,14 +437,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if keep:
             folder, history, lock = runs.run_folder(opts, config, resume)
-        record = runs.Record(opts, config, folder, history, watch.Channel())
+        guard = watch.Channel()
+        record = runs.Record(opts, config, folder, history, guard)
         if reasons and opts["abort_irrelevant"]:
             record.start({})
             record.finish([utils.IRRELEVANT()])
             # Failed in W&B and tagged, but it did what was asked (declined to train): exit 0, so W&B's
             # agent does not take a sparse sweep's pruned runs for a broken setup (its flapping checks).
             return 0
-        with StopRequest() as stop:
+        with StopRequest(lambda tag: guard.send("stopping", tag=tag)) as stop:
             train_reporting_bugs(opts, folder, resume, record, stop)
         return record.status
     except utils.UsageError as e:  # a command-line value the data rules out

@@ -323,9 +323,13 @@ NAN_GRADIENT = Tag("NaN gradient", True,
                    "the total gradient norm was NaN or infinite with a finite loss; training stopped, "
                    "no step taken with it")
 PREEMPTED = Tag("Preempted", True,
-                "stopped by SIGTERM (a scheduler's preemption) at the next batch; marked preempting in W&B; "
+                "stopped by SIGTERM to every process of the job (a scheduler's preemption, as SLURM sends it) at the "
+                "next batch; marked preempting in W&B, which re-queues a sweep run; "
                 "the epoch under way is dropped, to be trained again by --resume yes from the last checkpoint",
                 resumable=True)
+STOPPED = Tag("Stopped", True,
+              "stopped by SIGTERM to main.py alone (wandb agent's stop command or early termination, `kill PID`) at "
+              "the next batch; not re-queued by W&B; the epoch under way is dropped, as for Preempted", resumable=True)
 SAVE_FAILED = Tag("Save failed", True,
                   "a checkpoint, model.pt or results.json could not be written (a full disk, a quota): the run stops, "
                   "keeping the last good checkpoint and the history saved so far; free space, then --resume yes",
@@ -339,11 +343,14 @@ CRASHED = Tag("Crashed", True,
 
 TAGS = (SUCCESS, OVERFITTING_LEARNING, OVERFITTING_END, RANDOM_GUESSING, MOST_PROBABLE_GUESSING,
         VANISHING_GRADIENT, EXPLODING_GRADIENT, HIGH_STD,
-        IRRELEVANT, USER_ABORT, TIMEOUT, NAN_LOSS, INF_LOSS, NAN_GRADIENT, PREEMPTED, SAVE_FAILED, EXCEPTION,
+        IRRELEVANT, USER_ABORT, TIMEOUT, NAN_LOSS, INF_LOSS, NAN_GRADIENT, PREEMPTED, STOPPED, SAVE_FAILED,
+        EXCEPTION,
         CRASHED)
 ERROR_TAGS = frozenset(tag.template for tag in TAGS if tag.error)
-# What main.py's training loop makes of a stop signal (SIGINT: Ctrl+C; SIGTERM: a scheduler's preemption).
-STOP_SIGNALS = {signal.SIGINT: USER_ABORT, signal.SIGTERM: PREEMPTED}
+# What main.py's training loop makes of a stop signal: SIGINT is Ctrl+C; SIGTERM a scheduler's preemption
+# (it reaches every process of the job, the training process too); SIGUSR1 is the guard's word for a
+# SIGTERM that reached main.py alone (see watch.py).
+STOP_SIGNALS = {signal.SIGINT: USER_ABORT, signal.SIGTERM: PREEMPTED, signal.SIGUSR1: STOPPED}
 # Ends that --resume yes can continue from the last checkpoint; after the others it would only repeat them.
 RESUMABLE_TAGS = frozenset(tag.template for tag in TAGS if tag.resumable)
 

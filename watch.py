@@ -6,11 +6,19 @@ write the run's end itself: results.json's status and tags, and the W&B run, re-
 tagged and finished Failed. If the guard dies, the training process is sent SIGTERM and stops as
 preempted, resumable.
 
+A SIGTERM is a scheduler's preemption when it reaches every process of the job (SLURM sends it so):
+the training process has one of its own, stops as `Preempted`, and says so. One that reaches main.py
+alone is a stop: `wandb agent`'s stop command and early termination, and its second Ctrl+C, terminate
+the process it started and nothing else (as does `kill PID`). The guard waits TERM_GRACE for the
+training process to say it had one too; if it does not, it sends SIGUSR1, and the run ends `Stopped`,
+which W&B does not re-queue.
+
 The training process's messages, one JSON object a line, each named by its "kind":
 - started: {folder, config, wandb}: the run has begun (data loaded, model built, W&B started);
   folder is the run folder (or null), wandb what re-opens the W&B run (or null);
 - epoch: {epoch, started}: an epoch starts, at `started` on the machine's monotonic clock;
 - saved: {epoch, tags}: an epoch has ended and is logged and saved (its checkpoint is written next);
+- stopping: {tag}: a stop signal reached the training process, which stops at the next batch with this tag;
 - ending: {tags}: the run's end is being written, with these tags: stop signals change nothing now;
 - ended: {}: the run's end is written; the process's exit status is the run's.
 """
@@ -30,6 +38,7 @@ import utils
 
 CHANNEL = "MAIN_PY_GUARD_FD"  # the environment variable that tells the training process where to report
 WATCH_GRACE = 2.0  # seconds the guard allows past a deadline before it acts
+TERM_GRACE = 0.5  # seconds for the training process to say it had a SIGTERM of its own (a preemption)
 
 
 class Channel:
@@ -38,14 +47,15 @@ class Channel:
 
     def __init__(self):
         fd = os.environ.pop(CHANNEL, None)  # popped: a process the training code starts is not watched
-        self.pipe = os.fdopen(int(fd), "w", buffering=1) if fd else None
+        self.fd = int(fd) if fd else None
 
     def send(self, kind: str, **fields) -> None:
-        if self.pipe:
+        """One write a message, unbuffered: a signal handler may send one while another is being sent."""
+        if self.fd is not None:
             try:
-                self.pipe.write(json.dumps(utils.json_safe({"kind": kind, **fields})) + "\n")
-            except (OSError, ValueError):
-                self.pipe = None
+                os.write(self.fd, json.dumps(utils.json_safe({"kind": kind, **fields})).encode() + b"\n")
+            except OSError:
+                self.fd = None
 
 
 def guarded() -> bool:
@@ -79,7 +89,7 @@ class Watch:
 
     def __init__(self, epoch_timeout: float):
         self.process, self.started, self.tags, self.ending, self.ended = None, None, [], False, False
-        self.deadline, self.stop_tag, self.minutes = math.inf, None, epoch_timeout
+        self.deadline, self.stop_tag, self.minutes, self.stop_at = math.inf, None, epoch_timeout, math.inf
         self.timeout = 60 * epoch_timeout + WATCH_GRACE if epoch_timeout else None
 
     def forward(self, signum, frame):
@@ -89,14 +99,25 @@ class Watch:
             print("\nSecond Ctrl+C: ending the run now.", file=sys.stderr, flush=True)
             self.process.kill()
             return
-        self.stop_tag = self.stop_tag or utils.STOP_SIGNALS[signum]()
+        if self.stop_tag:  # the first stop names the end
+            return
+        if signum == signal.SIGTERM:  # a preemption or a stop: follow() decides, once the training process has spoken
+            self.stop_tag, self.stop_at = utils.STOPPED(), time.monotonic() + TERM_GRACE
+            return
+        self.stop_tag = utils.STOP_SIGNALS[signum]()
+        self.tell(signum)
+
+    def tell(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             self.process.send_signal(signum)
 
     def follow(self, pipe) -> int:
         buffer, end = b"", None
         while end is None:
-            wait = min(1.0, max(0.0, self.deadline - time.monotonic()))
+            if time.monotonic() > self.stop_at:  # a SIGTERM to main.py alone: a stop, not a preemption
+                self.stop_at = math.inf
+                self.tell(signal.SIGUSR1)
+            wait = min(1.0, max(0.0, min(self.deadline, self.stop_at) - time.monotonic()))
             if select.select([pipe], [], [], wait)[0]:
                 data = pipe.read(65536)
                 if not data:  # the pipe closed: the training process has ended
@@ -126,6 +147,8 @@ class Watch:
             self.started = message
         elif kind in ("saved", "ending"):
             self.tags = message["tags"]
+        elif kind == "stopping":  # its own signal: the stop is what it heard
+            self.stop_tag, self.stop_at = message["tag"], math.inf
         self.ending |= kind == "ending"
         self.ended = kind == "ended"
         # Once started, the training process reports at least once an epoch: as one starts, as it ends

@@ -59,6 +59,28 @@ def test_a_stop_signal_repeated_until_the_end_changes_nothing(tiny_data, tmp_pat
     assert results(out)[1]["status"] == "failed" and results(out)[1]["tags"][-1] == "User abort"
 
 
+@pytest.mark.parametrize("to_the_job", [True, False], ids=["preemption", "stop"])
+def test_sigterm_to_every_process_is_a_preemption_and_to_main_py_alone_a_stop(to_the_job, tiny_data, tmp_path):
+    """SLURM's preemption reaches every process of the job; wandb agent's stop command (and its second
+    Ctrl+C) terminates the process it started alone. Only a preemption is marked for W&B to re-queue."""
+    out = tmp_path / "out"
+    args = small_run(tiny_data, out, "--epochs", "100000", "--verbose", "1", "--wandb_project", "boilerplate-tests")
+    proc = start_main(args, env={**OFFLINE, "WANDB_DIR": str(tmp_path)})
+    try:
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch 2/"))
+        (os.killpg if to_the_job else os.kill)(proc.pid, signal.SIGTERM)
+        stdout, stderr = output.finish(60)
+    finally:
+        proc.kill()
+    tag = "Preempted" if to_the_job else "Stopped"
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    folder, res = results(out)
+    assert res["tags"][-1] == tag and (folder / "checkpoint.pt").exists()  # resumable either way
+    run = find_run(tmp_path, folder.name)
+    assert run.tags[-1] == tag and run.exit_code == 1 and run.preempting == to_the_job
+
+
 def test_standalone_prints_a_summary_per_epoch_and_the_outcome(tiny_data, tmp_path):
     args = small_run(tiny_data, tmp_path / "out", "--verbose", "1", "--save", "no")
     proc = start_main(args)

@@ -179,10 +179,11 @@ def test_failed_and_tag_bookkeeping():
     assert tags == ["Vanishing gradient", "NaN loss"]
     assert utils.failed(tags) and not utils.failed(["Success", "Overfitting f1 (end)"])
     assert utils.resumable(["Vanishing gradient", "Crashed"]) and not utils.resumable(tags)
-    assert utils.RESUMABLE_TAGS == {"User abort", "Timeout", "Preempted", "Save failed", "Crashed"} <= utils.ERROR_TAGS
+    assert utils.RESUMABLE_TAGS == {"User abort", "Timeout", "Preempted", "Stopped", "Save failed",
+                                   "Crashed"} <= utils.ERROR_TAGS
     assert {t.template for t in utils.TAGS if t.error} == {
         "Irrelevant hyperparameters", "User abort", "Timeout", "NaN loss", "Inf loss", "NaN gradient", "Preempted",
-        "Save failed", "Exception", "Crashed"}
+        "Stopped", "Save failed", "Exception", "Crashed"}
 
 
 def test_a_tag_longer_than_wandb_keeps_is_refused_as_the_table_is_built():
