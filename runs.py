@@ -25,6 +25,23 @@ WANDB_INIT_TIMEOUT = 15.0  # seconds W&B's server has to answer before the run l
 # out of memory) it drops what it had not flushed. It notices a death within about 0.1 s: flushing
 # more often than that keeps every epoch logged before the death.
 WANDB_FLUSH_INTERVAL = 0.02
+WANDB_PROBE_TIMEOUT = 5.0  # seconds W&B's server has to answer a plain HTTP request before wandb.init
+
+
+def unreachable(url: str) -> str | None:
+    """Why W&B's server at `url` cannot be reached, if it cannot. wandb.init retries a refused connection
+    until its init timeout; one request (through the proxies the environment names, as W&B's own) says
+    at once. Any HTTP answer, an error status too, means the server is there."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url, timeout=WANDB_PROBE_TIMEOUT).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return str(getattr(e, "reason", e))
+    return None
 
 
 def wandb_wanted(opts: dict) -> bool:
@@ -34,15 +51,22 @@ def wandb_wanted(opts: dict) -> bool:
 
 
 def start_wandb(**init):
-    """wandb.init(**init), or W&B offline when its server does not answer within WANDB_INIT_TIMEOUT;
-    a StartError naming the cause when W&B cannot start at all."""
+    """wandb.init(**init), or W&B offline when its server cannot be reached (at once) or does not answer
+    within WANDB_INIT_TIMEOUT; a StartError naming the cause when W&B cannot start at all."""
     import wandb  # only runs that log pay for its import
 
+    if os.environ.get("WANDB_DIR"):  # W&B would fall back to a temporary folder, which a reboot may empty
+        check_writable(os.environ["WANDB_DIR"], "WANDB_DIR")
     settings = {"x_transaction_log_flush_interval": WANDB_FLUSH_INTERVAL}
     if not os.environ.get("WANDB_INIT_TIMEOUT"):  # W&B's own 90 s would keep training waiting
         settings["init_timeout"] = WANDB_INIT_TIMEOUT
     init["settings"] = wandb.Settings(**settings)
     try:
+        defaults = wandb.setup().settings  # the environment's and `wandb login`'s: the mode, the server
+        if (init.get("mode") or defaults.mode) == "online" and (why := unreachable(defaults.base_url)):
+            print(f"Warning: W&B's server {defaults.base_url} is unreachable ({why}); logging offline instead. "
+                  "Upload later with `wandb sync`.", file=sys.stderr)
+            init["mode"] = "offline"
         try:
             return wandb.init(**init)
         except wandb.errors.CommError as e:  # W&B's server unreachable: nothing is lost offline
@@ -72,13 +96,13 @@ def with_epoch_axis(run):
     return run
 
 
-def check_writable(path: str) -> None:
+def check_writable(path: str, what: str = "--output_path") -> None:
     """Fail before training, not after it, when results could not be saved."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
-        raise utils.StartError(f"cannot save under --output_path {path}: {e.strerror or e}") from None
+        raise utils.StartError(f"cannot save under {what} {path}: {e.strerror or e}") from None
 
 
 def previous_run(opts: dict, config: dict) -> tuple[Path, dict] | None:
@@ -285,6 +309,9 @@ class Record:
                 self.run.mark_preempting()  # W&B then re-queues a preempted sweep run
             self.run.finish(exit_code=int(failed))
         self.use_wandb("finishing the run", finish)
+        if "wandb" in sys.modules:  # W&B reads its settings once a process: a next run in it (a notebook, the
+            with contextlib.suppress(Exception):  # tests) reads them afresh, as a new process would
+                sys.modules["wandb"].teardown()
         resumable = self.opts["checkpoint_every"] and utils.resumable(self.tags)
         if self.folder and not resumable:
             (self.folder / "checkpoint.pt").unlink(missing_ok=True)

@@ -1,12 +1,14 @@
 """main.py end to end, in this process: real training through torchvision's MNIST loader on tiny
 IDX files, real W&B in offline mode read back from its run file. Every tag provoked for real."""
 
+import http.server
 import json
 import math
 import os
 import random
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -201,7 +203,18 @@ def test_wandb_disabled_trains_and_records_no_run_path(tiny_data, wandb_dir, tmp
     assert not list(wandb_dir.glob("wandb/*run-*"))
 
 
-def test_wandb_without_login_is_a_clear_error_before_training(tiny_data, wandb_dir, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def wandb_server(monkeypatch):
+    """A local HTTP server as W&B's: it answers (every request with an error), so W&B is reachable."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_port}")
+    yield
+    server.shutdown()
+
+
+def test_wandb_without_login_is_a_clear_error_before_training(tiny_data, wandb_dir, wandb_server, tmp_path,
+                                                              monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
@@ -218,6 +231,18 @@ def test_a_wandb_mode_wandb_rejects_is_a_clear_error_naming_it(tiny_data, wandb_
     assert run_main(*small_run(tiny_data, tmp_path / "out", "--wandb_project", "boilerplate-tests")) == 1
     err = capsys.readouterr().err
     assert "W&B could not start" in err and "sideways" in err and "wandb login" not in err
+    assert not list((tmp_path / "out").glob("*/*"))  # nothing trained, nothing saved
+
+
+def test_an_unwritable_wandb_dir_is_a_clear_error_before_training(tiny_data, wandb_dir, tmp_path, monkeypatch,
+                                                                 capsys):
+    # W&B itself would log into a temporary folder instead, which a reboot may empty.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("WANDB_DIR", str(blocker / "wandb"))
+    assert run_main(*small_run(tiny_data, tmp_path / "out", "--wandb_project", "boilerplate-tests")) == 1
+    err = capsys.readouterr().err
+    assert "cannot save under WANDB_DIR" in err and str(blocker) in err and "Traceback" not in err
     assert not list((tmp_path / "out").glob("*/*"))  # nothing trained, nothing saved
 
 
