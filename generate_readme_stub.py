@@ -125,9 +125,16 @@ group, so runs that differ only by `--seed` land in one group.
 
 {usage_tables(parser)}
 
+## Metrics
+
+Measured on each split (`train`, `val`, `test`) every epoch, from `utils.METRICS`; a metric's
+guessing baselines are what the `Random guessing` and `Most probable guessing` tags compare it with.
+
+{utils.metrics_table()}
+
 ## Tags
 
-Each run is tagged by what happened in training. METRIC is `accuracy` or `f1` (macro F1), SPLIT is
+Each run is tagged by what happened in training. METRIC is one of the metrics above, SPLIT is
 `train`, `val` or `test`; an **error** tag ends the run as Failed in W&B and with exit status 1, and
 a **resumable** one keeps the run's checkpoint, which `--resume yes` continues from.
 

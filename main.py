@@ -29,6 +29,7 @@ import threading
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import runs
@@ -45,10 +46,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 with warnings.catch_warnings():  # torcheval 0.0.7 still decorates with the deprecated torch.jit.script
     warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
-    from torcheval.metrics.functional import multiclass_accuracy, multiclass_f1_score
+    from torcheval.metrics import functional as torcheval_functional
 from torchvision.datasets import MNIST
 from tqdm import tqdm
 
@@ -56,32 +58,32 @@ from tqdm import tqdm
 # torcheval says so on the root logger each time, e.g. for every epoch cut short by a stop.
 logging.getLogger().addFilter(lambda record: "Some classes do not exist in the target" not in record.getMessage())
 
-NUM_CLASSES = 10
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 VAL_SPLIT_SEED = 0  # the validation split is fixed: it never moves with --seed
 SYNC_EVERY = 50  # batches between the host's looks at the non-finite flag on an accelerator
 EVAL_BATCH = 4096
 
 
-# ----------------------------------------------------------------------------------------------
-# Model
+# ==============================================================================================
+# SEAM: the data. load_data() is the one place that knows it is MNIST: it loads the splits and
+# says what they are. Everything else (the model's sizes, the baselines, the detectors, W&B's
+# config) reads this description.
 
 
-def build_model(hidden: tuple[int, ...], dropout: float) -> nn.Sequential:
-    layers, width = [], 28 * 28
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
-        width = h
-    return nn.Sequential(*layers, nn.Linear(width, NUM_CLASSES))
+@dataclass
+class Data:
+    splits: dict[str, Dataset]  # "train" and "test", and "val" if the data has its own (else --val_size holds it out)
+    classes: list[str]  # the class names; the labels are 0 to len(classes) - 1
+    input_shape: tuple[int, ...]  # one sample's
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: each split once, normalised, flattened and on the training device. Batches are slices
-# of a seeded permutation, so there is no per-sample Python and no DataLoader.
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
-def load_mnist(data_path: str, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    raw = Path(data_path, "MNIST", "raw").resolve()
+def load_data(opts: dict) -> Data:
+    """MNIST from --data_path (downloaded there when missing), normalised, as tensors. Data without a
+    test split of its own: hold one out of the training split, `splits["train"], splits["test"] =
+    hold_out(splits["train"], size)`."""
+    raw = Path(opts["data_path"], "MNIST", "raw").resolve()
     missing = [Path(name).stem for name, _ in MNIST.resources if not (raw / Path(name).stem).exists()]
     how = ("Put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
            f"t10k-labels-idx1-ubyte in {raw} (on a machine with network: python -c \"from torchvision.datasets "
@@ -89,7 +91,7 @@ def load_mnist(data_path: str, device: torch.device) -> dict[str, tuple[torch.Te
     splits = {}
     for name, train in (("train", True), ("test", False)):
         try:
-            ds = MNIST(data_path, train=train, download=bool(missing))
+            ds = MNIST(opts["data_path"], train=train, download=bool(missing))
         except (RuntimeError, OSError, ValueError) as e:
             reason = str(e).strip().splitlines()[-1]
             if missing:
@@ -97,19 +99,101 @@ def load_mnist(data_path: str, device: torch.device) -> dict[str, tuple[torch.Te
                                        f"be downloaded ({reason}).\n{how}") from None
             raise utils.StartError(f"the MNIST files in {raw} could not be read ({reason}); they may be "
                                    f"truncated or corrupted.\n{how}") from None
-        if len(ds.targets) and not 0 <= int(ds.targets.min()) <= int(ds.targets.max()) < NUM_CLASSES:
-            raise utils.StartError(f"the MNIST labels in {raw} go from {int(ds.targets.min())} to "
-                                   f"{int(ds.targets.max())}, outside the {NUM_CLASSES} classes 0 to "
-                                   f"{NUM_CLASSES - 1}; the files are not MNIST's.")
-        x = ds.data.float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD).reshape(len(ds.data), -1)  # in place: 0.25 s
-        splits[name] = (x.to(device), ds.targets.to(device))
-    return splits
+        x = ds.data.unsqueeze(1).float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD)  # in place: 0.25 s
+        splits[name] = TensorDataset(x, ds.targets)
+    return Data(splits, classes=[str(digit) for digit in range(10)], input_shape=(1, 28, 28))
 
 
-def hold_out(x: torch.Tensor, y: torch.Tensor, size: int):
-    """Split off a validation set by a permutation that depends on VAL_SPLIT_SEED alone."""
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED)).to(y.device)
-    return (x[order[size:]], y[order[size:]]), (x[order[:size]], y[order[:size]])
+# ==============================================================================================
+# SEAM: the model, built from the options and the data's description.
+
+
+def build_model(opts: dict, data: Data) -> nn.Module:
+    """An MLP: --hidden layer widths, ReLU, --dropout after each hidden layer."""
+    layers, width = [nn.Flatten()], math.prod(data.input_shape)
+    for h in opts["hidden"]:
+        layers += [nn.Linear(width, h), nn.ReLU()] + ([nn.Dropout(opts["dropout"])] if opts["dropout"] else [])
+        width = h
+    return nn.Sequential(*layers, nn.Linear(width, len(data.classes)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches: the one way the loop gets them, two ways to make them. Data that fits (tensors, with
+# --workers 0) lives on the device whole and a batch is a slice of a seeded permutation: no
+# per-sample Python, no copies. Any other (a Dataset of your own, or --workers N) goes through a
+# torch DataLoader: worker processes, pinned memory, non-blocking copies. Both shuffle with the
+# run's generator, whose state the checkpoint keeps, so a resumed run draws the same batches.
+
+
+class DeviceBatches:
+    def __init__(self, dataset: TensorDataset, device: torch.device):
+        self.x, self.y = (t.to(device) for t in dataset.tensors)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def labels(self) -> torch.Tensor:
+        return self.y
+
+    def batches(self, size: int, generator: torch.Generator | None = None):
+        """Batches of `size`, shuffled by `generator`, in order without one."""
+        # Sync point, once per epoch: the permutation is drawn on the CPU, the same on every device.
+        order = torch.randperm(len(self.y), generator=generator).to(self.y.device) if generator else None
+        for i in range(0, len(self.y), size):
+            index = order[i:i + size] if generator else slice(i, i + size)
+            yield self.x[index], self.y[index]
+
+
+def quiet_worker(worker_id: int) -> None:
+    """A DataLoader worker hears a terminal's Ctrl+C too (it is in the process group): the training
+    process alone decides what a stop signal does."""
+    for signum in utils.STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+class LoaderBatches:
+    def __init__(self, dataset: Dataset, device: torch.device, workers: int):
+        self.dataset, self.device, self.workers = dataset, device, workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def labels(self) -> torch.Tensor:
+        return labels_of(self.dataset).to(self.device)
+
+    def batches(self, size: int, generator: torch.Generator | None = None):
+        # Without shuffling the loader still draws its workers' seed: from a generator of its own, then.
+        loader = DataLoader(self.dataset, batch_size=size, shuffle=generator is not None,
+                            generator=generator or torch.Generator(), num_workers=self.workers,
+                            pin_memory=self.device.type == "cuda", worker_init_fn=quiet_worker)
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def batches_of(dataset: Dataset, device: torch.device, workers: int):
+    if isinstance(dataset, TensorDataset) and not workers:
+        return DeviceBatches(dataset, device)
+    return LoaderBatches(dataset, device, workers)
+
+
+def labels_of(dataset: Dataset) -> torch.Tensor:
+    """Every label of a dataset, without loading its samples where it can."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1]
+    if isinstance(dataset, Subset):
+        return labels_of(dataset.dataset)[torch.as_tensor(dataset.indices)]
+    if hasattr(dataset, "targets"):
+        return torch.as_tensor(dataset.targets)
+    return torch.tensor([int(y) for _, y in dataset])
+
+
+def hold_out(dataset: Dataset, size: int) -> tuple[Dataset, Dataset]:
+    """Split `size` samples off by a permutation that depends on VAL_SPLIT_SEED alone: (the rest, those)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+    if isinstance(dataset, TensorDataset):
+        return TensorDataset(*(t[order[size:]] for t in dataset.tensors)), \
+            TensorDataset(*(t[order[:size]] for t in dataset.tensors))
+    return Subset(dataset, order[size:].tolist()), Subset(dataset, order[:size].tolist())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,8 +233,8 @@ def sync_interval(device: torch.device) -> int:
     return 1 if device.type == "cpu" else SYNC_EVERY
 
 
-def train_epoch(model, optimizer, x, y, opts, generator, stop, sync_every, verbose) -> tuple[dict | None, str | None]:
-    """One pass over the training split. Returns the epoch's statistics (None if no batch ran)
+def train_epoch(model, optimizer, data, opts, generator, stop, sync_every, verbose) -> tuple[dict | None, str | None]:
+    """One pass over the training split (`data`: its batches). Returns the epoch's statistics (None if no batch ran)
     and the error tag that stopped it early, if any. The host looks at the device every
     `sync_every` batches (see sync_interval)."""
     model.train()
@@ -158,25 +242,24 @@ def train_epoch(model, optimizer, x, y, opts, generator, stop, sync_every, verbo
     deadline = start + 60 * opts["epoch_timeout"] if opts["epoch_timeout"] else math.inf
     bs = opts["batch_size"]
     params = list(model.parameters())
-    # Sync point, once per epoch: the permutation is drawn on the CPU, the same on every device.
-    order = torch.randperm(len(y), generator=generator).to(y.device)
-    losses, norms, predictions = [], [], []  # device tensors, read once at the end
+    losses, norms, predictions, targets = [], [], [], []  # device tensors, read once at the end
     # 1 from the first non-finite loss or gradient norm on. Between the host's looks, the fused
     # optimizers read it as GradScaler's found_inf and skip their step on the device themselves.
-    nonfinite = torch.zeros((), device=y.device)
+    nonfinite = torch.zeros((), device=params[0].device)
     optimizer.found_inf = nonfinite if sync_every > 1 else None
 
     stop_tag = None
-    for i in tqdm(range(-(-len(y) // bs)), leave=False, disable=verbose < 2, desc="batches"):
+    batches = tqdm(data.batches(bs, generator), total=-(-len(data) // bs), leave=False, disable=verbose < 2,
+                   desc="batches")
+    for i, (x, y) in enumerate(batches):
         if stop.requested:
             stop_tag = stop.tag
             break
         if time.perf_counter() > deadline:
             stop_tag = utils.TIMEOUT()
             break
-        batch = order[i * bs:(i + 1) * bs]
-        logits = model(x[batch])
-        loss = F.cross_entropy(logits, y[batch])
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # The true norm, before clipping: get_total_norm without its per-call regrouping (70 us a step).
@@ -184,6 +267,7 @@ def train_epoch(model, optimizer, x, y, opts, generator, stop, sync_every, verbo
         losses.append(loss.detach())
         norms.append(norm)
         predictions.append(logits.detach().argmax(1))
+        targets.append(y)
         nonfinite.logical_or_((loss + norm).isfinite().logical_not_())  # both are >= 0: finite iff both are
         # Sync point, every sync_every batches: never step with a non-finite loss or gradient.
         if (i + 1) % sync_every == 0 and nonfinite.item():
@@ -199,9 +283,9 @@ def train_epoch(model, optimizer, x, y, opts, generator, stop, sync_every, verbo
     bad = utils.nonfinite_step(losses, norms)
     if bad:  # the batches after the bad one took no step: they are not part of the epoch
         stop_tag, losses, norms = bad[1], losses[:bad[0] + 1], norms[:bad[0] + 1]
-    predictions = torch.cat(predictions[:len(losses)])
+    predictions, targets = torch.cat(predictions[:len(losses)]), torch.cat(targets[:len(losses)])
     seen = len(predictions)
-    stats = metric_values(predictions, y[order[:seen]], "train")
+    stats = metric_values(predictions, targets, "train", logits.shape[1])  # the model's outputs: one a class
     sizes = [bs] * (len(losses) - 1) + [seen - bs * (len(losses) - 1)]
     mean, std, low, high = utils.describe(norms)
     stats.update({
@@ -218,30 +302,55 @@ def train_epoch(model, optimizer, x, y, opts, generator, stop, sync_every, verbo
 # Evaluation
 
 
-def metric_values(predictions: torch.Tensor, targets: torch.Tensor, split: str) -> dict[str, float]:
-    accuracy = multiclass_accuracy(predictions, targets)
-    f1 = multiclass_f1_score(predictions, targets, num_classes=NUM_CLASSES, average="macro")
-    accuracy, f1 = torch.stack([accuracy, f1]).tolist()  # sync point: once per split and epoch
-    return {f"{split}/accuracy": accuracy, f"{split}/f1": f1}
+def metric_values(predictions: torch.Tensor, targets: torch.Tensor, split: str, classes: int) -> dict[str, float]:
+    """Every metric of utils.METRICS on a split, by the torcheval function the table names."""
+    values = [getattr(torcheval_functional, m.torcheval)(predictions, targets, num_classes=classes, **dict(m.options))
+              for m in utils.METRICS]
+    values = torch.stack(values).tolist()  # sync point: once per split and epoch
+    return {f"{split}/{m.name}": v for m, v in zip(utils.METRICS, values)}
 
 
 @torch.inference_mode()
-def evaluate(model, x: torch.Tensor, y: torch.Tensor, split: str) -> dict[str, float]:
+def evaluate(model, data, split: str, classes: int) -> dict[str, float]:
     model.eval()
     start = time.perf_counter()
-    predictions = torch.cat([model(x[i:i + EVAL_BATCH]).argmax(1) for i in range(0, len(y), EVAL_BATCH)])
-    return {**metric_values(predictions, y, split), f"{split}/time": time.perf_counter() - start}
+    predictions, targets = zip(*[(model(x).argmax(1), y) for x, y in data.batches(EVAL_BATCH)])
+    return {**metric_values(torch.cat(predictions), torch.cat(targets), split, classes),
+            f"{split}/time": time.perf_counter() - start}
 
 
-def baselines(data: dict) -> dict[str, float]:
-    """What guessing scores on each split, computed once from the labels."""
-    counts = {split: torch.bincount(y, minlength=NUM_CLASSES).tolist() for split, (_, y) in data.items()}
-    row = {}
-    for split, c in counts.items():
-        for name, values in (("random", utils.random_baseline(c)),
-                             ("most_probable", utils.most_probable_baseline(counts["train"], c))):
-            row.update({f"{split}/{name}_{metric}": v for metric, v in values.items()})
-    return row
+def check_one_batch(model, data, opts: dict, description: Data, guesses: dict) -> None:
+    """Before the first epoch, one batch through the model, the loss, the metrics and every detector, so
+    that a model that does not fit the data or a metric that cannot be computed fails in seconds with a
+    clear message, not as a crash mid-run. It leaves the random generators and the model as they were."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            model.eval()  # no dropout draw, no batch-norm update
+            x, y = next(data.batches(opts["batch_size"]))
+            logits = model(x)
+            F.cross_entropy(logits, y).backward()
+            model.zero_grad(set_to_none=True)
+            values = metric_values(logits.detach().argmax(1), y, "train", len(description.classes))
+            row = {f"{split}/{key.split('/')[1]}": v for split in utils.SPLITS for key, v in values.items()}
+            row.update({f"gap/{m}": 0.0 for m in utils.METRIC_NAMES}, **guesses)
+            utils.gradient_tags(1.0, 1.0, 0.0, opts)
+            utils.overfitting_tags(row, opts["overfitting_threshold"], utils.OVERFITTING_END)
+            for baseline, tag in (("random", utils.RANDOM_GUESSING), ("most_probable", utils.MOST_PROBABLE_GUESSING)):
+                utils.guessing_tags(row, baseline, 0.0, tag)
+        except Exception as e:
+            first = " ".join(str(e).split())[:300] or "no message"
+            raise utils.StartError(
+                f"one batch through the model, the loss, the metrics and the detectors failed before training "
+                f"({type(e).__name__}: {first}). Check build_model against the data's description (one sample's "
+                f"shape {description.input_shape}, {len(description.classes)} classes) and the metrics table "
+                "(utils.METRICS); nothing was trained.") from None
+
+
+def baselines(data: dict, classes: int) -> dict[str, float]:
+    """What guessing scores on each split (utils.baselines), from its labels, counted once."""
+    return utils.baselines({split: torch.bincount(batches.labels(), minlength=classes).tolist()
+                            for split, batches in data.items()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,21 +410,30 @@ def load_checkpoint(path: Path, device: torch.device, model, optimizer, generato
 
 def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, stop: StopRequest) -> None:
     device = torch.device(opts["device"])
-    data = load_mnist(opts["data_path"], device)
-    if opts["val_size"] >= len(data["train"][1]):
-        raise utils.UsageError(f"argument --val_size: {opts['val_size']} leaves no training data "
-                               f"(the training set has {len(data['train'][1])} samples)")
-    data["train"], data["val"] = hold_out(*data["train"], opts["val_size"])
-    guesses = baselines(data)
+    description = load_data(opts)
+    splits, classes = description.splits, len(description.classes)
+    if "val" not in splits:
+        if opts["val_size"] >= len(splits["train"]):
+            raise utils.UsageError(f"argument --val_size: {opts['val_size']} leaves no training data "
+                                   f"(the training set has {len(splits['train'])} samples)")
+        splits["train"], splits["val"] = hold_out(splits["train"], opts["val_size"])
+    data = {split: batches_of(splits[split], device, opts["workers"]) for split in utils.SPLITS}
+    for split, batches in data.items():
+        labels = batches.labels()
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < classes:
+            raise utils.StartError(f"the {split} labels go from {int(labels.min())} to {int(labels.max())}, "
+                                   f"outside the data's {classes} classes 0 to {classes - 1} (load_data says "
+                                   f"{description.classes}).")
+    guesses = baselines(data, classes)
 
     seed_everything(opts["seed"])
     generator = torch.Generator().manual_seed(opts["seed"])
     try:
-        model = build_model(opts["hidden"], opts["dropout"]).to(device)
+        model = build_model(opts, description).to(device)
     except (RuntimeError, MemoryError) as e:  # CPU and CUDA allocators both raise RuntimeError
         asked = re.search(r"allocate ([0-9.]+ ?[A-Za-z]+)", str(e))
         raise utils.StartError(f"the model does not fit in the memory of {device}" + (
-            f" (one of its tensors needs {asked[1]})" if asked else "") + "; make it smaller (--hidden).") from None
+            f" (one of its tensors needs {asked[1]})" if asked else "") + "; make it smaller.") from None
     if opts["optimizer"] == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=opts["lr"], weight_decay=opts["weight_decay"], fused=True)
     else:
@@ -325,14 +443,16 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
     done, history, tags, unsaved = 0, [], [], None
     if resume and checkpoint and checkpoint.exists():
         done, history, tags = load_checkpoint(checkpoint, device, model, optimizer, generator)
+    check_one_batch(model, data["train"], opts, description, guesses)
     # What this data and model are, once: W&B's config and results.json keep it, not every epoch's row.
-    record.start({**guesses, **{f"data/{split}_size": len(y) for split, (_, y) in data.items()},
+    record.start({**guesses, **{f"data/{split}_size": len(batches) for split, batches in data.items()},
+                  "data/classes": description.classes, "data/input_shape": list(description.input_shape),
                   "model/parameters": sum(p.numel() for p in model.parameters())})
 
     sync_every = sync_interval(device)
     for epoch in tqdm(range(done + 1, opts["epochs"] + 1), disable=opts["verbose"] < 1, desc="epochs"):
         record.epoch_started(epoch)
-        stats, stop_tag = train_epoch(model, optimizer, *data["train"], opts, generator, stop, sync_every,
+        stats, stop_tag = train_epoch(model, optimizer, data["train"], opts, generator, stop, sync_every,
                                       opts["verbose"])
         if stats is None or stop_tag in (utils.PREEMPTED(), utils.STOPPED()):  # trained again on resume
             utils.add_tags(tags, [stop_tag])
@@ -340,8 +460,8 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
         row = {"epoch": epoch, **stats}
         if stop_tag is None:  # a stopped epoch is not evaluated: its model is not the epoch's end
             for split in ("val", "test"):
-                row.update(evaluate(model, *data[split], split))
-            row.update({f"gap/{m}": row[f"train/{m}"] - row[f"test/{m}"] for m in utils.METRICS})
+                row.update(evaluate(model, data[split], split, classes))
+            row.update({f"gap/{m}": row[f"train/{m}"] - row[f"test/{m}"] for m in utils.METRIC_NAMES})
             epoch_time = sum(row[f"{s}/time"] for s in utils.SPLITS)
             if opts["epoch_timeout"] and epoch_time > 60 * opts["epoch_timeout"]:
                 stop_tag = utils.TIMEOUT()
@@ -395,7 +515,7 @@ def train_reporting_bugs(opts: dict, folder: Path | None, resume: bool, record: 
 
 def summary_line(row: dict, epochs: int) -> str:
     line = f"epoch {row['epoch']}/{epochs}  loss {row['train/loss']:.4f}"
-    for metric in utils.METRICS:
+    for metric in utils.METRIC_NAMES:
         line += f"  {metric} " + " ".join(f"{s} {row[f'{s}/{metric}']:.4f}"
                                           for s in utils.SPLITS if f"{s}/{metric}" in row)
     return line + f"  ({sum(v for k, v in row.items() if k.endswith('/time')):.1f} s)"

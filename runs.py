@@ -91,7 +91,7 @@ def with_epoch_axis(run):
     for split in (*utils.SPLITS, "gap"):
         run.define_metric(f"{split}/*", step_metric="epoch")
     for split in ("val", "test"):
-        for metric in utils.METRICS:
+        for metric in utils.METRIC_NAMES:
             run.define_metric(f"{split}/{metric}", step_metric="epoch", summary="max,last")
     return run
 

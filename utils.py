@@ -185,6 +185,8 @@ def get_arg_parser() -> argparse.ArgumentParser:
     exp.add_argument("--device", type=text, default=None,
                      help="cpu, cuda, cuda:N, ...; unset: $DEVICE, else cuda if available, else cpu")
     exp.add_argument("--data_path", type=text, default="data", help="folder holding MNIST/raw/")
+    exp.add_argument("--workers", type=Number(int, min=0), default=0,
+                     help="DataLoader worker processes; 0: data that fits lives on the device, batches are slices")
     exp.add_argument("--epoch_timeout", type=Number(float, min=0), default=0.0,
                      help="minutes an epoch may take before the run stops with Timeout, 0 = off")
     exp.add_argument("--abort_irrelevant", type=yes_no, default="yes", metavar="{yes,no}",
@@ -196,8 +198,8 @@ def get_arg_parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint_every", type=Number(int, min=0), default=1,
                      help="epochs between checkpoints (what --resume continues from), 0 = none")
     exp.add_argument("--watchdog", type=yes_no, default="yes", metavar="{yes,no}",
-                     help="train in a watched process, so that a crash or a hang still ends the run properly; "
-                          "no: train in this process (for a debugger or a profiler)")
+                     help="train under a guard process, so that a crash or a hang still ends the run properly; "
+                          "no: without it (for a debugger or a profiler)")
 
     out = parser.add_argument_group("output")
     out.add_argument("--wandb_project", type=text, default=None, help="W&B project; unset = no W&B")
@@ -390,15 +392,89 @@ def thresholds_table(parser: argparse.ArgumentParser | None = None) -> str:
 # Detectors: pure functions over plain numbers. main.py reads the device once per epoch and
 # feeds them; tests feed them directly.
 
-METRICS = ("accuracy", "f1")
 SPLITS = ("train", "val", "test")
 WANDB_TAG_LIMIT = 64  # characters; W&B drops a longer tag without a word
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics: the one table of what is measured on each split. main.py computes each with the torcheval
+# function named here; the guessing detectors compare it with its baselines, where it has them; the
+# README tables and W&B's summary are derived from it. Add a row to add a metric.
+
+
+def random_accuracy(counts: list[int]) -> float:
+    """Guessing uniformly among the K classes is right once in K."""
+    return 1 / len(counts)
+
+
+def random_f1(counts: list[int]) -> float:
+    """Expected macro F1 of guessing uniformly, given the split's label counts: class c has precision
+    p_c (its share) and recall 1/K."""
+    k, n = len(counts), sum(counts)
+    return sum(2 * (c / n) / k / (c / n + 1 / k) for c in counts) / k
+
+
+def most_probable_share(train_counts: list[int], counts: list[int]) -> tuple[float, int]:
+    """The share of a split that is the training set's most frequent class (the guess), and how many
+    classes count in a macro average: as in torcheval, those absent from both labels and predictions
+    do not."""
+    guess = max(range(len(train_counts)), key=train_counts.__getitem__)
+    share = counts[guess] / sum(counts)
+    return share, sum(1 for c, n in enumerate(counts) if n > 0 or c == guess)
+
+
+def most_probable_accuracy(train_counts: list[int], counts: list[int]) -> float:
+    return most_probable_share(train_counts, counts)[0]
+
+
+def most_probable_f1(train_counts: list[int], counts: list[int]) -> float:
+    share, present = most_probable_share(train_counts, counts)
+    return 2 * share / (1 + share) / present
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    torcheval: str  # the function of torcheval.metrics.functional that computes it from predictions and labels
+    options: tuple  # its keyword arguments beyond num_classes, as (name, value) pairs
+    meaning: str
+    random: object = None  # counts -> the expected score of guessing uniformly; None: no baseline
+    most_probable: object = None  # (train counts, counts) -> the score of always guessing the most frequent class
+
+
+METRICS = (
+    Metric("accuracy", "multiclass_accuracy", (), "share of samples classified right",
+           random_accuracy, most_probable_accuracy),
+    Metric("f1", "multiclass_f1_score", (("average", "macro"),),
+           "F1 score averaged over the classes present (macro)", random_f1, most_probable_f1),
+)
+METRIC_NAMES = tuple(m.name for m in METRICS)
+BASELINES = ("random", "most_probable")
+
+
+def baselines(counts: dict[str, list[int]]) -> dict[str, float]:
+    """What guessing scores on each split, from its label counts: keys like val/random_accuracy. A metric
+    without a baseline of a kind has no key: the detector of that kind skips it."""
+    row = {}
+    for split, c in counts.items():
+        for metric in METRICS:
+            if metric.random:
+                row[f"{split}/random_{metric.name}"] = metric.random(c)
+            if metric.most_probable:
+                row[f"{split}/most_probable_{metric.name}"] = metric.most_probable(counts["train"], c)
+    return row
+
+
+def metrics_table() -> str:
+    return markdown_table(["metric", "computed by (torcheval)", "guessing baselines", "meaning"], [
+        [f"`{m.name}`", f"`{m.torcheval}`" + "".join(f", {k}={v}" for k, v in m.options),
+         ", ".join(kind for kind in BASELINES if getattr(m, kind)) or "none", m.meaning] for m in METRICS])
 
 
 def check_tag_lengths(tags: tuple[Tag, ...]) -> None:
     """Refuse, as the table is built, a tag W&B would drop: every metric and split filled in."""
     too_long = {text for tag in tags for metric in METRICS for split in SPLITS
-                if len(text := tag(metric=metric, split=split)) > WANDB_TAG_LIMIT}
+                if len(text := tag(metric=metric.name, split=split)) > WANDB_TAG_LIMIT}
     if too_long:
         raise ValueError(f"tags longer than W&B's {WANDB_TAG_LIMIT} characters: {', '.join(sorted(too_long))}")
 
@@ -437,31 +513,15 @@ def describe(values: list[float]) -> tuple[float, float, float, float]:
 
 
 def overfitting_tags(row: dict, threshold: float, tag: Tag) -> list[str]:
-    return [tag(metric=m) for m in METRICS if row.get(f"gap/{m}", -math.inf) > threshold]
+    return [tag(metric=m) for m in METRIC_NAMES if row.get(f"gap/{m}", -math.inf) > threshold]
 
 
 def guessing_tags(row: dict, baseline: str, threshold: float, tag: Tag) -> list[str]:
-    """`baseline` names the row's baseline keys, e.g. val/random_accuracy for val/accuracy."""
-    return [tag(metric=m, split=s) for s in SPLITS for m in METRICS
-            if f"{s}/{m}" in row and row[f"{s}/{m}"] <= row[f"{s}/{baseline}_{m}"] + threshold]
-
-
-def random_baseline(counts: list[int]) -> dict[str, float]:
-    """Expected accuracy and macro F1 of guessing uniformly among the classes, given the split's
-    label counts: class c has precision p_c and recall 1/K."""
-    k, n = len(counts), sum(counts)
-    f1 = [2 * (c / n) / k / (c / n + 1 / k) for c in counts]
-    return {"accuracy": 1 / k, "f1": sum(f1) / k}
-
-
-def most_probable_baseline(train_counts: list[int], counts: list[int]) -> dict[str, float]:
-    """Accuracy and macro F1 of always predicting the training set's most frequent class on a
-    split with these label counts. As in torcheval, classes absent from both the labels and the
-    predictions do not count in the macro average."""
-    guess = max(range(len(train_counts)), key=train_counts.__getitem__)
-    share = counts[guess] / sum(counts)
-    present = sum(1 for c, n in enumerate(counts) if n > 0 or c == guess)
-    return {"accuracy": share, "f1": 2 * share / (1 + share) / present}
+    """`baseline` names the row's baseline keys, e.g. val/random_accuracy for val/accuracy; a metric
+    without that baseline is skipped."""
+    return [tag(metric=m, split=s) for s in SPLITS for m in METRIC_NAMES
+            if f"{s}/{m}" in row and f"{s}/{baseline}_{m}" in row
+            and row[f"{s}/{m}"] <= row[f"{s}/{baseline}_{m}"] + threshold]
 
 
 # ----------------------------------------------------------------------------------------------

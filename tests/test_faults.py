@@ -175,7 +175,8 @@ def test_a_nan_in_the_weights_mid_run_is_caught_before_any_step(fault_data, tmp_
     preempted_after_an_epoch(args(fault_data, tmp_path / "out"), tmp_path)
     folder, before = results(tmp_path / "out")
     state = torch.load(folder / "checkpoint.pt", weights_only=False)
-    state["model"]["0.weight"][0, 0] = float("nan")  # the fault: a NaN in the weights, mid-run
+    weight = next(key for key in state["model"] if key.endswith("weight"))
+    state["model"][weight].view(-1)[0] = float("nan")  # the fault: a NaN in the weights, mid-run
     torch.save(state, folder / "checkpoint.pt")
     code, output = run(args(fault_data, tmp_path / "out", "--resume", "yes"), tmp_path)
     assert code == 1 and "Traceback" not in output
@@ -298,7 +299,8 @@ def test_a_checkpoint_not_plain_data_damaged_or_another_models_is_refused_and_no
     checkpoint, marker = folder / "checkpoint.pt", tmp_path / "the-payload-ran"
     good = checkpoint.read_bytes()
     state = torch.load(checkpoint)
-    torch.save({**state, "model": {**state["model"], "0.weight": torch.zeros(3, 784)}}, checkpoint)
+    weight = next(key for key in state["model"] if key.endswith("weight"))
+    torch.save({**state, "model": {**state["model"], weight: torch.zeros(3, 7)}}, checkpoint)  # another model's
     other_model = checkpoint.read_bytes()
     torch.save({**state, "history": Payload(marker)}, checkpoint)
     cases = [  # (the checkpoint's bytes, what the message must say)
@@ -348,7 +350,7 @@ def test_bad_data_or_output_path_is_a_clear_error_before_training(tmp_path):
         (broken, tmp_path / "out1", 1, "could not be read", []),
         (data, blocker / "out", 1, "--output_path", []),
         (data, tmp_path / "out3", 2, "argument --val_size", ["--val_size", "600"]),
-        (labels, tmp_path / "out4", 1, "outside the 10 classes", []),
+        (labels, tmp_path / "out4", 1, "outside the data's 10 classes", []),
         (data, tmp_path / "out5", 1, "does not fit in the memory of cpu", ["--hidden", "99999999"]),
         (data, tmp_path / "out6", 2, "argument --seed", ["--seed", str(2**63)]),
         (data, tmp_path / "out7", 2, "argument --epochs", ["--epochs", "10000000000000000000000"]),

@@ -80,7 +80,7 @@ def test_usage_has_one_row_per_option_with_type_and_default_even_for_a_new_flag(
 def test_tables_are_the_codes_and_well_formed(project):
     assert generate(project).returncode == 0
     readme = (project / "README.md").read_text()
-    assert utils.tags_table() in readme and utils.thresholds_table() in readme
+    assert utils.tags_table() in readme and utils.thresholds_table() in readme and utils.metrics_table() in readme
     tables, block = [], []
     for line in readme.splitlines() + [""]:
         if line.startswith("|"):
@@ -88,7 +88,7 @@ def test_tables_are_the_codes_and_well_formed(project):
         elif block:
             tables.append(block)
             block = []
-    assert len(tables) == 6  # four option groups, tags, thresholds
+    assert len(tables) == 7  # four option groups, metrics, tags, thresholds
     for table in tables:
         assert re.fullmatch(r"\|(---\|)+", table[1]), table[1]
         assert len({len(cells(line)) for line in table}) == 1, table

@@ -45,7 +45,7 @@ def test_sweep_yaml_is_a_valid_wandb_sweep_of_main_py():
     assert sweeps.schema_violations_from_proposed_config(SWEEP) == []
     assert SWEEP["program"] == "main.py" and SWEEP["method"] == "grid"
     assert SWEEP["metric"]["name"].startswith("val/") and SWEEP["metric"]["goal"] == "maximize"
-    assert SWEEP["metric"]["name"].split("/")[1] in utils.METRICS
+    assert SWEEP["metric"]["name"].split("/")[1] in utils.METRIC_NAMES
     assert len(SWEEP["parameters"]["seed"]["values"]) >= 3
     assert {"optimizer", "lr", "momentum"} <= set(SWEEP["parameters"])
 

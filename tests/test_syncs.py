@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils.data import TensorDataset
 
 import main
 import utils
@@ -29,7 +30,7 @@ HOST_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int_
 def loop_lines() -> tuple[int, int, int]:
     """First and last line of train_epoch's batch loop, and the line of its marked per-interval sync."""
     source, first = inspect.getsourcelines(main.train_epoch)
-    start = first + next(i for i, line in enumerate(source) if line.lstrip().startswith("for i in "))
+    start = first + next(i for i, line in enumerate(source) if line.lstrip().startswith("for i, "))
     end = first + next(i for i, line in enumerate(source) if line.lstrip().startswith("if not losses"))
     check = first + next(i for i, line in enumerate(source) if "nonfinite.item()" in line)
     return start, end, check
@@ -43,13 +44,15 @@ def train_epoch_line() -> int:
 def epoch_setup(data_path, device: str, optimizer: str) -> tuple:
     """train_epoch's arguments: the tiny MNIST through torchvision's loader, dropout and clipping on."""
     torch.manual_seed(0)
-    x, y = main.load_mnist(str(data_path), torch.device(device))["train"]
-    x, y = x[:4 * BATCHES], y[:4 * BATCHES]
-    opts = vars(utils.get_arg_parser().parse_args(["--batch_size", "4", "--grad_clipping", "1"]))
-    model = main.build_model((64,), 0.1).to(device)
+    opts = vars(utils.get_arg_parser().parse_args(["--batch_size", "4", "--grad_clipping", "1", "--dropout", "0.1",
+                                                   "--data_path", str(data_path), "--hidden", "64"]))
+    data = main.load_data(opts)
+    x, y = data.splits["train"].tensors
+    batches = main.DeviceBatches(TensorDataset(x[:4 * BATCHES], y[:4 * BATCHES]), torch.device(device))
+    model = main.build_model(opts, data).to(device)
     optim_class = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
     optim = optim_class(model.parameters(), lr=1e-3, fused=True)
-    return model, optim, x, y, opts, torch.Generator().manual_seed(0), main.StopRequest()
+    return model, optim, batches, opts, torch.Generator().manual_seed(0), main.StopRequest()
 
 
 def in_loop(lines: list[int]) -> list[int]:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import wandb
+from torch.utils.data import TensorDataset
 from conftest import find_real_mnist, results, small_run, without_times
 from wandb_file import find_run
 
@@ -146,12 +147,13 @@ def test_overflow_stops_training_with_finite_weights(data, lr, hidden, tag, wand
 def test_between_host_looks_the_fused_optimizer_skips_non_finite_steps():
     # What an accelerator does (main.py looks at the flag every SYNC_EVERY batches there), on the CPU.
     torch.manual_seed(0)
-    x, y = torch.randn(400, 784), torch.randint(0, 10, (400,))
-    opts = vars(utils.get_arg_parser().parse_args(["--batch_size", "8", "--optimizer", "sgd"]))
+    data = TensorDataset(torch.randn(400, 784), torch.randint(0, 10, (400,)))
+    opts = vars(utils.get_arg_parser().parse_args(["--batch_size", "8", "--optimizer", "sgd", "--hidden", "64"]))
     for optimizer_class in (torch.optim.SGD, torch.optim.Adam):
-        model = main.build_model((64,), 0.0)
+        model = main.build_model(opts, main.Data({"train": data}, [str(c) for c in range(10)], (784,)))
         optimizer = optimizer_class(model.parameters(), lr=1e30, fused=True)
-        stats, tag = main.train_epoch(model, optimizer, x, y, opts, torch.Generator().manual_seed(0),
+        stats, tag = main.train_epoch(model, optimizer, main.DeviceBatches(data, torch.device("cpu")), opts,
+                                      torch.Generator().manual_seed(0),
                                       main.StopRequest(), sync_every=main.SYNC_EVERY, verbose=0)
         assert tag in ("NaN loss", "Inf loss", "NaN gradient") and stats["train/batches"] < 50
         assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -298,12 +300,22 @@ def test_a_resumed_run_is_exact_with_a_forks_own_random_draws(tiny_data, tmp_pat
     keep their states, so a run preempted after epoch 2 and resumed equals a run never stopped."""
     calls, preempt_at, train_epoch = [], [], main.train_epoch
 
-    def augmented(model, optimizer, x, y, *args, **kwargs):
+    class Noisy:  # the training batches, each with noise added
+        def __init__(self, data):
+            self.data = data
+
+        def __len__(self):
+            return len(self.data)
+
+        def batches(self, size, generator=None):
+            for x, y in self.data.batches(size, generator):
+                yield x + torch.from_numpy(np.random.normal(0, 1, tuple(x.shape))).float() * random.random(), y
+
+    def augmented(model, optimizer, data, *args, **kwargs):
         calls.append(1)
         if len(calls) in preempt_at:
             os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's preemption: the epoch is dropped
-        noise = torch.from_numpy(np.random.normal(0, 1, tuple(x.shape))).float() * random.random()
-        return train_epoch(model, optimizer, x + noise, y, *args, **kwargs)
+        return train_epoch(model, optimizer, Noisy(data), *args, **kwargs)
 
     monkeypatch.setattr(main, "train_epoch", augmented)
     assert run_main(*small_run(tiny_data, tmp_path / "whole", "--epochs", "4")) == 0
@@ -318,7 +330,7 @@ def test_a_resumed_run_is_exact_with_a_forks_own_random_draws(tiny_data, tmp_pat
 
 def test_a_class_missing_from_a_short_epoch_is_not_reported(caplog):
     # Macro F1 leaves the class out, as the baselines do; torcheval would log a warning for it.
-    stats = main.metric_values(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1]), "train")
+    stats = main.metric_values(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1]), "train", 10)
     assert stats == {"train/accuracy": 1.0, "train/f1": 1.0} and not caplog.records
 
 

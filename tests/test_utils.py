@@ -160,16 +160,18 @@ def test_overfitting_and_guessing_tags():
 def test_baselines_agree_with_torcheval():
     labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
     train_counts = [10, 40, 5]  # the training set's most frequent class is 1
-    mp = utils.most_probable_baseline(train_counts, torch.bincount(labels).tolist())
+    counts = torch.bincount(labels).tolist()
     constant = torch.full_like(labels, 1)
-    assert mp["accuracy"] == pytest.approx(multiclass_accuracy(constant, labels).item())
-    assert mp["f1"] == pytest.approx(multiclass_f1_score(constant, labels, num_classes=3, average="macro").item())
+    assert utils.most_probable_accuracy(train_counts, counts) == pytest.approx(
+        multiclass_accuracy(constant, labels).item())
+    assert utils.most_probable_f1(train_counts, counts) == pytest.approx(
+        multiclass_f1_score(constant, labels, num_classes=3, average="macro").item())
     # Uniform guessing, made exact: every sample of every class predicted as each class in turn.
-    rnd = utils.random_baseline(torch.bincount(labels).tolist())
     every = torch.arange(3).repeat(len(labels))
     repeated = labels.repeat_interleave(3)
-    assert rnd["accuracy"] == pytest.approx(multiclass_accuracy(every, repeated).item())
-    assert rnd["f1"] == pytest.approx(multiclass_f1_score(every, repeated, num_classes=3, average="macro").item())
+    assert utils.random_accuracy(counts) == pytest.approx(multiclass_accuracy(every, repeated).item())
+    assert utils.random_f1(counts) == pytest.approx(
+        multiclass_f1_score(every, repeated, num_classes=3, average="macro").item())
 
 
 def test_failed_and_tag_bookkeeping():
@@ -195,7 +197,7 @@ def test_a_tag_longer_than_wandb_keeps_is_refused_as_the_table_is_built():
 
 def test_readme_tables_are_the_code_tables():
     readme = (utils.HERE / "README.md").read_text()
-    assert utils.tags_table() in readme
+    assert utils.tags_table() in readme and utils.metrics_table() in readme
     assert utils.thresholds_table() in readme
 
 
