@@ -17,11 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import (OFFLINE, ROOT, Output, digits, make_dataset, results, small_run, start_main, training_process,
-                      whole_epochs, without_times, write_idx)
+import demo
+from conftest import (OFFLINE, ROOT, Output, results, small_run, start_main, training_process, whole_epochs,
+                      without_times)
 from wandb_file import find_runs, whole_run
 
 EPOCHS = 4
@@ -30,16 +30,12 @@ EPOCHS = 4
 @pytest.fixture(scope="module")
 def fault_data(tmp_path_factory) -> Path:
     """Easy digits with a large test set, so that evaluation takes a good share of each epoch."""
-    folder, rng = tmp_path_factory.mktemp("faults"), np.random.default_rng(1)
-    for prefix, n in (("train", 1500), ("t10k", 16000)):
-        write_idx(folder, prefix, *digits(n, rng))
-    return folder
+    return demo.write_dataset(tmp_path_factory.mktemp("faults"), train=1500, test=16000, seed=1)
 
 
 def args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--data_path", str(data), "--val_size", "100", "--batch_size", "8", "--hidden", "1024",
-            "--epochs", str(EPOCHS), "--device", "cpu", "--save", "yes", "--output_path", str(out),
-            "--wandb_project", "boilerplate-tests", "--verbose", "2", *extra]
+    return small_run(data, out, *demo.SLOW, "--epochs", str(EPOCHS), "--wandb_project", "boilerplate-tests",
+                     "--verbose", "2", *extra)
 
 
 def launch(argv: list[str], wandb_dir: Path, env: dict | None = None, **kwargs) -> subprocess.Popen:
@@ -246,9 +242,9 @@ def full_disk(tmp_path):
 
 
 @pytest.mark.parametrize("what, kib, extra", [
-    ("checkpoint.pt", 300, ["--hidden", "64"]),  # the first checkpoint does not fit
-    ("results.json", 24, ["--hidden", "64", "--checkpoint_every", "0"]),  # results.json outgrows the disk
-    ("model.pt", 100, ["--hidden", "64", "--checkpoint_every", "0", "--epochs", "2"]),  # the last file does not fit
+    ("checkpoint.pt", 300, []),  # the first checkpoint does not fit
+    ("results.json", 24, ["--checkpoint_every", "0"]),  # results.json outgrows the disk
+    ("model.pt", 100, ["--checkpoint_every", "0", "--epochs", "2"]),  # the last file does not fit
 ])
 def test_a_full_disk_ends_the_run_with_its_cause_and_keeps_what_was_saved(what, kib, extra, tiny_data, full_disk,
                                                                            tmp_path):
@@ -318,15 +314,14 @@ def test_a_checkpoint_not_plain_data_damaged_or_another_models_is_refused_and_no
 
 
 def test_wandb_unreachable_online_logs_offline_and_loses_nothing(tmp_path):
-    data = make_dataset(tmp_path / "data")
+    data = demo.write_dataset(tmp_path / "data")
     # W&B would retry the refused connection until its init timeout, here 600 s (longer than the test may
     # take): the run asks the server once before wandb.init, and trains offline at once.
     env = {"WANDB_MODE": "online", "WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",
            "WANDB_INIT_TIMEOUT": "600"}
     start = time.monotonic()
-    code, output = run(["--data_path", str(data), "--val_size", "100", "--batch_size", "32", "--hidden", "64",
-                        "--epochs", "2", "--device", "cpu", "--save", "yes", "--output_path", str(tmp_path / "out"),
-                        "--wandb_project", "boilerplate-tests", "--verbose", "1"], tmp_path, env)
+    code, output = run(small_run(data, tmp_path / "out", "--wandb_project", "boilerplate-tests", "--verbose", "1"),
+                       tmp_path, env)
     assert code == 0 and "http://127.0.0.1:9 is unreachable" in output and "logging offline" in output, output
     assert time.monotonic() - start < 120  # a 1-second run; waiting for W&B would have held it 600 s
     folder, res = results(tmp_path / "out")
@@ -336,29 +331,26 @@ def test_wandb_unreachable_online_logs_offline_and_loses_nothing(tmp_path):
 
 
 def test_bad_data_or_output_path_is_a_clear_error_before_training(tmp_path):
-    data = make_dataset(tmp_path / "data")
+    data = demo.write_dataset(tmp_path / "data")
     broken = shutil.copytree(data, tmp_path / "broken")
-    images = broken / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
-    images.write_bytes(images.read_bytes()[:1000])  # truncated, as by an interrupted copy
+    demo.damage(broken, "test")
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     labels = shutil.copytree(data, tmp_path / "labels")
-    raw = labels / "MNIST" / "raw" / "train-labels-idx1-ubyte"
-    raw.write_bytes(raw.read_bytes()[:-1] + bytes([12]))  # a label beyond the ten classes
-    small = ["--val_size", "100", "--hidden", "64", "--device", "cpu", "--save", "yes"]
+    demo.label_beyond_the_classes(labels)
     cases = [  # (data, output path, exit status, what the message must say, more arguments)
         (broken, tmp_path / "out1", 1, "could not be read", []),
         (data, blocker / "out", 1, "--output_path", []),
         (data, tmp_path / "out3", 2, "argument --val_size", ["--val_size", "600"]),
-        (labels, tmp_path / "out4", 1, "outside the data's 10 classes", []),
-        (data, tmp_path / "out5", 1, "does not fit in the memory of cpu", ["--hidden", "99999999"]),
+        (labels, tmp_path / "out4", 1, f"outside the data's {demo.CLASSES} classes", []),
+        (data, tmp_path / "out5", 1, "does not fit in the memory of cpu", demo.HUGE_MODEL),
         (data, tmp_path / "out6", 2, "argument --seed", ["--seed", str(2**63)]),
         (data, tmp_path / "out7", 2, "argument --epochs", ["--epochs", "10000000000000000000000"]),
         (data, tmp_path / "out8", 2, "argument --lr: expected a finite", ["--lr", "inf"]),
         (data, tmp_path / "out9", 2, "unrecognized arguments: --hid", ["--hid", "32"]),
     ]
     for folder, out, status, message, extra in cases:
-        code, output = run(["--data_path", str(folder), *small, "--output_path", str(out), *extra], tmp_path)
+        code, output = run(small_run(folder, out, "--verbose", "1", *extra), tmp_path)
         assert code == status and message in output and "Traceback" not in output, output
         assert "epoch 1/" not in output and not (out.exists() and list(out.rglob("*")))  # not even a folder
 

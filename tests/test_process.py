@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import demo
 from conftest import OFFLINE, ROOT, Output, children, results, small_run, start_main, training_process, whole_epochs
 from wandb_file import find_run
 
@@ -98,7 +99,7 @@ def test_missing_data_says_where_it_looked_and_exits_1(tmp_path):
                       env={"http_proxy": closed, "https_proxy": closed, "HTTP_PROXY": closed, "HTTPS_PROXY": closed})
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1
-    assert str(tmp_path / "nowhere" / "MNIST" / "raw") in stderr and "--data_path" in stderr
+    assert str(tmp_path / "nowhere" / demo.DATA_FOLDER) in stderr and "--data_path" in stderr
     assert "Traceback" not in stderr
 
 

@@ -58,21 +58,9 @@ def test_usage_has_one_row_per_option_with_type_and_default_even_for_a_new_flag(
     rows = usage_rows((project / "README.md").read_text())
     ours = [a.option_strings[0] for g in utils.option_groups(utils.get_arg_parser()).values() for a in g.actions]
     assert sorted(rows) == sorted(ours + ["--label_smoothing"])
-    expected = {  # flag: (group, type, default)
-        "--label_smoothing": ("hyper-parameters", "float >= 0 and <= 1", "`0.1`"),
-        "--epochs": ("hyper-parameters", "int >= 1 and < 9223372036854775808", "`10`"),
-        "--lr": ("hyper-parameters", "float > 0", "`0.001`"),
-        "--optimizer": ("hyper-parameters", "one of `adam`, `sgd`", "`adam`"),
-        "--hidden": ("hyper-parameters", "ints >= 1, comma-separated", "`512,512`"),
-        "--seed": ("experiment", "int >= 0 and < 9223372036854775808, or random", "`0`"),
-        "--verbose": ("experiment", "int, one of `0`, `1`, `2`", "`1`"),
-        "--data_path": ("experiment", "str", "`data`"),
-        "--device": ("experiment", "str", "unset"),
-        "--save": ("output", "bool (yes/no)", "`no`"),
-        "--vanishing_threshold": ("detector thresholds", "float >= 0", "`1e-05`"),
-    }
-    for flag, (group, kind, default) in expected.items():
-        assert (rows[flag][0], rows[flag][1][1], rows[flag][1][2]) == (group, kind, default), flag
+    # The new flag's row, rendered from its validator (the demo's own rows: test_demo.py).
+    assert (rows["--label_smoothing"][0], *rows["--label_smoothing"][1][1:3]) == (
+        "hyper-parameters", "float >= 0 and <= 1", "`0.1`")
     assert rows["--label_smoothing"][1][3] == "label smoothing of the cross-entropy"
     assert not any("(default" in row[3] for _, row in rows.values())
 
@@ -92,15 +80,6 @@ def test_tables_are_the_codes_and_well_formed(project):
     for table in tables:
         assert re.fullmatch(r"\|(---\|)+", table[1]), table[1]
         assert len({len(cells(line)) for line in table}) == 1, table
-
-
-def test_finds_the_requirements_offline_and_not_its_own_tool(project):
-    done = generate(project)
-    assert done.returncode == 0, done.stderr
-    section = (project / "README.md").read_text().split("## Requirements")[1].split("## Usage")[0]
-    names = {line.split("==")[0].strip() for line in section.splitlines() if "==" in line}
-    # The experiment's six, and local_sweep.py's two; not pipreqs, the generator's own tool.
-    assert names == {"torch", "torchvision", "torcheval", "wandb", "tqdm", "numpy", "sweeps", "PyYAML"}
 
 
 def test_names_the_licence_or_asks_for_one(project):

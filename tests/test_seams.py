@@ -144,7 +144,8 @@ def build_model(opts: dict, data: Data) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(10, len(data.classes)))
 '''})
     else:  # a torcheval function that does not exist
-        folder = fork(tmp_path, edits={"utils.py": [("METRICS = (\n", 'METRICS = (\n    Metric("auc", "no_such", (), "x"),\n')]})
+        broken = 'METRICS = (\n    Metric("auc", "no_such", (), "x"),\n'
+        folder = fork(tmp_path, edits={"utils.py": [("METRICS = (\n", broken)]})
     done = run_fork(folder, small_run(tiny_data, tmp_path / "out", "--wandb_project", "boilerplate-tests"), tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "failed before training" in done.stderr and "(1, 28, 28)" in done.stderr and "10 classes" in done.stderr

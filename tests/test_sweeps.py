@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import yaml
+import demo
 from conftest import OFFLINE, ROOT, Output, results, small_run, start_main, whole_epochs
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 from wandb.sdk.lib import config_util
@@ -196,8 +197,7 @@ def write_sweep(folder, parameters: dict, method: str = "grid", **extra):
 
 def start_local_sweep(sweep, data, *options: str) -> subprocess.Popen:
     # In-process training (--watchdog no) halves each run's start-up; the sweep logic is what is tested here.
-    main_args = ["--data_path", str(data), "--val_size", "100", "--batch_size", "32", "--hidden", "64",
-                 "--device", "cpu", "--verbose", "0", "--watchdog", "no"]
+    main_args = [*demo.data_and_model(data), "--device", "cpu", "--verbose", "0", "--watchdog", "no"]
     env = {**os.environ, "WANDB_DIR": str(sweep.parent), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, str(ROOT / "local_sweep.py"), str(sweep), *options, "--", *main_args],
                             cwd=sweep.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -16,6 +16,7 @@ import pytest
 import torch
 import wandb
 from torch.utils.data import TensorDataset
+import demo
 from conftest import find_real_mnist, results, small_run, without_times
 from wandb_file import find_run
 
@@ -45,7 +46,7 @@ def test_success_with_wandb_and_save(tiny_data, wandb_dir, tmp_path):
 
     assert res["status"] == "finished" and res["tags"] == ["Success"]
     assert res["seed"] == config["seed"] == 3 and res["group"] == config["group"] == folder.parent.name
-    assert config["device"] == "cpu" and config["lr"] == 1e-3 and config["hidden"] == [64]
+    assert config["device"] == "cpu" and config["lr"] == 1e-3 and config["batch_size"] == 32
     assert len(res["history"]) == 2 and res["history"][-1]["test/accuracy"] > 0.9
     for key in ("train/loss", "train/accuracy", "train/f1", "val/accuracy", "val/f1", "test/accuracy", "test/f1",
                 "train/grad_norm_mean", "train/grad_norm_std", "train/time", "val/time", "test/time",
@@ -55,10 +56,9 @@ def test_success_with_wandb_and_save(tiny_data, wandb_dir, tmp_path):
     constants = res["constants"]
     assert constants["test/random_accuracy"] == pytest.approx(0.1) and "val/most_probable_f1" in constants
     assert (constants["data/train_size"], constants["data/val_size"], constants["data/test_size"]) == (500, 100, 200)
-    assert constants["model/parameters"] == 784 * 64 + 64 + 64 * 10 + 10
-    assert not any(key in row for row in res["history"] for key in constants)
     state = torch.load(folder / "model.pt")
-    assert [tuple(t.shape) for t in state.values()] == [(64, 784), (64,), (10, 64), (10,)]
+    assert constants["model/parameters"] == sum(t.numel() for t in state.values())
+    assert not any(key in row for row in res["history"] for key in constants)
 
     run = wandb_run(wandb_dir, folder.name)
     assert res["wandb_run_path"].endswith(folder.name)
@@ -179,11 +179,11 @@ def test_timeout_keeps_the_history_so_far(tiny_data, tmp_path):
     # One sample's gradient can be near zero (confidently right), and how many batches run before the
     # deadline depends on the machine's load: the vanishing-gradient detector is off, so that the tags
     # are the timeout's alone however far the epoch got.
-    code = run_main(*small_run(tiny_data, tmp_path, "--batch_size", "1", "--hidden", "1024,1024",
-                               "--epoch_timeout", str(0.2 / 60), "--vanishing_threshold", "0"))
+    code = run_main(*small_run(tiny_data, tmp_path, *demo.CRAWL, "--epoch_timeout", str(0.2 / 60),
+                               "--vanishing_threshold", "0"))
     _, res = results(tmp_path)
     assert code == 1 and res["status"] == "failed" and res["tags"] == ["Timeout"]
-    assert len(res["history"]) == 1 and 0 < res["history"][0]["train/batches"] < 500
+    assert len(res["history"]) == 1 and 0 < res["history"][0]["train/batches"] < res["constants"]["data/train_size"]
 
 
 @pytest.mark.parametrize("signum, tag", [(signal.SIGINT, "User abort"), (signal.SIGTERM, "Preempted")])
@@ -255,11 +255,10 @@ def test_unwritable_output_path_fails_before_training(tiny_data, tmp_path, capsy
     assert "--output_path" in capsys.readouterr().err
 
 
-def test_corrupted_mnist_file_is_a_clear_error(tiny_data, tmp_path, capsys):
+def test_a_damaged_data_file_is_a_clear_error(tiny_data, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_data, broken)
-    images = broken / "MNIST" / "raw" / "train-images-idx3-ubyte"
-    images.write_bytes(images.read_bytes()[:1000])  # truncated, as by an interrupted copy
+    images = demo.damage(broken, "train")
     assert run_main(*small_run(broken, tmp_path / "out")) == 1
     err = capsys.readouterr().err
     assert "could not be read" in err and str(images.parent) in err
@@ -267,7 +266,7 @@ def test_corrupted_mnist_file_is_a_clear_error(tiny_data, tmp_path, capsys):
 
 def test_val_size_larger_than_the_training_set_is_a_usage_error(tiny_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        run_main(*small_run(tiny_data, tmp_path), "--val_size", "600")
+        run_main(*small_run(tiny_data, tmp_path), "--val_size", str(demo.TINY_TRAIN))
     assert exit_.value.code == 2 and "--val_size" in capsys.readouterr().err
 
 

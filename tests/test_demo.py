@@ -1,0 +1,71 @@
+"""What pins the demo's own choices: its defaults, its group name, its hyper-parameters, its model's
+weights, its README rows and its requirements. A fork that changes its data, its model or its flags
+edits this file (and demo.py); the behaviour tests stay as they are."""
+
+from conftest import small_run
+from test_readme_stub import generate, project, usage_rows  # noqa: F401 (project: a fixture)
+
+import main
+import utils
+
+
+def parse(*args: str) -> dict:
+    return vars(utils.get_arg_parser().parse_args(list(args)))
+
+
+def test_defaults_match_the_design():
+    opts = parse()
+    assert (opts["epochs"], opts["batch_size"], opts["optimizer"], opts["lr"]) == (10, 128, "adam", 1e-3)
+    assert (opts["momentum"], opts["weight_decay"], opts["grad_clipping"], opts["dropout"]) == (0.0, 0.0, 0.0, 0.0)
+    assert (opts["hidden"], opts["val_size"], opts["seed"], opts["device"]) == ((512, 512), 5000, 0, None)
+    assert (opts["save"], opts["abort_irrelevant"], opts["verbose"], opts["epoch_timeout"]) == (False, True, 1, 0.0)
+    assert (opts["data_path"], opts["output_path"], opts["wandb_project"]) == ("data", "outputs", None)
+    assert [opts[k] for k in ("overfitting_threshold", "vanishing_threshold", "exploding_threshold",
+                              "std_threshold", "rnd_threshold", "mp_threshold")] == [0.5, 1e-5, 1e7, 200.0, 0.1, 0.1]
+
+
+def test_group_name_is_the_same_on_any_machine():
+    # Pinned: a change here regroups every user's existing runs.
+    assert utils.generate_name(parse()) == "wise-swan-5a9944d9"
+    word, noun, digest = utils.generate_name(parse("--epochs", "3")).split("-")
+    assert word in utils._words("adjectives.txt") and noun in utils._words("nouns.txt") and len(digest) == 8
+
+
+def test_housekeeping_is_not_a_hyperparameter():
+    names = utils.hyperparameter_names()
+    assert set(names) == {"epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "hidden",
+                          "dropout", "grad_clipping", "val_size"}
+
+
+def test_the_models_weights(tiny_data, tmp_path):
+    opts = parse(*small_run(tiny_data, tmp_path))
+    model = main.build_model(opts, main.load_data(opts))
+    assert [tuple(t.shape) for t in model.state_dict().values()] == [(64, 784), (64,), (10, 64), (10,)]
+
+
+def test_the_demos_readme_rows(project):
+    assert generate(project).returncode == 0
+    rows = usage_rows((project / "README.md").read_text())
+    expected = {  # flag: (group, type, default)
+        "--epochs": ("hyper-parameters", "int >= 1 and < 9223372036854775808", "`10`"),
+        "--lr": ("hyper-parameters", "float > 0", "`0.001`"),
+        "--optimizer": ("hyper-parameters", "one of `adam`, `sgd`", "`adam`"),
+        "--hidden": ("hyper-parameters", "ints >= 1, comma-separated", "`512,512`"),
+        "--seed": ("experiment", "int >= 0 and < 9223372036854775808, or random", "`0`"),
+        "--verbose": ("experiment", "int, one of `0`, `1`, `2`", "`1`"),
+        "--data_path": ("experiment", "str", "`data`"),
+        "--device": ("experiment", "str", "unset"),
+        "--save": ("output", "bool (yes/no)", "`no`"),
+        "--vanishing_threshold": ("detector thresholds", "float >= 0", "`1e-05`"),
+    }
+    for flag, (group, kind, default) in expected.items():
+        assert (rows[flag][0], rows[flag][1][1], rows[flag][1][2]) == (group, kind, default), flag
+
+
+def test_finds_the_requirements_offline_and_not_its_own_tool(project):
+    done = generate(project)
+    assert done.returncode == 0, done.stderr
+    section = (project / "README.md").read_text().split("## Requirements")[1].split("## Usage")[0]
+    names = {line.split("==")[0].strip() for line in section.splitlines() if "==" in line}
+    # The experiment's six, and local_sweep.py's two; not pipreqs, the generator's own tool.
+    assert names == {"torch", "torchvision", "torcheval", "wandb", "tqdm", "numpy", "sweeps", "PyYAML"}
