@@ -17,6 +17,7 @@ declined to train a pruned combination), 1 when it ended with one (or could not 
 invalid command line.
 """
 
+import contextlib
 import logging
 import math
 import os
@@ -61,6 +62,9 @@ logging.getLogger().addFilter(lambda record: "Some classes do not exist in the t
 VAL_SPLIT_SEED = 0  # the validation split is fixed: it never moves with --seed
 SYNC_EVERY = 50  # batches between the host's looks at the non-finite flag on an accelerator
 EVAL_BATCH = 4096
+# Measured with benchmarks/throughput.py (see the README's Performance section).
+BF16_EMULATED_COST = ("an epoch of the default model took 1.2 times as long as in fp32 on a CPU whose bf16 "
+                      "instructions were turned off (ONEDNN_MAX_CPU_ISA=AVX512_CORE), and half as long with them")
 
 
 # ==============================================================================================
@@ -228,6 +232,13 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
+def mixed_precision(opts: dict, device: torch.device):
+    """Where the forward pass and the loss run: in bf16 under autocast with --precision bf16 (matrix
+    products in bf16, reductions such as the loss in fp32), else in fp32. Parameters, gradients and the
+    optimizer's state are fp32 either way."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts["precision"] == "bf16")
+
+
 def sync_interval(device: torch.device) -> int:
     """Batches between the host's looks at the device: on the CPU a look costs nothing."""
     return 1 if device.type == "cpu" else SYNC_EVERY
@@ -258,8 +269,9 @@ def train_epoch(model, optimizer, data, opts, generator, stop, sync_every, verbo
         if time.perf_counter() > deadline:
             stop_tag = utils.TIMEOUT()
             break
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        with mixed_precision(opts, x.device):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # The true norm, before clipping: get_total_norm without its per-call regrouping (70 us a step).
@@ -311,10 +323,14 @@ def metric_values(predictions: torch.Tensor, targets: torch.Tensor, split: str, 
 
 
 @torch.inference_mode()
-def evaluate(model, data, split: str, classes: int) -> dict[str, float]:
+def evaluate(model, data, split: str, classes: int, opts: dict) -> dict[str, float]:
     model.eval()
     start = time.perf_counter()
-    predictions, targets = zip(*[(model(x).argmax(1), y) for x, y in data.batches(EVAL_BATCH)])
+    predictions, targets = [], []
+    for x, y in data.batches(EVAL_BATCH):
+        with mixed_precision(opts, x.device):  # the precision the model is trained in
+            predictions.append(model(x).argmax(1))
+        targets.append(y)
     return {**metric_values(torch.cat(predictions), torch.cat(targets), split, classes),
             f"{split}/time": time.perf_counter() - start}
 
@@ -328,8 +344,10 @@ def check_one_batch(model, data, opts: dict, description: Data, guesses: dict) -
         try:
             model.eval()  # no dropout draw, no batch-norm update
             x, y = next(data.batches(opts["batch_size"]))
-            logits = model(x)
-            F.cross_entropy(logits, y).backward()
+            with mixed_precision(opts, device):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            loss.backward()
             model.zero_grad(set_to_none=True)
             values = metric_values(logits.detach().argmax(1), y, "train", len(description.classes))
             row = {f"{split}/{key.split('/')[1]}": v for split in utils.SPLITS for key, v in values.items()}
@@ -460,7 +478,7 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
         row = {"epoch": epoch, **stats}
         if stop_tag is None:  # a stopped epoch is not evaluated: its model is not the epoch's end
             for split in ("val", "test"):
-                row.update(evaluate(model, data[split], split, classes))
+                row.update(evaluate(model, data[split], split, classes, opts))
             row.update({f"gap/{m}": row[f"train/{m}"] - row[f"test/{m}"] for m in utils.METRIC_NAMES})
             epoch_time = sum(row[f"{s}/time"] for s in utils.SPLITS)
             if opts["epoch_timeout"] and epoch_time > 60 * opts["epoch_timeout"]:
@@ -538,6 +556,26 @@ def device_error(device: str) -> str | None:
     return None
 
 
+def bf16_error(device: torch.device) -> str | None:
+    """Why bf16 cannot run on `device`, if it cannot; a warning where it would run, but slowly."""
+    if device.type == "cuda":
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
+            return "this GPU has no bf16 arithmetic: it needs compute capability 8.0 (Ampere) or newer"
+        return None
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            torch.mm(torch.ones(2, 2, device=device), torch.ones(2, 2, device=device))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        return str(e).splitlines()[0].split(". ")[0]
+    if device.type == "cpu":
+        with contextlib.suppress(OSError):
+            flags = "".join(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+            if why := utils.slow_bf16_cpu(flags, os.environ.get("ONEDNN_MAX_CPU_ISA", "")):
+                print(f"Warning: --precision bf16 runs emulated here, slower than fp32 ({why}): "
+                      f"{BF16_EMULATED_COST}. Use fp32 on this machine.", file=sys.stderr)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = utils.get_arg_parser()
     opts = vars(parser.parse_args(argv))
@@ -545,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     opts["device"] = opts["device"] or os.environ.get("DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     if why := device_error(opts["device"]):
         parser.error(f"argument --device: {opts['device']!r} cannot be used here ({why})")
+    if opts["precision"] == "bf16" and (why := bf16_error(torch.device(opts["device"]))):
+        parser.error(f"argument --precision: bf16 cannot run on {opts['device']} ({why}); use fp32")
     config = {**opts, "group": utils.generate_name(opts)}
 
     reasons = utils.prune_hyperparameters(opts, parser)

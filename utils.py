@@ -150,6 +150,7 @@ class Widths(Validator):
 # results and make up the group name; every other group is housekeeping.
 
 HYPERPARAMETERS = "hyper-parameters"
+PRECISIONS = ("fp32", "bf16")
 THRESHOLDS = "detector thresholds"
 
 
@@ -176,6 +177,9 @@ def get_arg_parser() -> argparse.ArgumentParser:
                        help="dropout probability after each hidden layer")
     hyper.add_argument("--grad_clipping", type=Number(float, min=0), default=0.0,
                        help="max total gradient norm (norm clipping), 0 = off")
+    hyper.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="forward and loss in fp32, or in bf16 under autocast (parameters, optimizer state "
+                            "and gradient norm stay fp32)")
     hyper.add_argument("--val_size", type=Number(int, min=1), default=5000,
                        help="samples held out of the official training set for validation")
 
@@ -583,3 +587,18 @@ def stop_with_parent(parent: int, signum: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
     if os.getppid() != parent:  # the parent died before the call
         os.kill(os.getpid(), signum)
+
+
+# The CPU flags of native bf16 arithmetic (Linux's names), and the oneDNN instruction sets below it.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def slow_bf16_cpu(cpu_flags: str, onednn_max_isa: str = "") -> str | None:
+    """Why bf16 would run emulated, and slowly, on this CPU: no native bf16 instruction among its flags
+    (/proc/cpuinfo's), or oneDNN told not to use them (ONEDNN_MAX_CPU_ISA)."""
+    if onednn_max_isa.upper() in ONEDNN_ISAS_WITHOUT_BF16:
+        return f"ONEDNN_MAX_CPU_ISA={onednn_max_isa} keeps oneDNN from this CPU's bf16 instructions"
+    if not any(flag in cpu_flags.split() for flag in BF16_CPU_FLAGS):
+        return f"this CPU has no native bf16 instructions ({' or '.join(BF16_CPU_FLAGS)})"
+    return None

@@ -1,19 +1,23 @@
-"""What the boilerplate's detectors, metrics and logging cost per training epoch.
+"""What the boilerplate's detectors, metrics and logging cost per training epoch, in fp32 and bf16.
 
-    python benchmarks/throughput.py --data_path ../shared/data [--repeats 5] [--device cpu]
+    python benchmarks/throughput.py --data_path ../shared/data [--repeats 5] [--device cpu] [--accuracy]
 
 In one process, on the same data, model, optimizer, batch size and device, it times
   (a) a bare hand loop: forward, loss, backward, step, nothing else;
   (b) experiment.train_epoch with every statistic and detector input on, plus the epoch's W&B log in
       offline mode;
-in a shuffled order in each of `--repeats` rounds, after one warm-up round. It prints the median
-samples/s of each and the ratio b/a. This machine's speed drifts by 10% or more from minute to minute
-(a shared 2-core VM), so the ratio is the median of each round's own ratio, not a ratio of medians
-taken minutes apart. The target is at least 0.9: an epoch at most about 1.1 times as long as the
-bare one. A third row, for reference, is the bare loop with PyTorch's default (foreach) Adam.
+each in fp32 and in bf16 (forward and loss under torch.autocast, as --precision bf16 runs them), in a
+shuffled order in each of `--repeats` rounds, after one warm-up round. It prints the median samples/s
+of each, its ratio to the bare loop of the same precision, and its ratio to the bare fp32 loop (the
+speed-up). This machine's speed drifts by 10% or more from minute to minute (a shared 2-core VM), so
+each ratio is the median of each round's own ratio, not a ratio of medians taken minutes apart. The
+target is at least 0.9: an epoch at most about 1.1 times as long as the bare one. A last row, for
+reference, is the bare fp32 loop with PyTorch's default (foreach) Adam. With --accuracy it also runs
+the default configuration (python main.py) in each precision and prints its test accuracy.
 """
 
 import argparse
+import json
 import os
 import random
 import statistics
@@ -31,11 +35,12 @@ import main as experiment  # noqa: E402
 import utils  # noqa: E402
 
 
-def bare_epoch(model, optimizer, x, y, batch_size, generator) -> None:
+def bare_epoch(model, optimizer, x, y, batch_size, generator, bf16: bool) -> None:
     order = torch.randperm(len(y), generator=generator).to(y.device)
     for i in range(0, len(y), batch_size):
         batch = order[i:i + batch_size]
-        loss = F.cross_entropy(model(x[batch]), y[batch])
+        with torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x[batch]), y[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -54,11 +59,15 @@ def main(argv=None) -> int:
     parser.add_argument("--data_path", default="../shared/data")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--accuracy", action="store_true", help="also train the default run in each precision")
     args = parser.parse_args(argv)
 
-    opts = vars(utils.get_arg_parser().parse_args(["--device", args.device, "--verbose", "0"]))
-    data = experiment.load_mnist(args.data_path, torch.device(args.device))
-    x, y = experiment.hold_out(*data["train"], opts["val_size"])[0]
+    opts = vars(utils.get_arg_parser().parse_args(["--device", args.device, "--verbose", "0",
+                                                   "--data_path", args.data_path]))
+    description = experiment.load_data(opts)
+    data = experiment.DeviceBatches(experiment.hold_out(description.splits["train"], opts["val_size"])[0],
+                                    torch.device(args.device))
+    x, y = data.x, data.y
     sync_every = experiment.sync_interval(torch.device(args.device))
     os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=tempfile.mkdtemp())
     import wandb
@@ -67,25 +76,30 @@ def main(argv=None) -> int:
 
     def fresh(fused=True):
         torch.manual_seed(0)
-        model = experiment.build_model(opts["hidden"], opts["dropout"]).to(args.device)
+        model = experiment.build_model(opts, description).to(args.device)
         return model, torch.optim.Adam(model.parameters(), lr=opts["lr"], fused=fused or None)
 
     # Each loop is set up (fresh model and optimizer) outside the timing, then timed for one epoch.
-    def bare(fused=True):
+    def bare(precision="fp32", fused=True):
         model, optimizer = fresh(fused)
-        return lambda: bare_epoch(model, optimizer, x, y, opts["batch_size"], torch.Generator().manual_seed(0))
+        return lambda: bare_epoch(model, optimizer, x, y, opts["batch_size"], torch.Generator().manual_seed(0),
+                                  precision == "bf16")
 
-    def ours():
+    def ours(precision="fp32"):
         model, optimizer = fresh()
 
         def epoch():
-            stats, _ = experiment.train_epoch(model, optimizer, x, y, opts, torch.Generator().manual_seed(0),
-                                              experiment.StopRequest(), sync_every, verbose=0)
+            stats, _ = experiment.train_epoch(model, optimizer, data, {**opts, "precision": precision},
+                                              torch.Generator().manual_seed(0), experiment.StopRequest(),
+                                              sync_every, verbose=0)
             run.log(stats)
 
         return epoch
 
-    loops = {"bare loop": bare, "boilerplate train_epoch": ours, "bare loop, default Adam": lambda: bare(False)}
+    loops = {"bare loop, fp32": bare, "boilerplate train_epoch, fp32": ours,
+             "bare loop, bf16": lambda: bare("bf16"), "boilerplate train_epoch, bf16": lambda: ours("bf16"),
+             "bare loop, fp32, default Adam": lambda: bare(fused=False)}
+    same = {name: f"bare loop, {'bf16' if 'bf16' in name else 'fp32'}" for name in loops}
     rates = {name: [] for name in loops}
     shuffle = random.Random(0).shuffle
     for repeat in range(-1, args.repeats):  # round -1 warms up (allocator, caches) and is not counted
@@ -97,15 +111,28 @@ def main(argv=None) -> int:
                 rates[name].append(len(y) / seconds)
     run.finish()
 
-    medians = {name: statistics.median(r) for name, r in rates.items()}
-    ratios = {name: statistics.median(a / b for a, b in zip(r, rates["bare loop"])) for name, r in rates.items()}
+    def ratio(name: str, base: str) -> float:
+        return statistics.median(a / b for a, b in zip(rates[name], rates[base]))
+
     print(f"MNIST train split {len(y)} samples, MLP 784-{'-'.join(map(str, opts['hidden']))}-10, "
           f"Adam, batch {opts['batch_size']}, {args.device}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} epochs\n")
     print(utils.markdown_table(
-        ["loop", "samples/s (median)", "min", "max", "ratio to bare loop (median of rounds)"],
-        [[name, f"{m:,.0f}", f"{min(rates[name]):,.0f}", f"{max(rates[name]):,.0f}", f"{ratios[name]:.3f}"]
-         for name, m in medians.items()]))
+        ["loop", "samples/s (median)", "min", "max", "ratio to the bare loop of its precision",
+         "ratio to the bare fp32 loop"],
+        [[name, f"{statistics.median(r):,.0f}", f"{min(r):,.0f}", f"{max(r):,.0f}", f"{ratio(name, same[name]):.3f}",
+          f"{ratio(name, 'bare loop, fp32'):.3f}"] for name, r in rates.items()]))
+    if args.accuracy:
+        print()
+        for precision in ("fp32", "bf16"):
+            with tempfile.TemporaryDirectory() as out:
+                experiment.main(["--data_path", args.data_path, "--device", args.device, "--precision", precision,
+                                 "--watchdog", "no", "--verbose", "0", "--save", "yes", "--output_path", out,
+                                 "--checkpoint_every", "0"])
+                [results] = Path(out).glob("*/*/results.json")
+                history = json.loads(results.read_text())["history"]
+            print(f"python main.py --precision {precision}: test accuracy {history[-1]['test/accuracy']:.4f} "
+                  f"after {len(history)} epochs")
     return 0
 
 

@@ -18,6 +18,7 @@ def test_defaults_match_the_design():
     assert (opts["epochs"], opts["batch_size"], opts["optimizer"], opts["lr"]) == (10, 128, "adam", 1e-3)
     assert (opts["momentum"], opts["weight_decay"], opts["grad_clipping"], opts["dropout"]) == (0.0, 0.0, 0.0, 0.0)
     assert (opts["hidden"], opts["val_size"], opts["seed"], opts["device"]) == ((512, 512), 5000, 0, None)
+    assert (opts["precision"], opts["workers"]) == ("fp32", 0)
     assert (opts["save"], opts["abort_irrelevant"], opts["verbose"], opts["epoch_timeout"]) == (False, True, 1, 0.0)
     assert (opts["data_path"], opts["output_path"], opts["wandb_project"]) == ("data", "outputs", None)
     assert [opts[k] for k in ("overfitting_threshold", "vanishing_threshold", "exploding_threshold",
@@ -25,8 +26,9 @@ def test_defaults_match_the_design():
 
 
 def test_group_name_is_the_same_on_any_machine():
-    # Pinned: a change here regroups every user's existing runs.
-    assert utils.generate_name(parse()) == "wise-swan-5a9944d9"
+    # Pinned: a change here regroups every user's existing runs (--precision joining the hyper-parameters
+    # did: the default run's group was wise-swan-5a9944d9 before).
+    assert utils.generate_name(parse()) == "royal-glacier-3174a957"
     word, noun, digest = utils.generate_name(parse("--epochs", "3")).split("-")
     assert word in utils._words("adjectives.txt") and noun in utils._words("nouns.txt") and len(digest) == 8
 
@@ -34,7 +36,7 @@ def test_group_name_is_the_same_on_any_machine():
 def test_housekeeping_is_not_a_hyperparameter():
     names = utils.hyperparameter_names()
     assert set(names) == {"epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "hidden",
-                          "dropout", "grad_clipping", "val_size"}
+                          "dropout", "grad_clipping", "precision", "val_size"}
 
 
 def test_the_models_weights(tiny_data, tmp_path):

@@ -41,11 +41,12 @@ def train_epoch_line() -> int:
     return [f.lineno for f in traceback.extract_stack() if f.filename == main.__file__ and f.name == "train_epoch"][-1]
 
 
-def epoch_setup(data_path, device: str, optimizer: str) -> tuple:
+def epoch_setup(data_path, device: str, optimizer: str, precision: str = "fp32") -> tuple:
     """train_epoch's arguments: the tiny MNIST through torchvision's loader, dropout and clipping on."""
     torch.manual_seed(0)
     opts = vars(utils.get_arg_parser().parse_args(["--batch_size", "4", "--grad_clipping", "1", "--dropout", "0.1",
-                                                   "--data_path", str(data_path), "--hidden", "64"]))
+                                                   "--data_path", str(data_path), "--hidden", "64",
+                                                   "--precision", precision]))
     data = main.load_data(opts)
     x, y = data.splits["train"].tensors
     batches = main.DeviceBatches(TensorDataset(x[:4 * BATCHES], y[:4 * BATCHES]), torch.device(device))
@@ -75,10 +76,11 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("precision", utils.PRECISIONS)  # autocast must add no host read
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 @pytest.mark.parametrize("sync_every", [1, main.SYNC_EVERY], ids=["cpu-every-batch", "accelerator-every-50"])
-def test_batch_loop_reads_the_host_only_at_the_marked_look(tiny_data, optimizer, sync_every):
-    args = epoch_setup(tiny_data, "cpu", optimizer)
+def test_batch_loop_reads_the_host_only_at_the_marked_look(tiny_data, optimizer, sync_every, precision):
+    args = epoch_setup(tiny_data, "cpu", optimizer, precision)
     with HostReads() as reads:
         stats, tag = main.train_epoch(*args, sync_every=sync_every, verbose=0)
     assert tag is None and stats["train/batches"] == BATCHES
@@ -97,9 +99,10 @@ def test_the_witness_sees_an_unmarked_read(tiny_data):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+@pytest.mark.parametrize("precision", utils.PRECISIONS)
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_on_cuda_the_batch_loop_syncs_once_per_interval_and_nowhere_else(tiny_data, optimizer):
-    args = epoch_setup(tiny_data, "cuda", optimizer)
+def test_on_cuda_the_batch_loop_syncs_once_per_interval_and_nowhere_else(tiny_data, optimizer, precision):
+    args = epoch_setup(tiny_data, "cuda", optimizer, precision)
     main.train_epoch(*args, sync_every=main.SYNC_EVERY, verbose=0)  # warm-up: lazy CUDA initialisation
     torch.cuda.synchronize()
     syncs = []

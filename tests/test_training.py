@@ -294,7 +294,8 @@ def test_real_mnist_one_epoch_reaches_96_percent(tmp_path, capsys):
     assert accuracy >= 0.96 and math.isfinite(accuracy)
 
 
-def test_a_resumed_run_is_exact_with_a_forks_own_random_draws(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", utils.PRECISIONS)
+def test_a_resumed_run_is_exact_with_a_forks_own_random_draws(precision, tiny_data, tmp_path, monkeypatch):
     """A fork's augmentation drawing from numpy and Python's random: --seed seeds them, checkpoints
     keep their states, so a run preempted after epoch 2 and resumed equals a run never stopped."""
     calls, preempt_at, train_epoch = [], [], main.train_epoch
@@ -317,11 +318,12 @@ def test_a_resumed_run_is_exact_with_a_forks_own_random_draws(tiny_data, tmp_pat
         return train_epoch(model, optimizer, Noisy(data), *args, **kwargs)
 
     monkeypatch.setattr(main, "train_epoch", augmented)
-    assert run_main(*small_run(tiny_data, tmp_path / "whole", "--epochs", "4")) == 0
+    assert run_main(*small_run(tiny_data, tmp_path / "whole", "--epochs", "4", "--precision", precision)) == 0
     preempt_at.append(len(calls) + 3)
-    assert run_main(*small_run(tiny_data, tmp_path / "stopped", "--epochs", "4")) == 1
+    assert run_main(*small_run(tiny_data, tmp_path / "stopped", "--epochs", "4", "--precision", precision)) == 1
     assert results(tmp_path / "stopped")[1]["tags"] == ["Preempted"]
-    assert run_main(*small_run(tiny_data, tmp_path / "stopped", "--epochs", "4", "--resume", "yes")) == 0
+    assert run_main(*small_run(tiny_data, tmp_path / "stopped", "--epochs", "4", "--precision", precision,
+                               "--resume", "yes")) == 0
     whole, resumed = (results(tmp_path / name)[1]["history"] for name in ("whole", "stopped"))
     assert without_times(resumed) == without_times(whole)
     assert len({row["train/loss"] for row in whole}) == 4
@@ -340,3 +342,33 @@ def test_verbosity_levels(tiny_data, tmp_path, capsys):
     assert run_main(*small_run(tiny_data, tmp_path / "loud"), "--verbose", "2") == 0
     loud = capsys.readouterr()
     assert "epoch 2/2" in loud.out and "Run finished" in loud.out and "batches" in loud.err and "epochs" in loud.err
+
+
+def test_bf16_learns_tags_stops_on_a_non_finite_loss_and_names_its_own_group(tiny_data, wandb_dir, tmp_path):
+    args = ("--wandb_project", "boilerplate-tests")
+    assert run_main(*small_run(tiny_data, tmp_path / "bf16", "--precision", "bf16", *args)) == 0
+    folder, res = results(tmp_path / "bf16")
+    assert res["tags"] == ["Success"] and res["history"][-1]["test/accuracy"] > 0.9
+    assert wandb_run(wandb_dir, folder.name).config["precision"] == "bf16"
+    assert run_main(*small_run(tiny_data, tmp_path / "fp32", *args)) == 0
+    assert results(tmp_path / "fp32")[1]["group"] != res["group"]  # it changes results: a group of its own
+    assert run_main(*small_run(tiny_data, tmp_path / "nan", "--precision", "bf16", "--optimizer", "sgd",
+                               "--lr", "1e30", "--epochs", "3")) == 1
+    folder, res = results(tmp_path / "nan")
+    assert {"NaN loss", "Inf loss", "NaN gradient"} & set(res["tags"]) and len(res["history"]) == 1
+    assert all(torch.isfinite(t).all() and t.dtype == torch.float32 for t in torch.load(folder / "model.pt").values())
+
+
+def test_bf16_where_it_cannot_run_is_a_usage_error_and_where_slow_a_warning(tiny_data, tmp_path, capsys,
+                                                                            monkeypatch):
+    with pytest.raises(SystemExit) as exit_:
+        run_main(*small_run(tiny_data, tmp_path, "--precision", "bf16", "--device", "meta"))
+    assert exit_.value.code == 2 and "argument --precision: bf16 cannot run on meta" in capsys.readouterr().err
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN kept from the CPU's bf16 instructions
+    assert run_main(*small_run(tiny_data, tmp_path, "--precision", "bf16", "--epochs", "1")) == 0
+    assert "runs emulated here, slower than fp32" in capsys.readouterr().err
+
+
+def test_a_cpu_without_bf16_instructions_is_named():
+    assert utils.slow_bf16_cpu("fpu sse2 avx2 avx512f") and not utils.slow_bf16_cpu("fpu avx512f avx512_bf16")
+    assert not utils.slow_bf16_cpu("amx_bf16 amx_tile") and utils.slow_bf16_cpu("avx512_bf16", "AVX512_CORE")
