@@ -16,7 +16,7 @@ import numpy as np
 SLOW = ["--batch_size", "8", "--hidden", "1024"]  # epochs long enough for a signal to land mid-epoch
 CRAWL = ["--batch_size", "1", "--hidden", "1024,1024"]  # each step a second's fraction: an epoch takes long
 HUGE_MODEL = ["--hidden", "99999999"]  # a model too large for any machine's memory
-MODEL_FLAGS = ["--hidden"]  # the flags that change the model's weights' shapes
+RANDOM_LAYERS = ["--dropout", "0.1"]  # a model that draws random numbers as it trains
 
 
 def data_and_model(data: Path) -> list[str]:

@@ -2,8 +2,11 @@
 weights, its README rows and its requirements. A fork that changes its data, its model or its flags
 edits this file (and demo.py); the behaviour tests stay as they are."""
 
-from conftest import small_run
+import pytest
+import torch
+from conftest import results, small_run
 from test_readme_stub import generate, project, usage_rows  # noqa: F401 (project: a fixture)
+from test_training import run_main, wandb_run
 
 import main
 import utils
@@ -71,3 +74,22 @@ def test_finds_the_requirements_offline_and_not_its_own_tool(project):
     names = {line.split("==")[0].strip() for line in section.splitlines() if "==" in line}
     # The experiment's six, and local_sweep.py's two; not pipreqs, the generator's own tool.
     assert names == {"torch", "torchvision", "torcheval", "wandb", "tqdm", "numpy", "sweeps", "PyYAML"}
+
+
+# SGD at absurd learning rates: which overflow comes first depends on the model and the data,
+# found by scanning learning rates; each held for every seed tried.
+@pytest.mark.parametrize("data, lr, hidden, tag", [
+    ("tiny_data", "1e30", "64", "NaN loss"),  # logits overflow to inf on several classes: inf - inf
+    ("noise_data", "1e37", "", "Inf loss"),  # finite logits of opposite signs whose difference overflows
+    ("noise_data", "1000", "64,64,64", "NaN gradient"),  # the norm's sum of squares overflows first
+])
+def test_overflow_stops_training_with_finite_weights(data, lr, hidden, tag, wandb_dir, tmp_path, request):
+    code = run_main(*small_run(request.getfixturevalue(data), tmp_path, "--optimizer", "sgd", "--lr", lr,
+                               "--hidden", hidden, "--epochs", "3", "--wandb_project", "boilerplate-tests"))
+    folder, res = results(tmp_path)
+    assert code == 1 and res["status"] == "failed" and tag in res["tags"] and "Success" not in res["tags"]
+    assert [t for t in res["tags"] if t in ("NaN loss", "Inf loss", "NaN gradient")] == [tag]
+    assert len(res["history"]) == 1 and res["history"][0]["train/batches"] < 16  # stopped in the first epoch
+    assert all(torch.isfinite(t).all() for t in torch.load(folder / "model.pt").values())
+    run = wandb_run(wandb_dir, folder.name)
+    assert run.exit_code == 1 and tag in run.tags

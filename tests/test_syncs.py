@@ -16,6 +16,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import TensorDataset
 
+import demo
 import main
 import utils
 
@@ -44,8 +45,8 @@ def train_epoch_line() -> int:
 def epoch_setup(data_path, device: str, optimizer: str, precision: str = "fp32") -> tuple:
     """train_epoch's arguments: the tiny MNIST through torchvision's loader, dropout and clipping on."""
     torch.manual_seed(0)
-    opts = vars(utils.get_arg_parser().parse_args(["--batch_size", "4", "--grad_clipping", "1", "--dropout", "0.1",
-                                                   "--data_path", str(data_path), "--hidden", "64",
+    opts = vars(utils.get_arg_parser().parse_args([*demo.data_and_model(data_path), *demo.RANDOM_LAYERS,
+                                                   "--batch_size", "4", "--grad_clipping", "1",
                                                    "--precision", precision]))
     data = main.load_data(opts)
     x, y = data.splits["train"].tensors

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import wandb
-from torch.utils.data import TensorDataset
 import demo
 from conftest import find_real_mnist, results, small_run, without_times
 from wandb_file import find_run
@@ -125,37 +124,18 @@ def test_guessing_when_nothing_is_learnt(tiny_data, tmp_path):
             "Random guessing accuracy (val)", "Random guessing f1 (train)"} <= set(tags)
 
 
-# SGD at absurd learning rates: which overflow comes first depends on the model and the data,
-# found by scanning learning rates; each held for every seed tried.
-@pytest.mark.parametrize("data, lr, hidden, tag", [
-    ("tiny_data", "1e30", "64", "NaN loss"),  # logits overflow to inf on several classes: inf - inf
-    ("noise_data", "1e37", "", "Inf loss"),  # finite logits of opposite signs whose difference overflows
-    ("noise_data", "1000", "64,64,64", "NaN gradient"),  # the norm's sum of squares overflows first
-])
-def test_overflow_stops_training_with_finite_weights(data, lr, hidden, tag, wandb_dir, tmp_path, request):
-    code = run_main(*small_run(request.getfixturevalue(data), tmp_path, "--optimizer", "sgd", "--lr", lr,
-                               "--hidden", hidden, "--epochs", "3", "--wandb_project", "boilerplate-tests"))
-    folder, res = results(tmp_path)
-    assert code == 1 and res["status"] == "failed" and tag in res["tags"] and "Success" not in res["tags"]
-    assert [t for t in res["tags"] if t in ("NaN loss", "Inf loss", "NaN gradient")] == [tag]
-    assert len(res["history"]) == 1 and res["history"][0]["train/batches"] < 16  # stopped in the first epoch
-    assert all(torch.isfinite(t).all() for t in torch.load(folder / "model.pt").values())
-    run = wandb_run(wandb_dir, folder.name)
-    assert run.exit_code == 1 and tag in run.tags
-
-
-def test_between_host_looks_the_fused_optimizer_skips_non_finite_steps():
+def test_between_host_looks_the_fused_optimizer_skips_non_finite_steps(tiny_data, tmp_path):
     # What an accelerator does (main.py looks at the flag every SYNC_EVERY batches there), on the CPU.
     torch.manual_seed(0)
-    data = TensorDataset(torch.randn(400, 784), torch.randint(0, 10, (400,)))
-    opts = vars(utils.get_arg_parser().parse_args(["--batch_size", "8", "--optimizer", "sgd", "--hidden", "64"]))
+    opts = vars(utils.get_arg_parser().parse_args(small_run(tiny_data, tmp_path, "--batch_size", "8")))
+    description = main.load_data(opts)
+    data = main.DeviceBatches(description.splits["train"], torch.device("cpu"))
     for optimizer_class in (torch.optim.SGD, torch.optim.Adam):
-        model = main.build_model(opts, main.Data({"train": data}, [str(c) for c in range(10)], (784,)))
+        model = main.build_model(opts, description)
         optimizer = optimizer_class(model.parameters(), lr=1e30, fused=True)
-        stats, tag = main.train_epoch(model, optimizer, main.DeviceBatches(data, torch.device("cpu")), opts,
-                                      torch.Generator().manual_seed(0),
+        stats, tag = main.train_epoch(model, optimizer, data, opts, torch.Generator().manual_seed(0),
                                       main.StopRequest(), sync_every=main.SYNC_EVERY, verbose=0)
-        assert tag in ("NaN loss", "Inf loss", "NaN gradient") and stats["train/batches"] < 50
+        assert tag in ("NaN loss", "Inf loss", "NaN gradient") and stats["train/batches"] < main.SYNC_EVERY
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
