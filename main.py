@@ -55,7 +55,7 @@ with warnings.catch_warnings():  # torcheval 0.0.7 still decorates with the depr
 from torchvision.datasets import MNIST
 from tqdm import tqdm
 
-# Macro F1 leaves a class absent from a split out, as the baselines do (utils.most_probable_baseline);
+# Macro F1 leaves a class absent from a split out, as the baselines do (utils.most_probable_f1);
 # torcheval says so on the root logger each time, e.g. for every epoch cut short by a stop.
 logging.getLogger().addFilter(lambda record: "Some classes do not exist in the target" not in record.getMessage())
 

@@ -107,7 +107,7 @@ def check_writable(path: str, what: str = "--output_path") -> None:
 
 def previous_run(opts: dict, config: dict) -> tuple[Path, dict] | None:
     """The folder and results of this command's last run (same group and seed) that stopped before
-    its end: ended with a tag --resume can continue from, or never ended (its watcher was killed too).
+    its end: ended with a tag --resume can continue from, or never ended (its guard was killed too).
     Under `wandb agent` the run id says which: W&B re-queues a preempted run under its own id."""
     group = Path(opts["output_path"], config["group"])
     if os.environ.get("WANDB_RUN_ID"):

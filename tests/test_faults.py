@@ -2,7 +2,7 @@
 in the weights, W&B unreachable. After each: the tags, the status, results.json whole, W&B's record.
 
 Points: "first epoch" (the first epoch's batch bar has appeared), "between epochs" (an epoch's summary
-line has just been printed: the watcher is saving results.json, the training process its checkpoint),
+line has just been printed: the training process is saving results.json and its checkpoint),
 and "evaluation" (an epoch's training time after a summary line: on this data evaluation takes about
 as long as training, so the signal lands in the next epoch's evaluation or near it).
 """

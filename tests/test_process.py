@@ -37,7 +37,7 @@ def test_ctrl_c_stops_cleanly_keeps_history_and_fails_the_run(tiny_data, tmp_pat
 
 
 def test_a_stop_signal_repeated_until_the_end_changes_nothing(tiny_data, tmp_path):
-    """The training process gets a Ctrl+C twice, from the terminal and forwarded by the watcher, and
+    """The training process gets a Ctrl+C twice, from the terminal and forwarded by the guard, and
     the second may come late, while it exits. Here it gets one every 2 ms until the run has ended."""
     out = tmp_path / "out"
     proc = start_main(small_run(tiny_data, out, "--epochs", "100000", "--verbose", "1"))
@@ -48,7 +48,7 @@ def test_a_stop_signal_repeated_until_the_end_changes_nothing(tiny_data, tmp_pat
         os.killpg(proc.pid, signal.SIGINT)
         while proc.poll() is None:
             try:
-                os.kill(child, signal.SIGINT)  # the child alone: the watcher saw only the first
+                os.kill(child, signal.SIGINT)  # the child alone: the guard saw only the first
             except ProcessLookupError:
                 break
             time.sleep(0.002)
