@@ -38,7 +38,11 @@ import utils
 
 CHANNEL = "MAIN_PY_GUARD_FD"  # the environment variable that tells the training process where to report
 WATCH_GRACE = 2.0  # seconds the guard allows past a deadline before it acts
-TERM_GRACE = 0.5  # seconds for the training process to say it had a SIGTERM of its own (a preemption)
+# Seconds the guard waits for the run folder's lock once training has died: its DataLoader workers hold
+# it (they inherit it) until they notice their parent's death, which they check every 5 s.
+LOCK_WAIT = 10.0
+TERM_GRACE = 2.0  # seconds for the training process to say it had a SIGTERM of its own (a preemption): its
+# handler runs between two Python lines, after a long native call (an evaluation batch) on a busy machine
 
 
 class Channel:
@@ -179,7 +183,7 @@ class Watch:
         lock = None
         try:
             if folder:
-                lock = runs.own(runs.Path(folder), wait=WATCH_GRACE)
+                lock = runs.own(runs.Path(folder), wait=LOCK_WAIT)
             run = runs.Record.take_over(self.started, self.tags)
             run.finish(run.tags + [tag], message)
             return run.status

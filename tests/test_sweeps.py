@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 import demo
-from conftest import OFFLINE, ROOT, Output, results, small_run, start_main, whole_epochs
+from conftest import OFFLINE, ROOT, WAIT, Output, results, small_run, start_main, whole_epochs
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 from wandb.sdk.lib import config_util
 from wandb_file import find_run
@@ -167,7 +167,9 @@ def test_a_second_ctrl_c_ends_everything_at_once(tiny_data, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     assert proc.returncode == 130 and "ending every run now" in stderr
-    time.sleep(1)
+    deadline = time.monotonic() + 30
+    while processes_with(str(tmp_path)) and time.monotonic() < deadline:  # the killed ones are being reaped
+        time.sleep(0.1)
     assert not processes_with(str(tmp_path))
 
 
@@ -303,7 +305,9 @@ def test_a_killed_sweep_process_ends_its_runs(tiny_data, tmp_path):
     output = Output(proc)
     output.wait_for(lambda line: line.startswith("start"), count=2)
     pids = [run["pid"] for run in state(sweep)]
-    time.sleep(3)  # both are training
+    deadline = time.monotonic() + WAIT
+    while len(list(sweep.with_suffix(".runs").glob("*/*/*/results.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)  # until both are training (their results.json is written as training starts)
     proc.kill()  # SIGKILL: this process gets no chance to stop its runs itself
     output.finish(30)
     deadline = time.monotonic() + 60
