@@ -1,19 +1,19 @@
 """Write a README.md stub for a project started from this boilerplate, generated from its code.
 
-    pip install -r requirements-tools.txt           # pipreqs, which finds the requirements
     rm README.md && python generate_readme_stub.py  # then fill in what is marked TODO
     python generate_readme_stub.py --output docs/README.md
     python generate_readme_stub.py --force          # overwrite an existing file
 
-The Requirements section lists what the project's code imports (found by pipreqs, offline, with
-the versions installed here); the Usage tables come from utils.get_arg_parser(), one row per
+The Requirements section lists what the project's code imports (found offline by the standard
+library, with the versions installed here); the Usage tables come from utils.get_arg_parser(), one row per
 option; the tags and thresholds tables from utils.TAGS, the table main.py tags runs with.
-Exit status: 0 written, 1 not written (the file exists, or pipreqs is missing), 2 bad command line.
+Exit status: 0 written, 1 not written (the file exists), 2 bad command line.
 """
 
 import argparse
-import importlib
+import ast
 import importlib.metadata
+import os
 import re
 import sys
 from pathlib import Path
@@ -30,24 +30,44 @@ TODO = "**TODO**"  # visible in the rendered page, and easy to grep for
 # Requirements
 
 
-def requirements(root: Path) -> list[str]:
-    """`name==version` for each installed distribution the code under `root` imports.
+def imports(root: Path) -> tuple[set[str], list[str]]:
+    """The top-level names the project's code imports, less the standard library and the project's
+    own modules, and the files that could not be read as Python (a warning, not a stop)."""
+    found, own, unreadable = set(), set(), []
+    for folder, subfolders, files in os.walk(root):
+        # A virtual environment inside the project is not its code, nor is anything hidden.
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d not in NOT_SCANNED
+                               and not (Path(folder, d) / "pyvenv.cfg").exists())
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = Path(folder, name)
+            own.add(path.relative_to(root).parts[0].removesuffix(".py"))
+            try:
+                tree = ast.parse(path.read_bytes(), filename=str(path))
+            except (SyntaxError, ValueError, OSError) as e:
+                unreadable.append(f"{path.relative_to(root)} ({e.__class__.__name__}: {e})")
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    found.update(alias.name.partition(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    found.add(node.module.partition(".")[0])
+    return found - own - set(sys.stdlib_module_names) - {"__future__"}, unreadable
 
-    pipreqs finds the imports (leaving out the standard library and the project's own modules).
-    Its --use-local mode maps them to distributions through top_level.txt files, which wheels
-    such as torch's and wandb's no longer ship, so it drops them; the standard library's
-    packages_distributions() reads every wheel's file list instead. Nothing touches the network."""
-    # Imported by name so that pipreqs, a tool of this script, is not listed as the project's.
-    pipreqs = importlib.import_module("pipreqs.pipreqs")
-    imports = pipreqs.get_all_imports(str(root), extra_ignore_dirs=NOT_SCANNED)
+
+def requirements(names: set[str]) -> list[str]:
+    """`name==version` for each installed distribution that provides one of these import names.
+
+    The standard library alone, offline: packages_distributions() reads every installed wheel's
+    file list (pipreqs, which did this before, needs Python < 3.13, and its offline mode reads
+    top_level.txt files, which the wheels of torch and wandb no longer ship)."""
     installed = importlib.metadata.packages_distributions()
     found = set()
-    for name in imports:
-        for dist in installed.get(name) or pipreqs.get_pkg_names([name]):
+    for name in names:
+        for dist in installed.get(name) or [name]:
             try:
                 found.add(f"{dist}=={importlib.metadata.version(dist)}")
             except importlib.metadata.PackageNotFoundError:
-                found.add(f"{dist}  # not installed here: check the name on PyPI")
+                found.add(f"{dist}  # imported as `{name}`, not installed here: check its name on PyPI")
     return sorted(found, key=str.lower)
 
 
@@ -165,11 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {args.output} exists; not overwritten. Delete it, pass --force to overwrite it, or "
               "--output to write elsewhere.", file=sys.stderr)
         return 1
-    try:
-        found = requirements(HERE)
-    except ModuleNotFoundError as e:
-        print(f"Error: {e.name} is missing: pip install -r requirements-tools.txt", file=sys.stderr)
-        return 1
+    names, unreadable = imports(HERE)
+    for problem in unreadable:
+        print(f"Warning: not read as Python, its imports are not in Requirements: {problem}", file=sys.stderr)
+    found = requirements(names)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     utils.atomic_write(args.output, lambda f: f.write(render(utils.get_arg_parser(), found, licence(HERE)).encode()))
     print(f"Wrote {args.output}: fill in what is marked TODO.")
