@@ -161,14 +161,21 @@ def outcome(output: Path, metric: str) -> dict:
             "metric": values[-1] if values else None}
 
 
+def own_group_stopped_with(parent: int) -> None:
+    """In the run's process before it starts: a process group of its own (Popen's process_group
+    needs Python 3.11), and a Ctrl+C of its own when this process dies."""
+    os.setpgid(0, 0)
+    utils.stop_with_parent(parent, signal.SIGINT)
+
+
 def start(name: str, params: dict, argv: list[str], runs_dir: Path, env: dict, state_path: Path) -> subprocess.Popen:
     """Starts a run in a process group of its own, as W&B's agent does, its screen in output.log, and
     records its pid: a rerun leaves its configuration alone while it is alive."""
     print(f"start {name}: " + " ".join(f"{k}={v}" for k, v in params.items()), flush=True)
     (runs_dir / name).mkdir(parents=True)
     with open(runs_dir / name / "output.log", "w") as log:
-        proc = subprocess.Popen(argv, env={**env, "WANDB_RUN_ID": name}, process_group=0, stdout=log, stderr=log,
-                                preexec_fn=functools.partial(utils.stop_with_parent, os.getpid(), signal.SIGINT))
+        proc = subprocess.Popen(argv, env={**env, "WANDB_RUN_ID": name}, stdout=log, stderr=log,
+                                preexec_fn=functools.partial(own_group_stopped_with, os.getpid()))
     with locked_state(state_path) as state:
         next(r for r in state["runs"] if r["name"] == name)["pid"] = proc.pid
     return proc
