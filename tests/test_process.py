@@ -16,6 +16,7 @@ from conftest import OFFLINE, ROOT, Output, children, results, small_run, start_
 from wandb_file import find_run
 
 
+@pytest.mark.every_python
 def test_ctrl_c_stops_cleanly_keeps_history_and_fails_the_run(tiny_data, tmp_path):
     out = tmp_path / "out"
     args = small_run(tiny_data, out, "--epochs", "100000", "--verbose", "1", "--wandb_project", "boilerplate-tests")
@@ -103,6 +104,7 @@ def test_missing_data_says_where_it_looked_and_exits_1(tmp_path):
     assert "Traceback" not in stderr
 
 
+@pytest.mark.every_python
 def test_bad_command_line_exits_2_without_traceback(tmp_path):
     proc = start_main(["--lr=-1"])
     _, stderr = proc.communicate(timeout=60)
@@ -177,6 +179,7 @@ def fork_with_a_bug(tmp_path: Path) -> Path:
                            "        if epoch == 2:\n            raise ValueError('a bug in the training code')\n"))
 
 
+@pytest.mark.every_python
 @pytest.mark.parametrize("watchdog", ["yes", "no"])
 def test_a_forks_own_wandb_calls_land_in_the_run_and_each_epoch_stays_one_row(watchdog, tiny_data, tmp_path):
     """wandb.log in the batch loop, wandb.watch, a wandb.Table at the end: plain W&B, no project API."""

@@ -11,6 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
+import pytest
 import yaml
 import demo
 from conftest import OFFLINE, ROOT, WAIT, Output, results, small_run, start_main, whole_epochs
@@ -73,6 +74,7 @@ def test_every_sweep_value_reaches_main_py_as_the_intended_number():
 # main.py under W&B's agent
 
 
+@pytest.mark.every_python
 def test_main_as_the_agent_starts_it_joins_the_sweep_grouped_and_tagged(tiny_data, tmp_path):
     # What wandb_agent.Agent._command_run does, with W&B's own code: the parameter file, WANDB_SWEEP_ID,
     # WANDB_RUN_ID, WANDB_SWEEP_PARAM_PATH, and `--key=value` arguments (booleans as True/False).
@@ -133,6 +135,7 @@ def processes_with(marker: str) -> list[str]:
     return out.split()
 
 
+@pytest.mark.every_python
 def test_one_ctrl_c_ends_every_run_with_user_abort_and_stops_the_agents(tiny_data, tmp_path):
     proc = start_run_sweep(tmp_path, tiny_data, n_agents=2, n_runs=4)
     try:
@@ -257,12 +260,16 @@ def test_grid_runs_the_product_once_each_logs_offline_and_summarises_the_seeds(n
     assert "start" not in again and configs(state(sweep)) == configs(runs)
 
 
-def test_random_search_stops_at_its_run_cap(tiny_data, tmp_path):
+@pytest.mark.every_python
+@pytest.mark.parametrize("method", ["random", "bayes"])
+def test_random_and_bayes_search_stop_at_their_run_cap(method, tiny_data, tmp_path):
+    # bayes fits a Gaussian process (scikit-learn, scipy) to the runs so far: the numpy it runs on is
+    # the one requirements.txt pins, above the cap sweeps declares (see requirements-sweeps.txt).
     sweep = write_sweep(tmp_path, {"lr": {"distribution": "log_uniform_values", "min": 0.0001, "max": 0.01},
-                                   "epochs": {"value": 1}}, method="random", run_cap=3)
+                                   "epochs": {"value": 1}}, method=method, run_cap=3)
     finish(start_local_sweep(sweep, tiny_data, "--workers", "2", "--wandb", "disabled"))
     runs = state(sweep)
-    assert len(runs) == 3 and all(r["status"] == "finished" for r in runs)
+    assert len(runs) == 3 and all(r["status"] == "finished" and r["metric"] is not None for r in runs)
     assert len({r["config"]["lr"] for r in runs}) == 3 and all(0.0001 <= r["config"]["lr"] <= 0.01 for r in runs)
 
 

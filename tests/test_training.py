@@ -37,6 +37,7 @@ def wandb_run(wandb_dir: Path, run_id: str):
     return find_run(wandb_dir, run_id)
 
 
+@pytest.mark.every_python
 def test_success_with_wandb_and_save(tiny_data, wandb_dir, tmp_path):
     out = tmp_path / "out"
     assert run_main(*small_run(tiny_data, out, "--wandb_project", "boilerplate-tests", "--seed", "3")) == 0
@@ -262,6 +263,7 @@ def test_unusable_device_is_a_usage_error(tiny_data, tmp_path, capsys, monkeypat
     assert exit_.value.code == 2 and "nonsense" in capsys.readouterr().err
 
 
+@pytest.mark.every_python
 @pytest.mark.parametrize("precision", utils.PRECISIONS)
 def test_a_resumed_run_is_exact_with_a_forks_own_random_draws(precision, tiny_data, tmp_path, monkeypatch):
     """A fork's augmentation drawing from numpy and Python's random: --seed seeds them, checkpoints
@@ -312,6 +314,7 @@ def test_verbosity_levels(tiny_data, tmp_path, capsys):
     assert "epoch 2/2" in loud.out and "Run finished" in loud.out and "batches" in loud.err and "epochs" in loud.err
 
 
+@pytest.mark.every_python
 def test_bf16_learns_tags_stops_on_a_non_finite_loss_and_names_its_own_group(tiny_data, wandb_dir, tmp_path):
     args = ("--wandb_project", "boilerplate-tests")
     assert run_main(*small_run(tiny_data, tmp_path / "bf16", "--precision", "bf16", *args)) == 0

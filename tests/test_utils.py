@@ -9,6 +9,8 @@ from torcheval.metrics.functional import multiclass_accuracy, multiclass_f1_scor
 
 import utils
 
+pytestmark = pytest.mark.every_python  # fast and pure: the subset .ci/run runs on each other Python
+
 
 def parse(*args: str) -> dict:
     return vars(utils.get_arg_parser().parse_args(list(args)))
@@ -202,7 +204,10 @@ def test_validators_describe_themselves_through_public_attributes():
         utils.Boolean()("maybe")
 
 
-def test_ci_runs_the_readme_test_command():
-    command = "pip install -r requirements.txt -r requirements-tools.txt && python -m pytest"
+def test_ci_runs_the_readme_test_command_and_installs_the_same_way_on_every_python():
+    install = ("pip install -r requirements.txt -r requirements-tools.txt && "
+               "pip install --no-deps -r requirements-sweeps.txt")
+    command = f"{install} && python -m pytest"
     assert f"    {command}\n" in (utils.HERE / "README.md").read_text()
-    assert (utils.HERE / ".ci" / "run").read_text().strip().endswith(command)
+    assert f"\n{command}\n" in (utils.HERE / ".ci" / "run").read_text()
+    assert f"\nINSTALL='{install}'\n" in (utils.HERE / ".ci" / "every-python").read_text()
