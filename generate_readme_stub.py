@@ -14,6 +14,7 @@ import argparse
 import ast
 import importlib.metadata
 import os
+import platform
 import re
 import sys
 from pathlib import Path
@@ -128,7 +129,7 @@ def render(parser: argparse.ArgumentParser, requirements: list[str], licence_lin
 
 ## Requirements
 
-Python 3.11 and these packages (the versions this stub was generated with):
+Python 3.10 to 3.13 and these packages (the versions this stub was generated with, on Python {platform.python_version()}):
 
 {packages}
 

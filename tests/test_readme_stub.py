@@ -1,6 +1,7 @@
 """generate_readme_stub.py as a user runs it: a real process in a copy of the project, offline."""
 
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -115,6 +116,7 @@ def test_without_the_packages_installed_it_names_them_and_says_so(project):
     assert done.returncode == 0, done.stderr
     section = (project / "README.md").read_text().split("## Requirements")[1].split("## Usage")[0]
     assert "torch  # imported as `torch`, not installed here" in section and "==" not in section
+    assert f"on Python {platform.python_version()})" in section  # which Python the versions were seen with
 
 
 def test_a_file_that_is_not_python_is_named_and_the_rest_still_found(project):
