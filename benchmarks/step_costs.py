@@ -1,16 +1,18 @@
-"""What each piece of train_epoch's per-step bookkeeping costs, step by step, in fp32 or bf16.
+"""What each piece of train_epoch's per-batch bookkeeping costs, in fp32 or bf16.
 
-    python benchmarks/step_costs.py --data_path ../shared/data [--precision bf16] [--steps 6000]
+    python benchmarks/step_costs.py --data_path ../shared/data [--precision bf16] [--repeats 10]
 
-One model and optimizer train on; before each step one variant of the bookkeeping is drawn at
-random, and the step (batch, forward, loss, backward, bookkeeping, optimizer step) is timed. Each
-variant's median step time is set against the bare step's: the machine's drift, which moves whole
-epochs by 10% or more here, hits every variant alike. The variants restate main.train_epoch's lines
-(keep them in step with it): nothing; the gradient norm alone; the whole bookkeeping as the loop does
-it on the CPU (norm, kept loss, norm and predictions, the non-finite flag and the host's look).
+Each variant trains whole epochs of the default model from the same start, in a shuffled order in
+each round after a warm-up round, and is set against the bare loop of the same round: this machine's
+speed drifts by 10% or more from minute to minute, and a piece's cost also lands on the steps after
+it (forward and backward slow down after the gradient norms at times), so neither a per-step draw
+nor a ratio of medians taken minutes apart would show it. The variants add main.train_epoch's lines
+one after another (keep them in step with it; the CPU's, where the host looks at every batch), and the
+last is train_epoch itself.
 """
 
 import argparse
+import math
 import random
 import statistics
 import sys
@@ -26,66 +28,78 @@ import main as experiment  # noqa: E402
 import utils  # noqa: E402
 
 
-def grad_norm(params):
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+def epoch(model, optimizer, data, opts, generator, pieces: int) -> None:
+    """One epoch with the first `pieces` of the loop's bookkeeping (4: main.train_epoch itself)."""
+    if pieces == 4:
+        experiment.train_epoch(model, optimizer, data, opts, generator, experiment.StopRequest(), 1, verbose=0)
+        return
+    params = list(model.parameters())
+    squared_norms = experiment.squared_gradient_norms(params)
+    rows, outputs, predictions, targets = [], [], [], []
+    for x, y in data.batches(opts["batch_size"], generator):
+        with experiment.mixed_precision(opts, x.device):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if pieces == -1:
+            torch._foreach_norm([p.grad for p in params])
+        if pieces >= 1:
+            norms = squared_norms()
+        if pieces >= 2:
+            row = torch.stack([loss.detach(), *norms])
+            rows.append(row)
+            if not all(map(math.isfinite, row.tolist())):
+                break
+        if pieces >= 3:
+            outputs.append(logits.detach())
+            targets.append(y)
+            if len(outputs) == experiment.OUTPUTS_PER_ARGMAX:
+                predictions.append(torch.cat(outputs).argmax(1))
+                outputs.clear()
+        optimizer.step()
 
 
-def bare(params, loss, logits, y, kept, nonfinite) -> bool:
-    return False
-
-
-def norm_only(params, loss, logits, y, kept, nonfinite) -> bool:
-    kept.append(grad_norm(params))
-    return False
-
-
-def whole(params, loss, logits, y, kept, nonfinite) -> bool:
-    norm = grad_norm(params)
-    kept += [loss.detach(), norm, logits.detach().argmax(1), y]
-    nonfinite.logical_or_((loss + norm).isfinite().logical_not_())
-    return nonfinite.item()
-
-
-VARIANTS = {"bare step": bare, "+ gradient norm": norm_only, "+ the loop's whole bookkeeping": whole}
+VARIANTS = {"bare loop": 0, "+ torch's norms (_foreach_norm), for comparison": -1,
+            "+ squared gradient norms (main.squared_gradient_norms)": 1,
+            "+ the row of loss and norms, read by the host": 2,
+            "+ outputs and targets kept (the loop's whole bookkeeping)": 3,
+            "main.train_epoch (+ stop and timeout checks, the epoch's metrics)": 4}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_path", default="../shared/data")
     parser.add_argument("--precision", choices=utils.PRECISIONS, default="bf16")
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     opts = vars(utils.get_arg_parser().parse_args(["--device", "cpu", "--data_path", args.data_path,
                                                    "--precision", args.precision]))
     description = experiment.load_data(opts)
-    x, y = description.splits["train"].tensors
-    torch.manual_seed(0)
-    model = experiment.build_model(opts, description)
-    optimizer = torch.optim.Adam(model.parameters(), lr=opts["lr"], fused=True)
-    params, bs = list(model.parameters()), opts["batch_size"]
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    times, draw, kept, nonfinite = {name: [] for name in VARIANTS}, random.Random(0), [], torch.zeros(())
-    for step in range(args.steps):
-        name = draw.choice(list(VARIANTS))
-        start = time.perf_counter()
-        batch = order[(step * bs) % (len(y) - bs):][:bs]
-        with experiment.mixed_precision(opts, x.device):
-            logits = model(x[batch])
-            loss = F.cross_entropy(logits, y[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        VARIANTS[name](params, loss, logits, y[batch], kept, nonfinite)
-        optimizer.step()
-        if step >= 200:  # after a warm-up
-            times[name].append(time.perf_counter() - start)
-        if len(kept) > 4000:
-            kept.clear()
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    base = medians["bare step"]
-    print(f"{args.precision}, batch {bs}, {torch.get_num_threads()} threads, {args.steps} steps\n")
-    print(utils.markdown_table(["variant", "median step (ms)", "added (us)", "ratio to the bare step"],
-                               [[name, f"{m * 1e3:.3f}", f"{(m - base) * 1e6:.0f}", f"{base / m:.3f}"]
-                                for name, m in medians.items()]))
+    data = experiment.DeviceBatches(experiment.hold_out(description.splits["train"], opts["val_size"])[0],
+                                    torch.device("cpu"))
+    seconds = {name: [] for name in VARIANTS}
+    shuffle = random.Random(0).shuffle
+    for repeat in range(-1, args.repeats):  # round -1 warms up and is not counted
+        names = list(VARIANTS)
+        shuffle(names)
+        for name in names:
+            torch.manual_seed(0)
+            model = experiment.build_model(opts, description)
+            optimizer = torch.optim.Adam(model.parameters(), lr=opts["lr"], fused=True)
+            start = time.perf_counter()
+            epoch(model, optimizer, data, opts, torch.Generator().manual_seed(0), VARIANTS[name])
+            if repeat >= 0:
+                seconds[name].append(time.perf_counter() - start)
+    steps = -(-len(data) // opts["batch_size"])
+    bare = seconds["bare loop"]
+    print(f"{args.precision}, batch {opts['batch_size']}, {torch.get_num_threads()} threads, {steps} steps an "
+          f"epoch, median of {args.repeats} epochs\n")
+    print(utils.markdown_table(
+        ["variant", "step (ms)", "added a step (us)", "ratio to the bare loop"],
+        [[name, f"{statistics.median(s) / steps * 1e3:.3f}",
+          f"{statistics.median(a - b for a, b in zip(s, bare)) / steps * 1e6:.0f}",
+          f"{statistics.median(b / a for a, b in zip(s, bare)):.3f}"] for name, s in seconds.items()]))
     return 0
 
 

@@ -28,12 +28,14 @@ HOST_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int_
               "is_nonzero", "repeat_interleave"}
 
 
-def loop_lines() -> tuple[int, int, int]:
-    """First and last line of train_epoch's batch loop, and the line of its marked per-interval sync."""
+def loop_lines(sync_every: int) -> tuple[int, int, int]:
+    """First and last line of train_epoch's batch loop, and the line of its marked sync: each batch's on
+    the CPU, the per-interval one on an accelerator."""
     source, first = inspect.getsourcelines(main.train_epoch)
     start = first + next(i for i, line in enumerate(source) if line.lstrip().startswith("for i, "))
-    end = first + next(i for i, line in enumerate(source) if line.lstrip().startswith("if not losses"))
-    check = first + next(i for i, line in enumerate(source) if "nonfinite.item()" in line)
+    end = first + next(i for i, line in enumerate(source) if line.lstrip().startswith("if not rows"))
+    mark = "sync point, every batch" if sync_every == 1 else "sync point, every sync_every batches"
+    check = first + next(i for i, line in enumerate(source) if mark in line)
     return start, end, check
 
 
@@ -58,7 +60,7 @@ def epoch_setup(data_path, device: str, optimizer: str, precision: str = "fp32")
 
 
 def in_loop(lines: list[int]) -> list[int]:
-    start, end, _ = loop_lines()
+    start, end, _ = loop_lines(1)
     return [line for line in lines if start <= line < end]
 
 
@@ -85,7 +87,7 @@ def test_batch_loop_reads_the_host_only_at_the_marked_look(tiny_data, optimizer,
     with HostReads() as reads:
         stats, tag = main.train_epoch(*args, sync_every=sync_every, verbose=0)
     assert tag is None and stats["train/batches"] == BATCHES
-    _, _, check = loop_lines()
+    _, _, check = loop_lines(sync_every)
     assert in_loop(reads.lines) == [check] * (BATCHES // sync_every), in_loop(reads.lines)
     assert len(reads.lines) > len(in_loop(reads.lines)), "no read seen at the epoch's end: the test sees nothing"
 
@@ -121,6 +123,6 @@ def test_on_cuda_the_batch_loop_syncs_once_per_interval_and_nowhere_else(tiny_da
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert tag is None and stats["train/batches"] == BATCHES
-    _, _, check = loop_lines()
+    _, _, check = loop_lines(main.SYNC_EVERY)
     assert in_loop(syncs) == [check] * (BATCHES // main.SYNC_EVERY), in_loop(syncs)
     assert len(syncs) > len(in_loop(syncs)), "no sync seen at the epoch's end either: the test cannot see syncs"

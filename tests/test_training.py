@@ -140,6 +140,81 @@ def test_between_host_looks_the_fused_optimizer_skips_non_finite_steps(tiny_data
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+class NaNAt(main.DeviceBatches):
+    """The same batches, but batch `k` is NaN: a fork's data gone bad mid-epoch."""
+
+    def __init__(self, data: main.DeviceBatches, k: int | None):
+        self.x, self.y, self.k = data.x, data.y, k
+
+    def batches(self, size, generator=None):
+        for i, (x, y) in enumerate(super().batches(size, generator)):
+            yield (x * math.nan if i == self.k else x), y
+
+
+def by_hand(model, data, opts, generator) -> tuple[list[float], list[float], float]:
+    """Each batch's loss and gradient norm, and the accuracy over them, up to the first NaN loss."""
+    losses, norms, right, seen = [], [], 0, 0
+    for x, y in data.batches(opts["batch_size"], generator):
+        model.zero_grad(set_to_none=True)
+        with main.mixed_precision(opts, x.device):
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits, y)
+        loss.backward()
+        losses.append(loss.item())
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item())
+        right, seen = right + (logits.argmax(1) == y).sum().item(), seen + len(y)
+        if math.isnan(losses[-1]):
+            break
+    return losses, norms, right / seen
+
+
+@pytest.mark.parametrize("sync_every", [1, main.SYNC_EVERY], ids=["cpu-every-batch", "accelerator-every-50"])
+@pytest.mark.parametrize("precision", utils.PRECISIONS)
+@pytest.mark.parametrize("nan_at", [None, 40], ids=["whole-epoch", "nan-batch-40"])
+def test_an_epochs_statistics_are_its_batches_own(tiny_data, tmp_path, nan_at, precision, sync_every):
+    """With lr 0 the model stays as it is, so each batch can be recomputed by hand in the same order: the
+    epoch's loss, gradient norms and accuracy must be those of its batches (86 of them: not a multiple of
+    main.OUTPUTS_PER_ARGMAX, the last one short), and a NaN batch ends the epoch with itself, however
+    late the host looks."""
+    torch.manual_seed(0)
+    opts = vars(utils.get_arg_parser().parse_args(small_run(tiny_data, tmp_path, "--batch_size", "7",
+                                                            "--precision", precision)))
+    description = main.load_data(opts)
+    data = NaNAt(main.DeviceBatches(description.splits["train"], torch.device("cpu")), nan_at)
+    model = main.build_model(opts, description)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0, fused=True)
+    stats, tag = main.train_epoch(model, optimizer, data, opts, torch.Generator().manual_seed(0),
+                                  main.StopRequest(), sync_every=sync_every, verbose=0)
+    losses, norms, accuracy = by_hand(model, data, opts, torch.Generator().manual_seed(0))
+    assert len(data) == 600 and len(losses) == (86 if nan_at is None else nan_at + 1)
+    assert tag == (None if nan_at is None else "NaN loss") and stats["train/batches"] == len(losses)
+    assert stats["train/accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    if nan_at is None:
+        sizes = [7] * 85 + [5]
+        assert stats["train/loss"] == pytest.approx(sum(v * s for v, s in zip(losses, sizes)) / 600, rel=1e-5)
+    else:
+        assert math.isnan(stats["train/loss"])
+    mean, std, low, high = utils.describe(norms)
+    assert (stats["train/grad_norm_mean"], stats["train/grad_norm_std"], stats["train/grad_norm_min"],
+            stats["train/grad_norm_max"]) == pytest.approx((mean, std, low, high), rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_squared_gradient_norms_on_either_path(dtype):
+    """fp32 and fp64 on the CPU go through dot products, the rest through torch's fused norm; a gradient
+    laid out channels-last is not contiguous, and an fp16 norm of 1000 must not overflow when squared."""
+    shapes = [(64, 3, 3, 3), (64,), (10, 64)]
+    params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape in shapes]
+    params[0].data = params[0].data.to(memory_format=torch.channels_last)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[1].grad = torch.full((64,), 125.0, dtype=dtype)  # norm 1000
+    squared = [float(s) for s in main.squared_gradient_norms(params)()]
+    assert not params[0].grad.is_contiguous() and math.isfinite(squared[1])
+    assert squared == pytest.approx([p.grad.double().square().sum().item() for p in params],
+                                    rel=1e-5 if dtype in (torch.float32, torch.float64) else 1e-2)
+
+
 def test_irrelevant_combination_is_not_trained(tiny_data, wandb_dir, tmp_path):
     code = run_main(*small_run(tiny_data, tmp_path, "--momentum", "0.9", "--wandb_project", "boilerplate-tests"))
     folder, res = results(tmp_path)
