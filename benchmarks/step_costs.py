@@ -1,6 +1,6 @@
 """What each piece of train_epoch's per-batch bookkeeping costs, in fp32 or bf16.
 
-    python benchmarks/step_costs.py --data_path ../shared/data [--precision bf16] [--repeats 10]
+    python benchmarks/step_costs.py --data_path ../shared/data [--precision bf16] [--repeats 20]
 
 Each variant trains whole epochs of the default model from the same start, in a shuffled order in
 each round after a warm-up round, and is set against the bare loop of the same round: this machine's
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_path", default="../shared/data")
     parser.add_argument("--precision", choices=utils.PRECISIONS, default="bf16")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
     opts = vars(utils.get_arg_parser().parse_args(["--device", "cpu", "--data_path", args.data_path,
                                                    "--precision", args.precision]))
