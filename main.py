@@ -192,7 +192,7 @@ def train_epoch(model, optimizer, data, opts, generator, stop, sync_every, verbo
     start = time.perf_counter()
     deadline = start + 60 * opts["epoch_timeout"] if opts["epoch_timeout"] else math.inf
     bs = opts["batch_size"]
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]  # a fork may freeze some
     squared_norms = squared_gradient_norms(params)
     rows, outputs, predictions, targets = [], [], [], []  # device tensors, read once at the end
     # On an accelerator, 1 from the first non-finite loss or gradient norm on. Between the host's looks,

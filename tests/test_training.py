@@ -199,6 +199,22 @@ def test_an_epochs_statistics_are_its_batches_own(tiny_data, tmp_path, nan_at, p
             stats["train/grad_norm_max"]) == pytest.approx((mean, std, low, high), rel=1e-4)
 
 
+def test_a_frozen_layer_is_left_out_of_the_norms_and_stays_as_it_was(tiny_data, tmp_path):
+    """Fine-tuning freezes parameters: they have no gradient, and the loop must not need one."""
+    torch.manual_seed(0)
+    opts = vars(utils.get_arg_parser().parse_args(small_run(tiny_data, tmp_path, "--grad_clipping", "1")))
+    description = main.load_data(opts)
+    model = main.build_model(opts, description)
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    before = frozen.clone()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    data = main.DeviceBatches(description.splits["train"], torch.device("cpu"))
+    stats, tag = main.train_epoch(model, optimizer, data, opts, torch.Generator().manual_seed(0), main.StopRequest(),
+                                  sync_every=1, verbose=0)
+    assert tag is None and math.isfinite(stats["train/grad_norm_mean"]) and torch.equal(frozen, before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_squared_gradient_norms_on_either_path(dtype):
     """fp32 and fp64 on the CPU go through dot products, the rest through torch's fused norm; a gradient
