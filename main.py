@@ -14,7 +14,7 @@ does) that ends the run properly if training crashes or hangs (tagged, saved, Fa
 --watchdog no trains without it.
 Every option: `python main.py --help`. Exit status: 0 when the run ended without an error tag (or
 declined to train a pruned combination), 1 when it ended with one (or could not start), 2 for an
-invalid command line.
+invalid command line, 130 or 143 when Ctrl+C or SIGTERM stopped it before the run began.
 """
 
 import contextlib
@@ -24,7 +24,6 @@ import os
 import pickle
 import random
 import re
-import signal
 import sys
 import threading
 import time
@@ -35,13 +34,18 @@ from pathlib import Path
 
 import runs
 import utils
+import wandb_start
 import watch
 
 if __name__ == "__main__":
+    watch.hold_stops()  # stop signals wait until this process can act on them: none lost, none a traceback
+    sys.stdout.reconfigure(line_buffering=True)  # a log file gets each line as it is printed, as a terminal does
     # Parse before torch loads (2 s): --help and usage errors answer at once. main() parses again.
     args = utils.get_arg_parser().parse_args()
     if args.watchdog and not watch.guarded():  # this process becomes the guard, and never loads torch
-        sys.exit(watch.guard(__file__, sys.argv[1:], args.epoch_timeout))
+        wandb_start.exit(watch.guard(__file__, sys.argv[1:], args.epoch_timeout))
+    # The training process: from here a stop before the run begins ends it at once (see watch.Link).
+    LINK = watch.Link(watch.Channel(), restore=False).listen()
 
 import numpy as np
 import torch
@@ -126,34 +130,6 @@ def build_model(opts: dict, data: Data) -> nn.Module:
 
 # ----------------------------------------------------------------------------------------------
 # Training
-
-
-class StopRequest:
-    """SIGINT (Ctrl+C), SIGTERM (a scheduler's preemption) and the guard's SIGUSR1 (a stop) ask the loop to
-    stop at the next batch (one that comes while the data loads: at the first), tagged as utils.STOP_SIGNALS
-    says. Asking again changes nothing here: the guard decides what a second Ctrl+C does (it kills training).
-    `heard(tag)` is told of the first: the guard learns from it that this process had a SIGTERM of its own."""
-
-    def __init__(self, heard=lambda tag: None):
-        self.tag, self.heard = None, heard
-
-    @property
-    def requested(self) -> bool:
-        return self.tag is not None
-
-    def __enter__(self):
-        self.previous = {signum: signal.signal(signum, self._handle) for signum in utils.STOP_SIGNALS}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.tag is None:
-            self.tag = utils.STOP_SIGNALS[signum]()
-            self.heard(self.tag)
-            print(f"\nStopping at the next batch: {self.tag}.", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
 
 
 def mixed_precision(opts: dict, device: torch.device):
@@ -379,7 +355,7 @@ def load_checkpoint(path: Path, device: torch.device, model, optimizer, generato
     return state["epoch"], state["history"], state["tags"]
 
 
-def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, stop: StopRequest) -> None:
+def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, stop: watch.Link) -> None:
     device = torch.device(opts["device"])
     description = load_data(opts)
     splits, classes = description.splits, len(description.classes)
@@ -416,15 +392,21 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
         done, history, tags = load_checkpoint(checkpoint, device, model, optimizer, generator)
     check_one_batch(model, data["train"], opts, description, guesses)
     # What this data and model are, once: W&B's config and results.json keep it, not every epoch's row.
-    record.start({**guesses, **{f"data/{split}_size": len(batches) for split, batches in data.items()},
-                  "data/classes": description.classes, "data/input_shape": list(description.input_shape),
-                  "model/parameters": sum(p.numel() for p in model.parameters())})
+    with stop.deferred():  # the run begins whole (W&B, results.json) before a stop can end it
+        record.start({**guesses, **{f"data/{split}_size": len(batches) for split, batches in data.items()},
+                      "data/classes": description.classes, "data/input_shape": list(description.input_shape),
+                      "model/parameters": sum(p.numel() for p in model.parameters()),
+                      "torch/threads": torch.get_num_threads()})
+        stop.begun()
 
     sync_every = sync_interval(device)
     for epoch in tqdm(range(done + 1, opts["epochs"] + 1), disable=opts["verbose"] < 1, desc="epochs"):
         record.epoch_started(epoch)
         stats, stop_tag = train_epoch(model, optimizer, data["train"], opts, generator, stop, sync_every,
                                       opts["verbose"])
+        final = epoch == opts["epochs"] and stats is not None and stop_tag is None
+        if final:  # every batch is trained: the run's work is done, and a stop changes nothing now
+            stop.close()
         if stats is None or stop_tag in (utils.PREEMPTED(), utils.STOPPED()):  # trained again on resume
             utils.add_tags(tags, [stop_tag])
             break
@@ -448,7 +430,7 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
             unsaved = utils.write_failure(checkpoint, lambda: save_checkpoint(checkpoint, epoch, model, optimizer,
                                                                               generator, history, tags))
             stop_tag = utils.SAVE_FAILED() if unsaved else stop_tag  # the previous checkpoint stays whole
-        stop_tag = stop_tag or stop.tag  # a signal during evaluation or saving: stop now, the epoch is whole
+        stop_tag = stop_tag or (None if final else stop.tag)  # a signal in evaluation or saving: the epoch is whole
         if stop_tag:
             utils.add_tags(tags, [stop_tag])
             break
@@ -471,7 +453,7 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
 
 
 def train_reporting_bugs(opts: dict, folder: Path | None, resume: bool, record: runs.Record,
-                         stop: StopRequest) -> None:
+                         stop: watch.Link) -> None:
     """train(), with an exception raised in it (a bug in the training code) made the run's end: its
     traceback on screen, the run Failed, and no advice to resume, which would only raise it again."""
     try:
@@ -529,15 +511,32 @@ def bf16_error(device: torch.device) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def use_the_allowed_cores() -> None:
+    """Torch's threads: one per core this process may run on (a sweep's workers, a job's share, taskset),
+    unless the user set OMP_NUM_THREADS, which torch reads itself."""
+    if not os.environ.get("OMP_NUM_THREADS") and hasattr(os, "sched_getaffinity"):
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+
+
+def main(argv: list[str] | None = None, link: watch.Link | None = None) -> int:
+    """One run; its exit status. `link` hears stop signals (a new one, and its handlers restored at
+    the end, for a caller in this process)."""
+    link = link or watch.Link(watch.Channel())
+    with link:
+        return run(argv, link)
+
+
+def run(argv: list[str] | None, link: watch.Link) -> int:
     parser = utils.get_arg_parser()
     opts = vars(parser.parse_args(argv))
+    any_seed = opts["seed"] == utils.RANDOM_SEED  # --resume yes then continues a stopped run of any seed
     opts["seed"] = utils.resolve_seed(opts["seed"])
     opts["device"] = opts["device"] or os.environ.get("DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     if why := device_error(opts["device"]):
         parser.error(f"argument --device: {opts['device']!r} cannot be used here ({why})")
     if opts["precision"] == "bf16" and (why := bf16_error(torch.device(opts["device"]))):
         parser.error(f"argument --precision: bf16 cannot run on {opts['device']} ({why}); use fp32")
+    use_the_allowed_cores()
     config = {**opts, "group": utils.generate_name(opts)}
 
     reasons = utils.prune_hyperparameters(opts, parser)
@@ -546,21 +545,30 @@ def main(argv: list[str] | None = None) -> int:
     keep = opts["save"] or opts["checkpoint_every"]  # checkpoints live in the run folder too
     # Under `wandb agent` a run id that left a checkpoint is a preempted run W&B has re-queued.
     resume = keep and (opts["resume"] or bool(os.environ.get("WANDB_RUN_ID")))
-    folder, history, lock = None, [], None
+    folder, previous, lock = None, None, None
     try:
         if keep:
-            folder, history, lock = runs.run_folder(opts, config, resume)
-        guard = watch.Channel()
-        record = runs.Record(opts, config, folder, history, guard)
+            with link.deferred():  # the folder is made and owned whole, or not at all
+                folder, previous, lock = runs.run_folder(opts, config, resume, any_seed and opts["resume"])
+        if previous:  # a run resumed: its own seed (another than drawn, with --seed random)
+            opts["seed"] = config["seed"] = previous["seed"]
+        record = runs.Record(opts, config, folder, previous["history"] if previous else [], link)
         if reasons and opts["abort_irrelevant"]:
-            record.start({})
+            with link.deferred():
+                record.start({})
+                link.begun()
             record.finish([utils.IRRELEVANT()])
             # Failed in W&B and tagged, but it did what was asked (declined to train): exit 0, so W&B's
             # agent does not take a sparse sweep's pruned runs for a broken setup (its flapping checks).
             return 0
-        with StopRequest(lambda tag: guard.send("stopping", tag=tag)) as stop:
-            train_reporting_bugs(opts, folder, resume, record, stop)
+        train_reporting_bugs(opts, folder, resume, record, link)
         return record.status
+    except runs.AlreadyEnded as ended:
+        results = ended.results
+        print(f"--resume yes: this run has ended already, in {ended.folder}: {results['status']} after "
+              f"{len(results['history'])} epochs, tags {', '.join(results['tags']) or 'none'}. Nothing to train "
+              "(without --resume yes it trains again).", file=sys.stderr)
+        return int(results["status"] != "finished")
     except utils.UsageError as e:  # a command-line value the data rules out
         parser.error(str(e))
     except utils.StartError as e:
@@ -569,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     except utils.RunEnded:  # its end is written: results.json could not be saved
         return record.status
     finally:
+        link.close()  # what follows tidies up whatever ended the run: no stop interrupts it
         runs.remove_if_unstarted(folder)
         if lock is not None:  # the run has ended: its folder is free for the next process
             os.close(lock)
@@ -576,8 +585,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     tqdm.set_lock(threading.RLock())  # tqdm's default lock is a named semaphore, which a killed process leaks
-    # Outside the training loop a stop signal changes nothing: the run's end is written whole and the
-    # exit status is the run's (a Ctrl+C key held down, an agent's late SIGTERM, one forwarded by the guard).
-    for signum in utils.STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    sys.exit(main())
+    wandb_start.exit(main(link=LINK))

@@ -14,72 +14,17 @@ import os
 import secrets
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import utils
-
-WANDB_INIT_TIMEOUT = 15.0  # seconds W&B's server has to answer before the run logs offline instead
-# W&B's service buffers the run file and flushes it every 15 s; when the process it serves dies (killed,
-# out of memory) it drops what it had not flushed. It notices a death within about 0.1 s: flushing
-# more often than that keeps every epoch logged before the death.
-WANDB_FLUSH_INTERVAL = 0.02
-WANDB_PROBE_TIMEOUT = 5.0  # seconds W&B's server has to answer a plain HTTP request before wandb.init
-
-
-def unreachable(url: str) -> str | None:
-    """Why W&B's server at `url` cannot be reached, if it cannot. wandb.init retries a refused connection
-    until its init timeout; one request (through the proxies the environment names, as W&B's own) says
-    at once. Any HTTP answer, an error status too, means the server is there."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(url, timeout=WANDB_PROBE_TIMEOUT).close()
-    except urllib.error.HTTPError:
-        return None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        return str(getattr(e, "reason", e))
-    return None
+import wandb_start
 
 
 def wandb_wanted(opts: dict) -> bool:
     """As for any W&B script: WANDB_PROJECT in the environment turns logging on like --wandb_project;
     under `wandb agent` (WANDB_SWEEP_ID set) the project comes from the sweep."""
     return bool(opts["wandb_project"] or os.environ.get("WANDB_PROJECT") or os.environ.get("WANDB_SWEEP_ID"))
-
-
-def start_wandb(**init):
-    """wandb.init(**init), or W&B offline when its server cannot be reached (at once) or does not answer
-    within WANDB_INIT_TIMEOUT; a StartError naming the cause when W&B cannot start at all."""
-    import wandb  # only runs that log pay for its import
-
-    if os.environ.get("WANDB_DIR"):  # W&B would fall back to a temporary folder, which a reboot may empty
-        check_writable(os.environ["WANDB_DIR"], "WANDB_DIR")
-    settings = {"x_transaction_log_flush_interval": WANDB_FLUSH_INTERVAL}
-    if not os.environ.get("WANDB_INIT_TIMEOUT"):  # W&B's own 90 s would keep training waiting
-        settings["init_timeout"] = WANDB_INIT_TIMEOUT
-    init["settings"] = wandb.Settings(**settings)
-    try:
-        defaults = wandb.setup().settings  # the environment's and `wandb login`'s: the mode, the server
-        if (init.get("mode") or defaults.mode) == "online" and (why := unreachable(defaults.base_url)):
-            print(f"Warning: W&B's server {defaults.base_url} is unreachable ({why}); logging offline instead. "
-                  "Upload later with `wandb sync`.", file=sys.stderr)
-            init["mode"] = "offline"
-        try:
-            return wandb.init(**init)
-        except wandb.errors.CommError as e:  # W&B's server unreachable: nothing is lost offline
-            print(f"Warning: W&B is unreachable ({str(e).splitlines()[0]}); logging offline instead. Upload "
-                  "later with `wandb sync`.", file=sys.stderr)
-            wandb.teardown()  # W&B's service still holds the run id of the attempt
-            return wandb.init(**{**init, "mode": "offline"})
-    except Exception as e:  # W&B's own errors, and its service failing as it starts: name the cause
-        cause = f"{type(e).__name__}: {' '.join(line.strip() for line in str(e).splitlines())[:300] or 'no message'}"
-        login = isinstance(e, wandb.errors.AuthenticationError) or any(
-            word in str(e).lower() for word in ("api key", "api_key", "login"))
-        raise utils.StartError(f"W&B could not start ({cause}).\n" + ("Log in with `wandb login`, or run" if login
-                               else "Run") + " with WANDB_MODE=offline (upload later with `wandb sync`).") from None
 
 
 def with_epoch_axis(run):
@@ -96,44 +41,80 @@ def with_epoch_axis(run):
     return run
 
 
-def check_writable(path: str, what: str = "--output_path") -> None:
-    """Fail before training, not after it, when results could not be saved."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        raise utils.StartError(f"cannot save under {what} {path}: {e.strerror or e}") from None
+class Busy(utils.StartError):
+    """The run folder is owned by another process, which trains the run."""
 
 
-def previous_run(opts: dict, config: dict) -> tuple[Path, dict] | None:
-    """The folder and results of this command's last run (same group and seed) that stopped before
-    its end: ended with a tag --resume can continue from, or never ended (its guard was killed too).
+class AlreadyEnded(Exception):
+    """--resume yes found this command's run ended for good: nothing to train. Its folder and results."""
+
+    def __init__(self, folder: Path, results: dict):
+        super().__init__(folder)
+        self.folder, self.results = folder, results
+
+
+def previous_runs(opts: dict, config: dict, any_seed: bool) -> list[tuple[Path, dict]]:
+    """This command's earlier runs (same group and seed, or any seed), newest first, with their results.
     Under `wandb agent` the run id says which: W&B re-queues a preempted run under its own id."""
     group = Path(opts["output_path"], config["group"])
     if os.environ.get("WANDB_RUN_ID"):
         candidates = [group / os.environ["WANDB_RUN_ID"]]
     else:
         candidates = sorted(group.glob("*/"), key=lambda p: p.stat().st_mtime, reverse=True)
+    found = []
     for folder in candidates:
         if not (folder / "results.json").exists():  # not started yet, or never: nothing to continue
             continue
         try:
             results = json.loads((folder / "results.json").read_text())
-            stopped = results["status"] == "running" or utils.resumable(results["tags"])
-            if results["seed"] == opts["seed"] and stopped:
-                return folder, results
+            if any_seed or results["seed"] == opts["seed"]:
+                stopped(results)  # a results.json without status or tags is damaged
+                found.append((folder, results))
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"Warning: --resume skipped the run in {folder}: its results.json could not be read "
                   f"({type(e).__name__}: {e}). Mend or delete that folder if it is the run to continue.",
                   file=sys.stderr)
+    return found
+
+
+def stopped(results: dict) -> bool:
+    """Whether a run stopped before its end: it ended with a tag --resume can continue from, or it never
+    ended (its guard was killed too)."""
+    return results["status"] == "running" or utils.resumable(results["tags"])
+
+
+def resume_folder(opts: dict, config: dict, any_seed: bool) -> tuple[Path, dict, int] | None:
+    """The run --resume yes continues, owned by this process: the newest stopped run of this command that
+    no process trains. None when there is none; AlreadyEnded when this command's newest run before it ended
+    for good (with `any_seed`, for --seed random, none counts: each such run is a new replicate); Busy when
+    every stopped one is being trained."""
+    busy = None
+    for folder, results in previous_runs(opts, config, any_seed):
+        if stopped(results):
+            try:
+                lock = own(folder)
+            except Busy:
+                busy = busy or folder
+                continue
+            with contextlib.suppress(OSError, ValueError):  # it may have ended while we looked
+                results = json.loads((folder / "results.json").read_text())
+            if stopped(results):
+                utils.remove_partial_writes(folder)
+                return folder, results, lock
+            os.close(lock)
+        if not any_seed:
+            raise AlreadyEnded(folder, results)
+    if busy:
+        raise Busy(f"the run in {busy} is being trained by another process, so this one leaves it alone. Wait for "
+                   "that one to end (or stop it), then run this command again.")
     return None
 
 
 def own(folder: Path, wait: float = 0.0) -> int:
     """An exclusive lock on the run folder for this process, which the OS releases however the process
     dies: a run is never trained by two processes at once (a job submitted twice, a re-queue racing a
-    restart). Waits up to `wait` seconds for it. Returns the lock's descriptor; close it when the run
-    has ended."""
+    restart). Waits up to `wait` seconds for it, else raises Busy. Returns the lock's descriptor; close
+    it when the run has ended."""
     fd, deadline = os.open(folder, os.O_RDONLY), time.monotonic() + wait
     while True:
         try:
@@ -144,21 +125,23 @@ def own(folder: Path, wait: float = 0.0) -> int:
                 time.sleep(0.05)
                 continue
             os.close(fd)
-            raise utils.StartError(f"the run in {folder} is being trained by another process, so this one leaves "
-                                   "it alone. Wait for that one to end (or stop it), then run this command again."
-                                   ) from None
+            raise Busy(f"the run in {folder} is being trained by another process, so this one leaves it alone. "
+                       "Wait for that one to end (or stop it), then run this command again.") from None
 
 
-def run_folder(opts: dict, config: dict, resume: bool) -> tuple[Path, list, int]:
-    """The run's folder, OUTPUT_PATH/GROUP/RUN_ID, owned by this process (see own()), and the history it
-    already holds: with `resume`, that of the run to continue, if there is one; else a new folder
-    holding config.json. RUN_ID is also the W&B run's id: WANDB_RUN_ID under `wandb agent`, else 8
-    random hex digits."""
-    check_writable(opts["output_path"])
-    if resume and (found := previous_run(opts, config)):
-        lock = own(found[0])
-        print(f"Resuming the run in {found[0]}", file=sys.stderr)
-        return found[0], found[1]["history"], lock
+def run_folder(opts: dict, config: dict, resume: bool, any_seed: bool = False) -> tuple[Path, dict | None, int]:
+    """The run's folder, OUTPUT_PATH/GROUP/RUN_ID, owned by this process (see own()), and, with `resume`,
+    the results of the run it continues (see resume_folder); else a new folder holding config.json, and
+    None. RUN_ID is also the W&B run's id: WANDB_RUN_ID under `wandb agent`, else 8 random hex digits."""
+    wandb_start.check_writable(opts["output_path"])
+    if resume:
+        if found := resume_folder(opts, config, any_seed):
+            print(f"Resuming the run in {found[0]}", file=sys.stderr)
+            return found
+        if not os.environ.get("WANDB_RUN_ID"):  # under the agent a new run id is a new run: nothing to say
+            which = "of this group" if any_seed else "of this group and seed"
+            print(f"--resume yes: no stopped run {which} under {Path(opts['output_path'], config['group'])}; "
+                  "starting a new one.", file=sys.stderr)
     folder = Path(opts["output_path"], config["group"], os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -171,7 +154,7 @@ def run_folder(opts: dict, config: dict, resume: bool) -> tuple[Path, list, int]
         os.close(lock)
         remove_run_folder(folder)
         raise utils.StartError(f"cannot write in the run folder {folder}: {e.strerror or e}") from None
-    return folder, [], lock
+    return folder, None, lock
 
 
 def remove_run_folder(folder: Path) -> None:
@@ -207,22 +190,26 @@ class Record:
         self.history, self.tags, self.status = history, [], None
         # Epochs W&B already has: a resumed run trains again those logged after its checkpoint.
         self.logged = max([row["epoch"] for row in history if "test/accuracy" in row], default=0)
+        self.tell_guard("starting", folder=str(folder) if folder else None)
 
     def start(self, constants: dict) -> None:
         """The run starts: its data is loaded and its model built. W&B starts now, in this process, so
         that a fork's own wandb.log calls anywhere in the training code land in this run."""
         self.constants = constants  # the figures that do not change: baselines, split sizes, parameter count
         if wandb_wanted(self.opts):
-            # A resumed run continues its own W&B run: resume="allow" with its id.
-            self.run = with_epoch_axis(start_wandb(
-                project=self.opts["wandb_project"], group=self.config["group"], config=self.config,
-                id=self.folder.name if self.folder else None, resume="allow"))
-            self.use_wandb("recording the data's and model's figures", lambda: self.run.config.update(
-                self.constants, allow_val_change=True))
-        else:  # W&B's own way to log nothing: a fork's wandb.log calls work in a run that does not log too
-            import wandb
+            def prepare(run):  # part of W&B's start: a service that dies just after wandb.init fails here
+                run.config.update(self.constants, allow_val_change=True)
+                return with_epoch_axis(run)
 
-            self.run = wandb.init(mode="disabled")
+            self.tell_guard("wandb", seconds=wandb_start.limit())
+            # A resumed run continues its own W&B run: resume="allow" with its id (under `wandb agent`, the
+            # agent's). One id for every try, so that a second try re-opens the first's run.
+            self.run = wandb_start.start_wandb(
+                prepare, project=self.opts["wandb_project"], group=self.config["group"], config=self.config,
+                id=self.folder.name if self.folder else os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4),
+                resume="allow")
+        if self.run is None:  # W&B's own way to log nothing: a fork's wandb.log calls work without W&B too
+            self.run = wandb_start.disabled_run()
         self.run_path = self.run.path if self.run and not self.run.disabled else None
         self.user_tags = tuple(self.run.tags) if self.run else ()
         self.save("running")
@@ -263,22 +250,25 @@ class Record:
         return tuple(dict.fromkeys([*self.user_tags, *tags]))
 
     def use_wandb(self, what: str, call) -> None:
-        """W&B's service can die mid-run (killed, out of memory): say what is lost, and go on without
-        it. Training and results.json never depend on W&B."""
+        """W&B's service can die mid-run (killed, out of memory) or freeze: say what is lost, and go on
+        without it. Training and results.json never depend on W&B, and no W&B call waits past W&B's own
+        limits (wandb_start.limit())."""
         if not self.run:
             return
         try:
-            call()
+            wandb_start.within(wandb_start.limit(), call)
+        except wandb_start.WandbStuck:
+            print(f"Warning: W&B hung while {what} ({wandb_start.stuck}): the run goes on without it. What W&B "
+                  "had, its local run files keep (`wandb sync` uploads them); results.json holds every epoch "
+                  "and the run's end.", file=sys.stderr, flush=True)
+            self.run = None
         except Exception as e:
             print(f"Warning: W&B failed while {what} ({type(e).__name__}: {str(e).strip()[:200]}): its service has "
                   "probably died, and what it had not written yet is lost from W&B. The run goes on without it; "
                   "results.json holds every epoch and the run's end.", file=sys.stderr, flush=True)
             self.run = None
-            wandb = sys.modules["wandb"]
-            with contextlib.suppress(Exception):  # now, or W&B's exit hook prints the broken link's traceback
-                wandb.teardown()
-            with contextlib.suppress(Exception):  # a fork's own wandb.log calls go on, into nothing
-                wandb.init(mode="disabled")
+            wandb_start.teardown()  # now, or W&B's exit hook prints the broken link's traceback
+            wandb_start.disabled_run()  # a fork's own wandb.log calls go on, into nothing
 
     def save(self, status: str) -> None:
         """Write results.json; when it cannot be written (a full disk), the run ends here with that reason,
@@ -309,9 +299,8 @@ class Record:
                 self.run.mark_preempting()  # W&B then re-queues a preempted sweep run
             self.run.finish(exit_code=int(failed))
         self.use_wandb("finishing the run", finish)
-        if "wandb" in sys.modules:  # W&B reads its settings once a process: a next run in it (a notebook, the
-            with contextlib.suppress(Exception):  # tests) reads them afresh, as a new process would
-                sys.modules["wandb"].teardown()
+        # W&B reads its settings once a process: a next run in it (a notebook, the tests) reads them afresh
+        wandb_start.teardown()
         resumable = self.opts["checkpoint_every"] and utils.resumable(self.tags)
         if self.folder and not resumable:
             (self.folder / "checkpoint.pt").unlink(missing_ok=True)
@@ -340,8 +329,22 @@ class Record:
         if address := started["wandb"]:
             record.user_tags, record.run_path = tuple(address["user_tags"]), address["path"]
             try:
-                record.run = start_wandb(id=address["id"], project=address["project"], entity=address["entity"],
-                                         mode=address["mode"], group=config["group"], resume="allow")
+                record.run = wandb_start.start_wandb(id=address["id"], project=address["project"],
+                                                     entity=address["entity"], mode=address["mode"],
+                                                     group=config["group"], resume="allow")
             except utils.StartError as e:
                 print(f"Warning: the run's end could not be written to W&B: {e}", file=sys.stderr, flush=True)
+            if record.run and not record.run.offline:
+                record.use_wandb("logging the epochs W&B's server lacks", record.catch_up)
         return record
+
+    def catch_up(self) -> None:
+        """Online, W&B's server may lack the last epochs a killed training process logged: W&B uploads a
+        run's history every few seconds and drops what it had not sent when that process dies. The
+        re-opened run's summary says which epoch the server's history ends at; the whole epochs after
+        it are logged again here, from results.json, so that the server holds each once. (Offline, the
+        dead process's run file holds them all: W&B flushes it every WANDB_FLUSH_INTERVAL.)"""
+        last = self.run.summary.get("epoch") or 0
+        for row in self.history:
+            if row["epoch"] > last and "test/accuracy" in row:
+                self.run.log(row)

@@ -198,7 +198,8 @@ def get_arg_parser() -> argparse.ArgumentParser:
     exp.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
                      help="0 quiet, 1 epoch progress and summaries, 2 batch progress too")
     exp.add_argument("--resume", type=yes_no, default="no", metavar="{yes,no}",
-                     help="continue this command's last stopped run (same group and seed) from its checkpoint")
+                     help="continue this command's newest stopped run (same group and seed; with --seed random, "
+                          "any seed) from its checkpoint; one that ended already is reported, not trained again")
     exp.add_argument("--checkpoint_every", type=Number(int, min=0), default=1,
                      help="epochs between checkpoints (what --resume continues from), 0 = none")
     exp.add_argument("--watchdog", type=yes_no, default="yes", metavar="{yes,no}",
@@ -335,7 +336,8 @@ PREEMPTED = Tag("Preempted", True,
                 resumable=True)
 STOPPED = Tag("Stopped", True,
               "stopped by SIGTERM to main.py alone (wandb agent's stop command or early termination, `kill PID`) at "
-              "the next batch; not re-queued by W&B; the epoch under way is dropped, as for Preempted", resumable=True)
+              "the next batch, or by main.py's death (the agent's SIGKILL after it); not re-queued by W&B; the epoch "
+              "under way is dropped, as for Preempted", resumable=True)
 SAVE_FAILED = Tag("Save failed", True,
                   "a checkpoint, model.pt or results.json could not be written (a full disk, a quota): the run stops, "
                   "keeping the last good checkpoint and the history saved so far; free space, then --resume yes",
@@ -353,10 +355,12 @@ TAGS = (SUCCESS, OVERFITTING_LEARNING, OVERFITTING_END, RANDOM_GUESSING, MOST_PR
         EXCEPTION,
         CRASHED)
 ERROR_TAGS = frozenset(tag.template for tag in TAGS if tag.error)
-# What main.py's training loop makes of a stop signal: SIGINT is Ctrl+C; SIGTERM a scheduler's preemption
+# What the training process makes of a stop signal: SIGINT is Ctrl+C; SIGTERM a scheduler's preemption
 # (it reaches every process of the job, the training process too); SIGUSR1 is the guard's word for a
-# SIGTERM that reached main.py alone (see watch.py).
-STOP_SIGNALS = {signal.SIGINT: USER_ABORT, signal.SIGTERM: PREEMPTED, signal.SIGUSR1: STOPPED}
+# SIGTERM that reached main.py alone, and SIGUSR2 what Linux sends when the guard dies (see watch.py).
+STOP_SIGNALS = {signal.SIGINT: USER_ABORT, signal.SIGTERM: PREEMPTED, signal.SIGUSR1: STOPPED,
+                signal.SIGUSR2: STOPPED}
+
 # Ends that --resume yes can continue from the last checkpoint; after the others it would only repeat them.
 RESUMABLE_TAGS = frozenset(tag.template for tag in TAGS if tag.resumable)
 
@@ -532,9 +536,13 @@ def guessing_tags(row: dict, baseline: str, threshold: float, tag: Tag) -> list[
 # Files: written whole or not at all, so a run killed while saving never leaves half a file.
 
 
+PARTIAL = ".partial"  # the end of the name of a file atomic_write has not finished
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call write(file) on a temporary file beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """Call write(file) on a temporary file beside `path`, then rename it over `path`. A kill in between
+    leaves the temporary file: remove_partial_writes() clears them."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -544,6 +552,13 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def remove_partial_writes(folder: Path, name: str = "*") -> None:
+    """What atomic_write left in `folder` (of the file `name`, or any) when its process was killed
+    mid-write. Call it only while no other process can be writing them (the folder or file is owned)."""
+    for leftover in folder.glob(f".{name}.*{PARTIAL}"):
+        leftover.unlink(missing_ok=True)
 
 
 def write_failure(path: Path, save) -> str | None:

@@ -1,21 +1,31 @@
 """The guard: `python main.py` runs itself again as the training process under this small process
 (as torchrun does for its workers), which imports neither torch nor wandb. The training process
 owns its run (W&B, the run folder; see runs.py) and tells the guard, through a pipe, how it goes
-(`Channel`); the guard forwards stop signals to it, and only when it dies or hangs does the guard
+(`Link`); the guard passes stop signals on to it, and only when it dies or hangs does the guard
 write the run's end itself: results.json's status and tags, and the W&B run, re-opened by its id,
-tagged and finished Failed. If the guard dies, the training process is sent SIGTERM and stops as
-preempted, resumable.
+tagged and finished Failed. If the guard dies, Linux sends the training process SIGUSR2 and it
+stops as `Stopped`, resumable.
 
-A SIGTERM is a scheduler's preemption when it reaches every process of the job (SLURM sends it so):
-the training process has one of its own, stops as `Preempted`, and says so. One that reaches main.py
-alone is a stop: `wandb agent`'s stop command and early termination, and its second Ctrl+C, terminate
-the process it started and nothing else (as does `kill PID`). The guard waits TERM_GRACE for the
-training process to say it had one too; if it does not, it sends SIGUSR1, and the run ends `Stopped`,
-which W&B does not re-queue.
+Stops. The first cause of a stop names the run's end, and nothing changes it once the end is decided.
+- Ctrl+C (SIGINT) reaches both processes (a terminal signals the whole foreground group); the guard
+  passes it on too, for a SIGINT to main.py alone. A second Ctrl+C kills training (`User abort`).
+- A SIGTERM that reaches main.py alone is a stop the user asked for: `wandb agent`'s stop command and
+  early termination, its second Ctrl+C, `kill PID`. The guard says so at once with SIGUSR1 (`Stopped`,
+  not re-queued by W&B). A SIGTERM to every process of the job is a scheduler's preemption (SLURM
+  sends it so): the training process has one of its own, and that makes it `Preempted`, whichever
+  of the two signals it handles first. The agent's SIGKILL that follows a stop kills the guard: the
+  training process then has its stop already, and keeps it.
+- Until the run has begun (W&B started, results.json written), a stop ends the training process at
+  once, leaving nothing: exit status 130 after Ctrl+C, 143 after the others. Main.py's first line
+  holds stop signals back until the process can act on them, so none is lost and none is a traceback.
+- Once the last epoch is saved, or the run's end is being written, stop signals change nothing.
 
 The training process's messages, one JSON object a line, each named by its "kind":
+- starting: {folder}: the run folder is made (or null); the guard removes it if training dies before
+  the run begins;
+- wandb: {seconds}: W&B is starting, and gives up after this long (the guard kills a start that hangs past it);
 - started: {folder, config, wandb}: the run has begun (data loaded, model built, W&B started);
-  folder is the run folder (or null), wandb what re-opens the W&B run (or null);
+  wandb is what re-opens the W&B run (or null);
 - epoch: {epoch, started}: an epoch starts, at `started` on the machine's monotonic clock;
 - saved: {epoch, tags}: an epoch has ended and is logged and saved (its checkpoint is written next);
 - stopping: {tag}: a stop signal reached the training process, which stops at the next batch with this tag;
@@ -24,7 +34,6 @@ The training process's messages, one JSON object a line, each named by its "kind
 """
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -37,17 +46,37 @@ import time
 import utils
 
 CHANNEL = "MAIN_PY_GUARD_FD"  # the environment variable that tells the training process where to report
-WATCH_GRACE = 2.0  # seconds the guard allows past a deadline before it acts
+WATCH_GRACE = 2.0  # seconds the guard allows past an epoch's deadline before it acts
+WANDB_GRACE = 10.0  # seconds it allows past W&B's own limit: training gives up on W&B first, and says so
 # Seconds the guard waits for the run folder's lock once training has died: its DataLoader workers hold
 # it (they inherit it) until they notice their parent's death, which they check every 5 s.
 LOCK_WAIT = 10.0
-TERM_GRACE = 2.0  # seconds for the training process to say it had a SIGTERM of its own (a preemption): its
-# handler runs between two Python lines, after a long native call (an evaluation batch) on a busy machine
+# Seconds within which a SIGTERM of the training process's own turns the guard's "Stopped" into "Preempted":
+# a job-wide SIGTERM reaches both processes at once, but Python runs SIGUSR1's handler before SIGTERM's.
+TERM_GRACE = 2.0
+GUARD_STOP = signal.SIGUSR1  # the guard's word for a SIGTERM that reached main.py alone
+GUARD_DIED = signal.SIGUSR2  # what Linux sends the training process when the guard dies
+HELD = tuple(utils.STOP_SIGNALS)  # the signals main.py holds back until it can act on them
+# What stopped a process before its run began, as its last line says: before the run has begun, a
+# preemption and a stop end alike (nothing is recorded), so the message names the signal, not a tag.
+CAUSES = {signal.SIGINT: "Ctrl+C", signal.SIGTERM: "SIGTERM", GUARD_STOP: "SIGTERM", GUARD_DIED: "the guard's death"}
+
+
+def stopped_before_start(signum: int) -> int:
+    """Says so; the exit status a shell gives a process that signal ended."""
+    print(f"\nStopped by {CAUSES[signum]} before the run began: nothing was trained, nothing changed.",
+          file=sys.stderr, flush=True)
+    return 128 + (signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+
+def hold_stops() -> None:
+    """Main.py's first line: stop signals wait (pending) until Link or the guard handles them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
 
 
 class Channel:
     """The training process's end of the pipe. Never raises: a guard that has died leaves training
-    to the SIGTERM Linux sends then (see guard()), not to a broken pipe."""
+    to the signal Linux sends then (see guard()), not to a broken pipe."""
 
     def __init__(self):
         fd = os.environ.pop(CHANNEL, None)  # popped: a process the training code starts is not watched
@@ -62,103 +91,258 @@ class Channel:
                 self.fd = None
 
 
+class StoppedBeforeStart(SystemExit):
+    """A stop before the run began: the process ends at once with the status a shell gives the signal.
+    A SystemExit, so that no `except Exception` in between swallows it and no traceback is shown."""
+
+
+class Link:
+    """The training process's side of the guard: the messages it sends (`send`, through Channel; without
+    a guard they go nowhere) and the stop signals it hears (utils.STOP_SIGNALS), as the module's
+    docstring describes. `tag` is the stop asked for, if any; the training loop acts on it at its next
+    batch. Use it as a context manager: on leaving, stops change nothing, and with `restore` the
+    previous handlers are back (for callers in this process), else stop signals are ignored to the
+    process's end (Python puts its default handlers back as it exits, and a late SIGINT would kill it).
+    `listen()` starts hearing earlier, before torch loads."""
+
+    EARLY, RUNNING, CLOSED = "early", "running", "closed"
+
+    def __init__(self, channel: Channel | None = None, restore: bool = True):
+        self.channel, self.tag, self.heard_at, self.phase, self.deferring = channel, None, 0.0, self.EARLY, 0
+        self.signum = None  # the first stop signal heard
+        self.previous, self.restore = None, restore
+
+    @property
+    def requested(self) -> bool:
+        return self.tag is not None
+
+    def listen(self) -> "Link":
+        if self.previous is None:
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in HELD}
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)  # what waited is handled now
+        return self
+
+    def __enter__(self) -> "Link":
+        return self.listen()
+
+    def __exit__(self, *exc) -> None:
+        self.phase = self.CLOSED
+        for signum, handler in (self.previous or {}).items():
+            signal.signal(signum, handler if self.restore else signal.SIG_IGN)
+
+    def _handle(self, signum, frame) -> None:
+        if self.phase == self.CLOSED:
+            return
+        tag = utils.STOP_SIGNALS[signum]()
+        job_wide = self.tag == utils.STOPPED() and signum == signal.SIGTERM and \
+            time.monotonic() - self.heard_at < TERM_GRACE
+        if self.tag is not None and not job_wide:  # the first cause stands
+            return
+        self.tag, self.heard_at, self.signum = tag, time.monotonic(), self.signum or signum
+        if self.phase == self.EARLY:
+            if not self.deferring:
+                self.stop_now()
+            return
+        self.send("stopping", tag=tag)
+        if signum in (signal.SIGINT, signal.SIGTERM):  # not for the guard's words: a process asked, not a person
+            print(f"\nStopping at the next batch: {tag}.", file=sys.stderr, flush=True)
+
+    def stop_now(self):
+        self.phase = self.CLOSED
+        raise StoppedBeforeStart(stopped_before_start(self.signum))
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A stop before the run begins waits for the end of this block (a run folder being made, W&B
+        starting): what it starts is finished, or undone, first."""
+        self.deferring += 1
+        try:
+            yield
+        finally:
+            self.deferring -= 1
+        if self.phase == self.EARLY and self.tag and not self.deferring:
+            self.stop_now()
+
+    def begun(self) -> None:
+        """The run has begun: from now on a stop is the loop's to act on, at its next batch."""
+        if self.phase == self.EARLY:
+            self.phase = self.RUNNING
+            if self.tag:
+                self.send("stopping", tag=self.tag)
+
+    def close(self) -> None:
+        """The run's end is decided: stop signals change nothing from now on."""
+        self.phase = self.CLOSED
+
+    def send(self, kind: str, **fields) -> None:
+        if kind == "ending":
+            self.close()
+        if self.channel:
+            self.channel.send(kind, **fields)
+
+
 def guarded() -> bool:
     """Whether this process is the training process under a guard."""
     return CHANNEL in os.environ
+
+
+def interpreter_options() -> list[str]:
+    """The options this interpreter was started with (-u, -X dev, -W error, ...), for the training process."""
+    return sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
+
+
+def start_training(script: str, argv: list[str], write: int) -> subprocess.Popen:
+    guard_pid = os.getpid()
+
+    def prepare():  # in the child, before it runs Python: stop signals held until it can act on them
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+        utils.stop_with_parent(guard_pid, GUARD_DIED)
+
+    return subprocess.Popen([sys.executable, *interpreter_options(), script, *argv],
+                            env={**os.environ, CHANNEL: str(write)}, pass_fds=(write,), preexec_fn=prepare)
 
 
 def guard(script: str, argv: list[str], epoch_timeout: float) -> int:
     """Runs `python script argv` as the training process and watches it; returns the run's exit status."""
     read, write = os.pipe()
     watch = Watch(epoch_timeout)
-    for signum in utils.STOP_SIGNALS:
-        signal.signal(signum, watch.forward)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, watch.heard)
+    signal.set_wakeup_fd(watch.wake[1])  # a signal wakes the loop's select at once
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))  # held since main.py's first line
     try:
-        watch.process = subprocess.Popen([sys.executable, script, *argv], env={**os.environ, CHANNEL: str(write)},
-                                         pass_fds=(write,), preexec_fn=functools.partial(
-                                             utils.stop_with_parent, os.getpid(), signal.SIGTERM))
+        for signum in watch.take_signals():
+            watch.act(signum)
+        if watch.stop_tag:  # stopped before training could start
+            return watch.stopped_before_start()
+        watch.process = start_training(script, argv, write)
         os.close(write)  # the training process holds the only writing end: its death closes the pipe
-        with os.fdopen(read, "rb", buffering=0) as pipe:
-            return watch.follow(pipe)
+        return watch.follow(read)
     finally:
-        for signum in utils.STOP_SIGNALS:  # after the run's end a stop signal changes nothing: the exit status is
-            signal.signal(signum, signal.SIG_IGN)  # the run's (SIG_IGN: Python restores no handler as it exits)
+        for signum in (signal.SIGINT, signal.SIGTERM):  # after the run's end a stop signal changes nothing: the
+            signal.signal(signum, signal.SIG_IGN)  # exit status is the run's (SIG_IGN: Python restores none)
         if watch.process and watch.process.poll() is None:
             watch.process.kill()
 
 
 class Watch:
     """Follows the training process: its messages, its death, its silence past --epoch_timeout (a hang in
-    native code never reaches the loop's own check). Every wait has a timeout."""
+    native code never reaches the loop's own check) or past W&B's start. Signals are acted on in the loop,
+    after every message already sent has been read: a stop that comes after the last epoch was saved (or
+    the end began) changes nothing. Every wait has a timeout."""
 
     def __init__(self, epoch_timeout: float):
         self.process, self.started, self.tags, self.ending, self.ended = None, None, [], False, False
-        self.deadline, self.stop_tag, self.minutes, self.stop_at = math.inf, None, epoch_timeout, math.inf
+        self.deadline, self.stop_tag, self.minutes, self.folder = math.inf, None, epoch_timeout, None
         self.timeout = 60 * epoch_timeout + WATCH_GRACE if epoch_timeout else None
+        self.signals, self.hung = [], None  # signals not yet acted on; why training was killed as hung
+        self.wake = os.pipe()
+        for fd in self.wake:
+            os.set_blocking(fd, False)
 
-    def forward(self, signum, frame):
-        if self.ending or not self.process:  # the run's end is being written: a late signal changes nothing
-            return
-        if signum == signal.SIGINT and self.stop_tag == utils.USER_ABORT():
-            print("\nSecond Ctrl+C: ending the run now.", file=sys.stderr, flush=True)
-            self.process.kill()
-            return
-        if self.stop_tag:  # the first stop names the end
-            return
-        if signum == signal.SIGTERM:  # a preemption or a stop: follow() decides, once the training process has spoken
-            self.stop_tag, self.stop_at = utils.STOPPED(), time.monotonic() + TERM_GRACE
-            return
-        self.stop_tag = utils.STOP_SIGNALS[signum]()
-        self.tell(signum)
+    def heard(self, signum, frame) -> None:
+        self.signals.append(signum)
 
-    def tell(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.process.send_signal(signum)
+    def take_signals(self) -> list[int]:
+        signals, self.signals = self.signals, []
+        return signals
 
-    def follow(self, pipe) -> int:
-        buffer, end = b"", None
-        while end is None:
-            if time.monotonic() > self.stop_at:  # a SIGTERM to main.py alone: a stop, not a preemption
-                self.stop_at = math.inf
-                self.tell(signal.SIGUSR1)
-            wait = min(1.0, max(0.0, min(self.deadline, self.stop_at) - time.monotonic()))
-            if select.select([pipe], [], [], wait)[0]:
-                data = pipe.read(65536)
+    def act(self, signum: int) -> None:
+        if self.ending:  # the last epoch is saved, or the run's end is being written: a late signal changes nothing
+            return
+        if self.stop_tag:  # the first stop names the end; Ctrl+C while a stop is under way ends it now
+            if signum == signal.SIGINT and self.process:
+                print("\nCtrl+C again: ending the run now.", file=sys.stderr, flush=True)
+                self.process.kill()
+            return
+        # A SIGTERM here may be the job's (the training process then says Preempted) or main.py's alone: Stopped.
+        self.stop_tag = utils.USER_ABORT() if signum == signal.SIGINT else utils.STOPPED()
+        if self.process:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGINT if signum == signal.SIGINT else GUARD_STOP)
+
+    def stopped_before_start(self) -> int:
+        self.remove_unstarted()
+        return stopped_before_start(signal.SIGINT if self.stop_tag == utils.USER_ABORT() else signal.SIGTERM)
+
+    def remove_unstarted(self) -> None:
+        """What the training process made for a run that never began (its folder) goes with it."""
+        if self.folder:
+            import runs
+
+            runs.remove_if_unstarted(runs.Path(self.folder))
+
+    def follow(self, read: int) -> int:
+        os.set_blocking(read, False)
+        buffer, closed = b"", False
+        while not closed:
+            wait = min(1.0, max(0.0, self.deadline - time.monotonic()))
+            select.select([read, self.wake[0]], [], [], wait)
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.wake[0], 4096)
+            # Signals are taken before the pipe is read: every message sent before one of them is heard first.
+            signals = self.take_signals()
+            while True:
+                try:
+                    data = os.read(read, 65536)
+                except BlockingIOError:
+                    break
                 if not data:  # the pipe closed: the training process has ended
+                    closed = True
                     break
                 *lines, buffer = (buffer + data).split(b"\n")
                 for line in lines:
                     self.hear(json.loads(line))
-            elif time.monotonic() > self.deadline:
+            for signum in signals:
+                self.act(signum)
+            if time.monotonic() > self.deadline:
                 self.process.kill()
-                end = (utils.TIMEOUT(), f"an epoch ran past --epoch_timeout {self.minutes:g} min and did not stop "
-                       "by itself: the training process was stuck, and has been killed")
-            elif self.process.poll() is not None:  # ended, though a process it started holds the pipe open
+                self.hung = self.hang()
                 break
-        code = self.wait()
-        if self.ended or (self.started is None and code >= 0):
-            return code  # the run's own end, or a start error the training process has reported itself
-        if end is None:
-            end = self.death(code)
-        if self.started is None:  # killed while its data loaded: there is no run to end yet
-            print(f"Error: {end[1]}", file=sys.stderr, flush=True)
+            if self.process.poll() is not None:  # ended, though a process it started holds the pipe open
+                break
+        os.close(read)
+        return self.end(self.wait())
+
+    def hang(self) -> tuple[str, str]:
+        if self.started is None:
+            return utils.TIMEOUT(), ("W&B's start outlasted its limit and did not give up by itself: the training "
+                                     "process was stuck, and has been killed")
+        return utils.TIMEOUT(), (f"an epoch ran past --epoch_timeout {self.minutes:g} min and did not stop by itself: "
+                                 "the training process was stuck, and has been killed")
+
+    def end(self, code: int) -> int:
+        if self.ended or (self.started is None and code >= 0 and not self.hung):
+            return code  # the run's own end, or one the training process reported itself before the run began
+        tag, message = self.hung or self.death(code)
+        if self.started is None:  # no run to end yet: what was made for it goes
+            if message is None:
+                return self.stopped_before_start()
+            print(f"Error: {message} before the run began: nothing was trained.", file=sys.stderr, flush=True)
+            self.remove_unstarted()
             return 1
-        return self.take_over(*end)
+        return self.take_over(tag, message and f"{message} before the end of the run")
 
     def hear(self, message: dict) -> None:
         kind = message["kind"]
-        if kind == "started":
+        if kind == "starting":
+            self.folder = message["folder"]
+        elif kind == "started":
             self.started = message
         elif kind in ("saved", "ending"):
             self.tags = message["tags"]
-        elif kind == "stopping":  # its own signal: the stop is what it heard
-            self.stop_tag, self.stop_at = message["tag"], math.inf
-        self.ending |= kind == "ending"
-        self.ended = kind == "ended"
+        elif kind == "stopping" and not self.ending:  # its own signal: the stop is what it heard
+            self.stop_tag = message["tag"]
+        final = kind == "saved" and self.started and message["epoch"] >= self.started["config"]["epochs"]
+        self.ending |= kind == "ending" or bool(final)
+        self.ended |= kind == "ended"
         # Once started, the training process reports at least once an epoch: as one starts, as it ends
-        # (then its checkpoint is written). Silence past the timeout is a hang.
-        since = message["started"] if kind == "epoch" else time.monotonic()
-        self.deadline = since + self.timeout if self.timeout and self.started and not self.ending else math.inf
+        # (then its checkpoint is written). Silence past the timeout is a hang; so is a W&B start past its limit.
+        if kind == "wandb":
+            self.deadline = time.monotonic() + message["seconds"] + WANDB_GRACE
+        elif self.started or kind == "started":
+            since = message["started"] if kind == "epoch" else time.monotonic()
+            self.deadline = since + self.timeout if self.timeout and not self.ending else math.inf
 
     def wait(self) -> int:
         try:
@@ -172,7 +356,7 @@ class Watch:
             return self.stop_tag, None
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
         oom = " (the out-of-memory killer sends SIGKILL)" if code == -signal.SIGKILL else ""
-        return utils.CRASHED(), f"the training process {how}{oom} before the end of the run"
+        return utils.CRASHED(), f"the training process {how}{oom}"
 
     def take_over(self, tag: str, message: str | None) -> int:
         """The run's end, written here: the training process can no longer write it."""

@@ -26,12 +26,13 @@ import torch.nn.functional as F  # noqa: E402
 
 import main as experiment  # noqa: E402
 import utils  # noqa: E402
+import watch  # noqa: E402
 
 
 def epoch(model, optimizer, data, opts, generator, pieces: int) -> None:
     """One epoch with the first `pieces` of the loop's bookkeeping (4: main.train_epoch itself)."""
     if pieces == 4:
-        experiment.train_epoch(model, optimizer, data, opts, generator, experiment.StopRequest(), 1, verbose=0)
+        experiment.train_epoch(model, optimizer, data, opts, generator, watch.Link(), 1, verbose=0)
         return
     params = list(model.parameters())
     squared_norms = experiment.squared_gradient_norms(params)

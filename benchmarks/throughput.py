@@ -33,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import main as experiment  # noqa: E402
 import utils  # noqa: E402
+import watch  # noqa: E402
 
 
 def bare_epoch(model, optimizer, x, y, batch_size, generator, bf16: bool) -> None:
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
 
         def epoch():
             stats, _ = experiment.train_epoch(model, optimizer, data, {**opts, "precision": precision},
-                                              torch.Generator().manual_seed(0), experiment.StopRequest(),
+                                              torch.Generator().manual_seed(0), watch.Link(),
                                               sync_every, verbose=0)
             run.log(stats)
 

@@ -169,6 +169,18 @@ def preempted_after_an_epoch(argv: list[str], wandb_dir: Path) -> None:
         proc.kill()
 
 
+def preempted_at(argv: list[str], wandb_dir: Path, line: str) -> None:
+    """Run main.py until it prints a line beginning so, then preempt it (SIGTERM to the job)."""
+    proc = launch(argv, wandb_dir)
+    try:
+        output = Output(proc)
+        output.wait_for(lambda text: text.startswith(line))
+        os.killpg(proc.pid, signal.SIGTERM)
+        output.finish(120)
+    finally:
+        proc.kill()
+
+
 def test_a_nan_in_the_weights_mid_run_is_caught_before_any_step(fault_data, tmp_path):
     preempted_after_an_epoch(args(fault_data, tmp_path / "out"), tmp_path)
     folder, before = results(tmp_path / "out")
@@ -358,14 +370,21 @@ def test_bad_data_or_output_path_is_a_clear_error_before_training(tmp_path):
 
 
 def test_resume_names_a_run_it_skips_for_a_damaged_results_file(tiny_data, tmp_path):
-    argv = small_run(tiny_data, tmp_path / "out", "--verbose", "1")
-    assert run(argv, tmp_path)[0] == 0
+    argv = small_run(tiny_data, tmp_path / "out", "--verbose", "1", "--epochs", "100000")
+    preempted_at(argv, tmp_path, "epoch 1/")  # the run to resume
     folder, _ = results(tmp_path / "out")
     (folder.parent / "damaged1").mkdir()
     (folder.parent / "damaged1" / "results.json").write_text('{"history": [')  # cut short, as by a full disk
-    code, output = run([*argv, "--resume", "yes"], tmp_path)
-    assert code == 0 and f"--resume skipped the run in {folder.parent / 'damaged1'}" in output, output
-    assert "Traceback" not in output and len(list(folder.parent.glob("*/config.json"))) == 2
+    proc = launch([*argv, "--resume", "yes"], tmp_path)
+    try:
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch "))
+        os.killpg(proc.pid, signal.SIGINT)
+        text, _ = output.finish()
+    finally:
+        proc.kill()
+    assert f"--resume skipped the run in {folder.parent / 'damaged1'}" in text, text
+    assert f"Resuming the run in {folder}" in text and "Traceback" not in text
 
 
 def test_a_training_process_stuck_past_the_epoch_timeout_is_killed(fault_data, tmp_path):
@@ -406,3 +425,62 @@ def test_a_preempted_sweep_run_resumes_by_itself_when_wandb_requeues_it(fault_da
     assert folder.name == "preempted1" and without_times(res["history"]) == without_times(expected_res["history"])
     first, second = find_runs(tmp_path, "preempted1")
     assert first.preempting and first.sweep_id == second.sweep_id == "sweep123" and second.exit_code == 0
+
+
+def test_resume_yes_is_idempotent_and_resumes_the_stopped_run_beside_a_live_copy(tiny_data, tmp_path):
+    """Re-running a job array with --resume yes trains only what is missing: a finished run is reported and
+    left alone; a stopped one is resumed, even while another copy of the same command trains a run of its own."""
+    done = small_run(tiny_data, tmp_path / "done", "--verbose", "1")
+    assert run(done, tmp_path)[0] == 0
+    folder, finished = results(tmp_path / "done")
+    code, output = run([*done, "--resume", "yes"], tmp_path)
+    assert code == 0 and f"this run has ended already, in {folder}: finished after 2 epochs" in output, output
+    assert "epoch 1/" not in output and "Traceback" not in output and results(tmp_path / "done") == (folder, finished)
+    code, output = run([*done, "--resume", "yes", "--seed", "1"], tmp_path)  # another seed: missing, so trained
+    assert code == 0 and "no stopped run of this group and seed" in output and "epoch 2/2" in output, output
+
+    argv = small_run(tiny_data, tmp_path / "out", "--epochs", "100000", "--verbose", "1")
+    preempted_at(argv, tmp_path, "epoch 1/")
+    [stopped] = [path.parent for path in (tmp_path / "out").glob("*/*/results.json")]
+    leftover = stopped / ".checkpoint.pt.k1ll3d.partial"  # a checkpoint write a kill cut short
+    leftover.write_bytes(b"half a checkpoint")
+    live = launch(argv, tmp_path)  # the same command again, training a run of its own
+    resumed = None
+    try:
+        live_output = Output(live)
+        live_output.wait_for(lambda line: line.startswith("epoch 1/"))
+        resumed = launch([*argv, "--resume", "yes"], tmp_path)
+        resumed_output = Output(resumed)
+        resumed_output.wait_for(lambda line: line.startswith("epoch "))
+        assert not leftover.exists()
+        for proc in (live, resumed):
+            os.killpg(proc.pid, signal.SIGINT)
+        text, _ = resumed_output.finish()
+        live_output.finish()
+    finally:
+        for proc in (live, resumed):
+            if proc and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert f"Resuming the run in {stopped}" in text and resumed.returncode == 1, text
+    res = json.loads((stopped / "results.json").read_text())
+    assert [row["epoch"] for row in res["history"]] == list(range(1, len(res["history"]) + 1))
+    assert len(res["history"]) >= 2 and res["tags"][-1] == "User abort"
+
+
+def test_resume_yes_with_a_random_seed_continues_a_stopped_run_of_any_seed(tiny_data, tmp_path):
+    argv = small_run(tiny_data, tmp_path / "out", "--epochs", "100000", "--verbose", "1", "--seed", "random")
+    preempted_at(argv, tmp_path, "epoch 1/")
+    folder, before = results(tmp_path / "out")
+    proc = launch([*argv, "--resume", "yes"], tmp_path)
+    try:
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch "))
+        os.killpg(proc.pid, signal.SIGINT)
+        text, _ = output.finish()
+    finally:
+        proc.kill()
+    assert f"Resuming the run in {folder}" in text, text
+    folder_after, after = results(tmp_path / "out")  # the same run, its own seed kept
+    assert folder_after == folder and after["seed"] == before["seed"] and len(after["history"]) > len(before["history"])
+    config = json.loads((folder / "config.json").read_text())
+    assert config["seed"] == before["seed"]

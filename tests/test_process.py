@@ -208,7 +208,8 @@ def test_a_forks_own_wandb_calls_land_in_the_run_and_each_epoch_stays_one_row(wa
 
 
 def test_the_guards_death_stops_training_cleanly_and_leaves_it_resumable(tiny_data, tmp_path):
-    """The out-of-memory killer may pick the guard: training stops at once, as preempted, resumable."""
+    """main.py killed (`kill -9`, an agent's last resort; rarely the out-of-memory killer): training stops at
+    once, as Stopped (no preemption: W&B must not re-queue it), resumable."""
     out, training, epochs = tmp_path / "out", None, 5  # a short resume: batch-size-1 steps crawl under load
     args = small_run(tiny_data, out, "--epochs", str(epochs), "--batch_size", "1", "--verbose", "1")
     proc = start_main(args)
@@ -223,7 +224,7 @@ def test_the_guards_death_stops_training_cleanly_and_leaves_it_resumable(tiny_da
             os.kill(training, signal.SIGKILL)
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
     folder, res = results(out)
-    assert res["status"] == "failed" and res["tags"][-1] == "Preempted" and (folder / "checkpoint.pt").exists()
+    assert res["status"] == "failed" and res["tags"][-1] == "Stopped" and (folder / "checkpoint.pt").exists()
     assert "continue it with --resume yes" in stdout and len(res["history"]) < epochs
     resumed = start_main([*args, "--resume", "yes"])
     _, stderr = resumed.communicate(timeout=120)

@@ -19,6 +19,7 @@ from torch.utils.data import TensorDataset
 import demo
 import main
 import utils
+import watch
 
 BATCHES = 125  # with SYNC_EVERY = 50, two marked looks in the loop (after batches 50 and 100)
 
@@ -56,7 +57,7 @@ def epoch_setup(data_path, device: str, optimizer: str, precision: str = "fp32")
     model = main.build_model(opts, data).to(device)
     optim_class = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
     optim = optim_class(model.parameters(), lr=1e-3, fused=True)
-    return model, optim, batches, opts, torch.Generator().manual_seed(0), main.StopRequest()
+    return model, optim, batches, opts, torch.Generator().manual_seed(0), watch.Link()
 
 
 def in_loop(lines: list[int]) -> list[int]:

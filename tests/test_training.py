@@ -22,6 +22,7 @@ from wandb_file import find_run
 import main
 import runs
 import utils
+import watch
 
 
 def run_main(*args: str) -> int:
@@ -135,7 +136,7 @@ def test_between_host_looks_the_fused_optimizer_skips_non_finite_steps(tiny_data
         model = main.build_model(opts, description)
         optimizer = optimizer_class(model.parameters(), lr=1e30, fused=True)
         stats, tag = main.train_epoch(model, optimizer, data, opts, torch.Generator().manual_seed(0),
-                                      main.StopRequest(), sync_every=main.SYNC_EVERY, verbose=0)
+                                      watch.Link(), sync_every=main.SYNC_EVERY, verbose=0)
         assert tag in ("NaN loss", "Inf loss", "NaN gradient") and stats["train/batches"] < main.SYNC_EVERY
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -184,7 +185,7 @@ def test_an_epochs_statistics_are_its_batches_own(tiny_data, tmp_path, nan_at, p
     model = main.build_model(opts, description)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0, fused=True)
     stats, tag = main.train_epoch(model, optimizer, data, opts, torch.Generator().manual_seed(0),
-                                  main.StopRequest(), sync_every=sync_every, verbose=0)
+                                  watch.Link(), sync_every=sync_every, verbose=0)
     losses, norms, accuracy = by_hand(model, data, opts, torch.Generator().manual_seed(0))
     assert len(data) == 600 and len(losses) == (86 if nan_at is None else nan_at + 1)
     assert tag == (None if nan_at is None else "NaN loss") and stats["train/batches"] == len(losses)
@@ -210,7 +211,7 @@ def test_a_frozen_layer_is_left_out_of_the_norms_and_stays_as_it_was(tiny_data, 
     before = frozen.clone()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     data = main.DeviceBatches(description.splits["train"], torch.device("cpu"))
-    stats, tag = main.train_epoch(model, optimizer, data, opts, torch.Generator().manual_seed(0), main.StopRequest(),
+    stats, tag = main.train_epoch(model, optimizer, data, opts, torch.Generator().manual_seed(0), watch.Link(),
                                   sync_every=1, verbose=0)
     assert tag is None and math.isfinite(stats["train/grad_norm_mean"]) and torch.equal(frozen, before)
 
@@ -258,15 +259,37 @@ def test_timeout_keeps_the_history_so_far(tiny_data, tmp_path):
     assert len(res["history"]) == 1 and 0 < res["history"][0]["train/batches"] < res["constants"]["data/train_size"]
 
 
-@pytest.mark.parametrize("signum, tag", [(signal.SIGINT, "User abort"), (signal.SIGTERM, "Preempted")])
-def test_a_stop_signal_before_the_first_batch_ends_the_run_cleanly(signum, tag, tiny_data, tmp_path):
-    """A signal while the data loads: train() is under StopRequest from its first line."""
-    opts = vars(utils.get_arg_parser().parse_args(small_run(tiny_data, tmp_path, "--save", "no")))
-    record = runs.Record(opts, {**opts, "group": "a-group"}, None, [])
-    with main.StopRequest() as stop:
-        os.kill(os.getpid(), signum)
-        main.train(opts, None, False, record, stop)
+STOPS = [(signal.SIGINT, "User abort", 130), (signal.SIGTERM, "Preempted", 143)]
+
+
+@pytest.mark.parametrize("signum, tag, status", STOPS)
+def test_a_stop_before_the_run_begins_ends_the_process_at_once_or_after_what_it_is_finishing(signum, tag, status):
+    with watch.Link() as link, pytest.raises(SystemExit) as at_once:
+        os.kill(os.getpid(), signum)  # while the data loads, say: nothing to finish first
+    assert at_once.value.code == status
+    finished = []
+    with watch.Link() as link, pytest.raises(SystemExit) as deferred:
+        with link.deferred():  # a run folder being made, W&B starting: finished before the stop acts
+            os.kill(os.getpid(), signum)
+            finished.append(True)
+    assert finished and deferred.value.code == status
+
+
+@pytest.mark.parametrize("signum, tag, status", STOPS)
+def test_a_stop_as_the_run_begins_ends_it_at_the_first_batch(signum, tag, status, tiny_data, wandb_dir, tmp_path):
+    class StoppedAsItBegins(runs.Record):
+        def start(self, constants):
+            super().start(constants)
+            os.kill(os.getpid(), signum)  # heard while the run begins: the run exists, and stops at the first batch
+
+    opts = vars(utils.get_arg_parser().parse_args(small_run(tiny_data, tmp_path, "--save", "no",
+                                                            "--wandb_project", "boilerplate-tests")))
+    record = StoppedAsItBegins(opts, {**opts, "group": "a-group"}, None, [])
+    with watch.Link() as link:
+        main.train(opts, None, False, record, link)
     assert record.tags == [tag] and record.history == [] and record.status == 1
+    run = wandb_run(wandb_dir, record.run_path.split("/")[-1])
+    assert run.tags == [tag] and run.exit_code == 1 and run.history == []
 
 
 def test_wandb_disabled_trains_and_records_no_run_path(tiny_data, wandb_dir, tmp_path, monkeypatch):
@@ -388,6 +411,19 @@ def test_a_resumed_run_is_exact_with_a_forks_own_random_draws(precision, tiny_da
     whole, resumed = (results(tmp_path / name)[1]["history"] for name in ("whole", "stopped"))
     assert without_times(resumed) == without_times(whole)
     assert len({row["train/loss"] for row in whole}) == 4
+
+
+def test_torch_takes_the_cores_this_process_may_run_on(tiny_data, tmp_path, monkeypatch):
+    """A sweep's worker, a job's share, taskset: the cores the process may use, not the machine's."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    try:
+        os.sched_setaffinity(0, {min(cores)})
+        assert run_main(*small_run(tiny_data, tmp_path, "--epochs", "1")) == 0
+    finally:
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(threads)
+    assert results(tmp_path)[1]["constants"]["torch/threads"] == 1
 
 
 def test_a_class_missing_from_a_short_epoch_is_not_reported(caplog):

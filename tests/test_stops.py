@@ -1,0 +1,212 @@
+"""Every stop at every moment ends the run once and rightly: real `python main.py` processes, real signals
+at the run's start and end, the sequence W&B's agent sends (and the real `wandb agent` against a local
+stand-in of W&B's server), and a log file that follows the run whatever stdout is."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import OFFLINE, ROOT, Output, children, results, small_run, start_main, training_process
+from wandb_file import find_runs, whole_run
+from wandb_server import WandbServer
+
+STOPS = {signal.SIGINT: ("User abort", 130), signal.SIGTERM: ("Preempted", 143)}
+
+
+def launch(argv: list[str], wandb_dir: Path, **env) -> subprocess.Popen:
+    return start_main(argv, cwd=wandb_dir, env={**OFFLINE, "WANDB_DIR": str(wandb_dir), **env},
+                      stderr=subprocess.STDOUT)
+
+
+def logged(data: Path, out: Path, *extra: str) -> list[str]:
+    return small_run(data, out, "--verbose", "1", "--wandb_project", "boilerplate-tests", *extra)
+
+
+def assert_finished_once(code: int, output: str, out: Path, wandb_dir: Path) -> None:
+    """The run as it ends when nothing stops it: exit 0, finished, Success, one W&B session."""
+    assert code == 0 and "Traceback" not in output and "Error" not in output, output
+    folder, res = results(out)
+    assert res["status"] == "finished" and res["tags"][0] == "Success" and len(res["history"]) == 2, res["tags"]
+    assert not (folder / "checkpoint.pt").exists()
+    [run] = find_runs(wandb_dir, folder.name)  # one W&B session: nobody re-opened the run to rewrite its end
+    assert run.exit_code == 0 and run.tags == res["tags"] and not run.preempting
+
+
+@pytest.mark.parametrize("line", ["Run finished", "Saved in"])
+def test_a_preemption_as_the_run_ends_changes_nothing(line, tiny_data, tmp_path):
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        proc = launch(logged(tiny_data, out), tmp_path)
+        try:
+            output = Output(proc)
+            output.wait_for(lambda text: text.startswith(line))
+            os.killpg(proc.pid, signal.SIGTERM)  # a scheduler's SIGTERM to every process of the job
+            text, _ = output.finish()
+        finally:
+            proc.kill()
+        assert_finished_once(proc.returncode, text, out, tmp_path)
+
+
+def test_ctrl_c_held_down_through_the_end_changes_nothing(tiny_data, tmp_path):
+    """SIGINT to the process group every 5 ms from the last epoch's line to the exit, as a key held down."""
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        proc = launch(logged(tiny_data, out), tmp_path)
+        try:
+            output = Output(proc)
+            output.wait_for(lambda text: text.startswith("epoch 2/2"))
+            while proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGINT)
+                time.sleep(0.005)
+            text, _ = output.finish()
+        finally:
+            proc.kill()
+        assert_finished_once(proc.returncode, text, out, tmp_path)
+
+
+def wait_for_wandb_core(proc: subprocess.Popen) -> int:
+    """The pid of W&B's service, as soon as the training process has started it."""
+    deadline = time.monotonic() + 120
+    training = training_process(proc.pid)
+    while not (cores := children(training, b"wandb-core")):
+        assert time.monotonic() < deadline and proc.poll() is None, "W&B's service never started"
+        time.sleep(0.002)
+    return cores[0]
+
+
+@pytest.mark.parametrize("after", [0.2, 0.6, 1.2, 2.0, 3.0, "W&B starting"])
+@pytest.mark.parametrize("signum", list(STOPS), ids=lambda s: signal.Signals(s).name)
+def test_a_stop_at_any_moment_of_the_start_is_clean(signum, after, tiny_data, tmp_path):
+    """While the guard, Python, torch, the data, the model and W&B start. Which of them the signal meets
+    after so many seconds depends on the machine's speed; what must hold does not."""
+    tag, status = STOPS[signum]
+    out = tmp_path / "out"
+    proc = launch(logged(tiny_data, out, "--epochs", "100000"), tmp_path)
+    try:
+        output = Output(proc)
+        if after == "W&B starting":
+            wait_for_wandb_core(proc)
+        else:
+            time.sleep(after)
+        os.killpg(proc.pid, signum)  # a terminal's Ctrl+C, a scheduler's SIGTERM: the whole process group
+        text, _ = output.finish()
+    finally:
+        proc.kill()
+    assert "Traceback" not in text and "Error: None" not in text, text
+    saved = list(out.glob("*/*/results.json"))
+    if not saved:  # stopped before the run began: nothing left behind, not even a folder
+        cause = "Ctrl+C" if signum == signal.SIGINT else "SIGTERM"
+        assert proc.returncode == status and f"Stopped by {cause} before the run began" in text, text
+        assert not (out.exists() and list(out.rglob("*"))) and not list(tmp_path.glob("wandb/*run-*"))
+        return
+    folder, res = results(out)  # the run had begun: it ends with its tag, and is truly resumable
+    assert proc.returncode == 1 and res["status"] == "failed" and res["tags"][-1] == tag, text
+    assert (folder / "checkpoint.pt").exists() or not res["history"]
+    run = whole_run(tmp_path, folder.name)
+    assert run.exit_code == 1 and run.tags[-1] == tag and run.preempting == (signum == signal.SIGTERM)
+
+
+def test_the_agents_stop_then_kill_is_a_stop_never_a_preemption(tiny_data, tmp_path):
+    """wandb agent's stop (and its second Ctrl+C) terminates main.py alone, and kills it 0.3 s later if
+    it has not ended: the run is Stopped, resumable, and W&B does not re-queue it."""
+    out = tmp_path / "out"
+    proc = launch(logged(tiny_data, out, "--epochs", "100000"), tmp_path)
+    try:
+        output = Output(proc)
+        output.wait_for(lambda text: text.startswith("epoch 2/"))
+        os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGKILL)
+        text, _ = output.finish()  # the output ends when the training process, which shares it, ends
+    finally:
+        proc.kill()
+    assert "Traceback" not in text, text
+    folder, res = results(out)
+    assert res["status"] == "failed" and res["tags"][-1] == "Stopped" and (folder / "checkpoint.pt").exists()
+    run = whole_run(tmp_path, folder.name)
+    assert run.tags[-1] == "Stopped" and run.exit_code == 1 and not run.preempting
+
+
+@pytest.fixture
+def wandb_server():
+    server = WandbServer()
+    yield server
+    server.close()
+
+
+AGENT_ARGS = {"data_path": None, "val_size": 100, "batch_size": 32, "hidden": "64", "epochs": 100000, "device": "cpu",
+              "save": True}
+
+
+def test_ctrl_c_three_times_to_the_real_wandb_agent_stops_the_run_as_stopped(tiny_data, wandb_server, tmp_path):
+    """Plain `wandb agent SWEEP_ID` (no --forward-signals) starts each run in a process group of its own:
+    the terminal's Ctrl+C reaches the agent alone. Its second terminates the run (SIGTERM to main.py), its
+    third kills it: W&B must not re-queue a run the user stopped."""
+    wandb_server.sweeps["sweep1"] = "program: main.py\nmethod: grid\nparameters:\n  lr: {values: [0.001]}\n"
+    args = {**AGENT_ARGS, "data_path": str(tiny_data), "output_path": str(tmp_path / "out")}
+    wandb_server.commands.append({"type": "run", "run_id": "run1", "program": "main.py",
+                                  "args": {name: {"value": value} for name, value in args.items()}})
+    env = {**os.environ, **wandb_server.environment(), "WANDB_PROJECT": "boilerplate-tests",
+           "WANDB_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1", "PATH": python_first_on_path(tmp_path)}
+    agent = subprocess.Popen([sys.executable, "-m", "wandb", "agent", "sweep1"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output = Output(agent)
+        output.wait_for(lambda text: text.startswith("epoch 2/"))
+        for _ in range(3):  # Ctrl+C in the agent's terminal, three times
+            os.killpg(agent.pid, signal.SIGINT)
+            time.sleep(0.3)
+        text, _ = output.finish()
+    finally:
+        agent.kill()
+    assert "Traceback" not in text.split("Killing runs")[-1], text
+    folder, res = results(tmp_path / "out")
+    assert res["tags"][-1] == "Stopped" and res["status"] == "failed" and (folder / "checkpoint.pt").exists()
+    run = wandb_server.runs["run1"]
+    assert run.tags[-1] == "Stopped" and run.exit_code == 1 and not run.preempting
+
+
+def python_first_on_path(folder: Path) -> str:
+    """W&B's agent starts `python main.py`: the interpreter running the tests, even without its venv."""
+    shims = folder / "shims"
+    shims.mkdir(exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        (shims / "python").symlink_to(sys.executable)
+    return f"{shims}{os.pathsep}{os.environ['PATH']}"
+
+
+@pytest.mark.parametrize("stdout_to", ["file", "pipe"])
+def test_a_log_file_follows_the_run_as_it_goes(stdout_to, tiny_data, tmp_path):
+    """Not a terminal and no -u: each epoch's line reaches the log as it is printed, and the interpreter's
+    options (here -X faulthandler -W default) reach the training process."""
+    out, log = tmp_path / "out", tmp_path / "train.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    argv = [sys.executable, "-X", "faulthandler", "-W", "default", str(ROOT / "main.py"),
+            *small_run(tiny_data, out, "--verbose", "1", "--epochs", "100000")]
+    with open(log, "w") as file:
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=file if stdout_to == "file" else subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        if stdout_to == "pipe":
+            output = Output(proc)
+            output.wait_for(lambda text: text.startswith("epoch 3/"))  # seen while the run goes on
+        else:
+            deadline = time.monotonic() + 120
+            while not any(line.startswith("epoch 3/") for line in log.read_text().splitlines()):
+                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+                time.sleep(0.1)
+        training = training_process(proc.pid)
+        cmdline = Path(f"/proc/{training}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[1:5] == [b"-X", b"faulthandler", b"-W", b"default"], cmdline
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+        lines = (output.finish()[0] if stdout_to == "pipe" else log.read_text()).splitlines()
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and any(line.startswith("Run failed") for line in lines), lines

@@ -1,0 +1,105 @@
+"""W&B's own faults are W&B's: its service (wandb-core) killed or frozen as it starts never hangs a run nor
+tags it `Exception`; and when the guard takes a killed run over online, W&B's server ends up with every
+epoch once. Real `python main.py` processes, the real W&B client, offline or against a local stand-in of
+W&B's server (wandb_server.py)."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import OFFLINE, Output, children, results, small_run, start_main, training_process, whole_epochs
+from wandb_file import find_runs
+from wandb_server import WandbServer
+
+# W&B's own limits, short, so that a frozen service costs the test seconds, not minutes.
+QUICK = {"WANDB_X_SERVICE_WAIT": "3", "WANDB_INIT_TIMEOUT": "3"}
+
+
+def launch(argv: list[str], wandb_dir: Path, env: dict) -> subprocess.Popen:
+    return start_main(argv, cwd=wandb_dir, env={"WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true", **env},
+                      stderr=subprocess.STDOUT)
+
+
+def new_cores(training: int, seen: set, proc: subprocess.Popen) -> list[int]:
+    """W&B services the training process starts from now on, as soon as each appears."""
+    deadline = time.monotonic() + 120
+    while not (found := [pid for pid in children(training, b"wandb-core") if pid not in seen]):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            return []
+        time.sleep(0.002)
+    seen.update(found)
+    return found
+
+
+@pytest.mark.parametrize("what, after, every", [
+    (signal.SIGKILL, 0.0, False), (signal.SIGKILL, 0.5, False), (signal.SIGKILL, 1.0, False),
+    (signal.SIGKILL, 0.0, True),  # every service W&B starts dies: no W&B at all
+    (signal.SIGSTOP, 0.0, False), (signal.SIGSTOP, 0.2, False), (signal.SIGSTOP, 1.0, False),  # frozen
+], ids=["killed-at-once", "killed-0.5s", "killed-1s", "killed-each-time", "frozen-at-once", "frozen-0.2s",
+        "frozen-1s"])
+def test_wandbs_service_failing_as_it_starts_never_hangs_the_run_nor_blames_it(what, after, every, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    proc = launch(small_run(tiny_data, out, "--verbose", "1", "--epochs", "3", "--wandb_project", "boilerplate-tests"),
+                  tmp_path, {**OFFLINE, **QUICK})
+    hit = []
+    try:
+        output = Output(proc)
+        training, seen = training_process(proc.pid), set()
+        while cores := new_cores(training, seen, proc):
+            time.sleep(after)
+            for core in cores:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(core, what)
+            hit += cores
+            if not every:
+                break
+        text, _ = output.finish(180)
+    finally:
+        proc.kill()
+        for core in hit:  # a frozen service would outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(core, signal.SIGKILL)
+    assert hit and proc.returncode == 0 and "Traceback" not in text, text
+    assert "Warning: W&B" in text  # W&B's failure is named
+    folder, res = results(out)
+    assert res["status"] == "finished" and res["tags"][0] == "Success" and "Exception" not in res["tags"]
+    assert len(res["history"]) == 3
+    runs = find_runs(tmp_path, folder.name)
+    if every:
+        assert "the run goes on without W&B" in text
+    if runs and runs[-1].exit_code is not None:  # W&B started after all (a second try): it holds every epoch
+        assert sum(len(run.history) for run in runs) == 3 and runs[-1].tags == res["tags"]
+
+
+@pytest.fixture
+def wandb_server():
+    server = WandbServer()
+    yield server
+    server.close()
+
+
+def test_the_guard_gives_wandbs_server_every_epoch_a_killed_run_had_logged(tiny_data, wandb_server, tmp_path):
+    """W&B uploads a run's history every few seconds and drops what it had not sent when the process it
+    serves is killed (the out-of-memory killer's SIGKILL). The guard, taking the run over, logs what the
+    server lacks before the end: the server holds each epoch once."""
+    out = tmp_path / "out"
+    proc = launch(small_run(tiny_data, out, "--verbose", "1", "--epochs", "100000",
+                            "--wandb_project", "boilerplate-tests"), tmp_path, wandb_server.environment())
+    try:
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch 2/"))  # epoch 2 is logged and saved
+        os.kill(training_process(proc.pid), signal.SIGKILL)
+        text, _ = output.finish()
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in text, text
+    folder, res = results(out)
+    assert res["status"] == "failed" and res["tags"][-1] == "Crashed" and len(whole_epochs(res["history"])) >= 2
+    run = wandb_server.runs[folder.name]
+    assert [row["epoch"] for row in run.history] == whole_epochs(res["history"])  # each once, none missing
+    assert run.exit_code == 1 and run.tags[-1] == "Crashed" and wandb_server.sessions[folder.name] == 2
+    assert "killed by SIGKILL" in run.summary["end"]

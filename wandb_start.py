@@ -1,0 +1,226 @@
+"""W&B's start, which must never hang a run nor blame it for W&B's own faults.
+
+start_wandb() is wandb.init with three guards around it:
+- W&B's server unreachable: one plain HTTP request says so at once, and the run logs offline
+  (wandb.init would retry a refused connection until its init timeout);
+- W&B failing by itself (its service, wandb-core, dying as it starts or just after): one more try,
+  then the run goes on without W&B, with a warning naming W&B's error;
+- W&B hanging: the start runs in a thread with a time limit (`limit()`), and so does every later call
+  of the run's (runs.Record.use_wandb); past it, W&B is given up for this process (`stuck`), which then
+  leaves with os._exit (exit()), as W&B's threads and exit hooks would hang it. The guard (watch.py)
+  kills a training process whose W&B start outlasts that limit by far, as a backstop.
+Errors of the user's setup (no login, a WANDB_MODE W&B rejects, a WANDB_DIR that cannot be written)
+are a StartError before any epoch, naming W&B's own message.
+
+wandb.setup() is never called: in wandb 0.31, when wandb-core dies before it has said where it listens,
+setup() deadlocks on its own lock (see the README's fault section). wandb.init() alone does not.
+"""
+
+import contextlib
+import os
+import sys
+import threading
+
+import utils
+
+WANDB_INIT_TIMEOUT = 15.0  # seconds W&B's server has to answer before the run logs offline instead
+# W&B's service buffers the run file and flushes it every 15 s; when the process it serves dies (killed,
+# out of memory) it drops what it had not flushed. It notices a death within about 0.1 s: flushing
+# more often than that keeps every epoch logged before the death.
+WANDB_FLUSH_INTERVAL = 0.02
+# Seconds between W&B's uploads of a run's history (W&B's own default is 15): an epoch's row reaches the
+# server (and the live charts) within 2 s of its end, and a job killed whole (the guard too, which
+# otherwise uploads what the server lacks) loses at most 2 s of rows. It costs at most one request
+# every 2 s while there is something to send.
+WANDB_UPLOAD_INTERVAL = 2.0
+WANDB_PROBE_TIMEOUT = 5.0  # seconds W&B's server has to answer a plain HTTP request before wandb.init
+WANDB_SERVICE_WAIT = 30.0  # W&B's own limit on wandb-core's start (WANDB_X_SERVICE_WAIT changes it)
+SPARE = 10.0  # seconds allowed past W&B's own limits before its start counts as hung
+
+stuck: str | None = None  # why W&B is given up in this process, once a call to it has hung
+
+
+class WandbStuck(Exception):
+    """W&B's start outlasted limit(): its thread may hold W&B's locks for good."""
+
+
+def seconds_from(variable: str, default: float) -> float:
+    with contextlib.suppress(ValueError):  # W&B itself refuses a bad value, as a start error
+        return float(os.environ.get(variable) or default)
+    return default
+
+
+def limit() -> float:
+    """The most W&B's start may take: its service's start, its server's answer (twice: the try and
+    the offline one), and some spare."""
+    return seconds_from("WANDB_X_SERVICE_WAIT", WANDB_SERVICE_WAIT) + \
+        2 * seconds_from("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT) + SPARE
+
+
+def within(seconds: float, call):
+    """call()'s result (or its exception), from a thread given `seconds`. Past them W&B is given up in
+    this process (`stuck`), and WandbStuck raised: the thread may hold W&B's locks for good."""
+    global stuck
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as e:  # noqa: BLE001 (handed to the caller, whatever it is)
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="wandb-start", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        stuck = f"no answer within {seconds:g} s"
+        raise WandbStuck(stuck)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def unreachable(url: str) -> str | None:
+    """Why W&B's server at `url` cannot be reached, if it cannot. Any HTTP answer, an error status
+    too, means the server is there. Through the proxies the environment names, as W&B's own."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url, timeout=WANDB_PROBE_TIMEOUT).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return str(getattr(e, "reason", e))
+    return None
+
+
+def described(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(line.strip() for line in str(e).splitlines())[:300] or 'no message'}"
+
+
+def start_wandb(prepare=lambda run: run, **init):
+    """wandb.init(**init) then prepare(run), as described above: the run, or None when W&B failed by
+    itself (it has said so). `prepare` is part of the start: W&B dying just after init fails there."""
+    import wandb  # only runs that log pay for its import
+
+    user_errors = (wandb.errors.UsageError, wandb.errors.AuthenticationError, ValueError)  # ValueError: settings
+    try:
+        if os.environ.get("WANDB_DIR"):  # W&B would fall back to a temporary folder, which a reboot may empty
+            check_writable(os.environ["WANDB_DIR"], "WANDB_DIR")
+        settings = {"x_transaction_log_flush_interval": WANDB_FLUSH_INTERVAL,
+                    "x_file_stream_transmit_interval": WANDB_UPLOAD_INTERVAL}
+        if not os.environ.get("WANDB_INIT_TIMEOUT"):  # W&B's own 90 s would keep training waiting
+            settings["init_timeout"] = WANDB_INIT_TIMEOUT
+        init["settings"] = wandb.Settings(**settings)
+        defaults = wandb.Settings()  # the mode and the server, from the environment and `wandb login`
+        defaults.update_from_system_settings()
+        defaults.update_from_env_vars(dict(os.environ))
+    except user_errors as e:
+        raise setup_error(e, wandb) from None
+    if (init.get("mode") or defaults.mode) == "online" and (why := unreachable(defaults.base_url)):
+        print(f"Warning: W&B's server {defaults.base_url} is unreachable ({why}); logging offline instead. "
+              "Upload later with `wandb sync`.", file=sys.stderr)
+        init["mode"] = "offline"
+
+    def attempt():
+        try:
+            run = wandb.init(**init)
+        except wandb.errors.CommError as e:  # W&B's server unreachable: nothing is lost offline
+            print(f"Warning: W&B is unreachable ({str(e).splitlines()[0]}); logging offline instead. Upload "
+                  "later with `wandb sync`.", file=sys.stderr)
+            wandb.teardown()  # W&B's service still holds the run id of the attempt
+            run = wandb.init(**{**init, "mode": "offline"})
+        return prepare(run)
+
+    for last in (False, True):
+        try:
+            return within(limit(), attempt)
+        except user_errors as e:
+            raise setup_error(e, wandb) from None
+        except WandbStuck:
+            print(f"Warning: W&B's start hung ({stuck}): the run goes on without W&B. Its results are on screen "
+                  "and in results.json (--save yes).", file=sys.stderr, flush=True)
+            return None
+        except Exception as e:  # W&B's own fault: its service died, its connection broke
+            print(f"Warning: W&B failed as it started ({described(e)})" + (
+                "; the run goes on without W&B. Its results are on screen and in results.json (--save yes)."
+                if last else "; trying once more."), file=sys.stderr, flush=True)
+            if not teardown(wandb) or last:
+                return None
+            end_services()  # one that never answered (frozen) would linger, holding this process's output
+    return None
+
+
+def setup_error(e: BaseException, wandb) -> utils.StartError:
+    login = "Log in with `wandb login`, or run" if isinstance(e, wandb.errors.AuthenticationError) else "Run"
+    return utils.StartError(f"W&B could not start ({described(e)}).\n{login} with WANDB_MODE=offline (upload "
+                            "later with `wandb sync`).")
+
+
+def disabled_run():
+    """W&B's own way to log nothing (mode "disabled"), so that a fork's wandb.log calls work without W&B
+    too; None where W&B has hung in this process (starting one would wait on W&B's lock for good)."""
+    import wandb
+
+    if stuck:
+        return None
+    try:
+        return within(limit(), lambda: wandb.init(mode="disabled"))
+    except WandbStuck:
+        pass
+    except Exception:  # noqa: BLE001 (no run at all then: a fork's wandb.log raises, as in any W&B script)
+        pass
+    return None
+
+
+def teardown(wandb=None) -> bool:
+    """W&B's service and state, ended so that a next wandb.init starts afresh (a next run in this process
+    reads its settings anew, a broken service is replaced). False when W&B hangs doing it."""
+    wandb = wandb or sys.modules.get("wandb")
+    if stuck or wandb is None:
+        return not stuck
+    try:
+        within(limit(), wandb.teardown)
+    except WandbStuck:
+        return False
+    except Exception:  # noqa: BLE001 (a service already dead: nothing left to end)
+        pass
+    return True
+
+
+def check_writable(path: str, what: str = "--output_path") -> None:
+    """Fail before training, not after it, when results could not be saved."""
+    import tempfile
+    from pathlib import Path
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise utils.StartError(f"cannot save under {what} {path}: {e.strerror or e}") from None
+
+
+def end_services() -> None:
+    """Ends the W&B services (wandb-core) this process started and no longer uses: one that hung or never
+    answered would outlive the run, holding its output (a pipe, a log) open. Linux only (it reads /proc)."""
+    import signal
+    from pathlib import Path
+
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            program = (entry / "cmdline").read_bytes().split(b"\0")[0]
+            if parent == os.getpid() and program.endswith(b"wandb-core"):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
+def exit(status: int):
+    """sys.exit(status), or, once W&B has hung in this process, os._exit: its threads and exit hooks
+    would hang the exit (and its service is ended, not left behind)."""
+    if stuck:
+        end_services()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
