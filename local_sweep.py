@@ -13,7 +13,10 @@ screen output in output.log, under sweep.runs/) and changes only under a file lo
 command continues where it stopped, never repeats a finished or failed run, and several processes
 can share one sweep without running a configuration twice. Ctrl+C stops every running experiment
 with User abort; those runs are run again next time. So does this process's death, even by SIGKILL
-(on Linux): its runs end, and a rerun waits for any still ending before it runs them again.
+(on Linux): its runs end, and a rerun waits for any still ending, keeps what they finished, and runs
+the rest again: whenever it was killed, every configuration is finished exactly once.
+Runs at the same time share the cores: each gets OMP_NUM_THREADS = the cores this process may use
+divided by --workers (unless OMP_NUM_THREADS is set already), so that they do not crowd each other out.
 The sweep's parameters are checked against main.py's parser before the first run.
 At the end it prints one row per group: the sweep metric's mean and standard deviation over the
 finished runs (the seeds), and how many runs finished and failed.
@@ -56,6 +59,7 @@ def locked_state(path: Path):
     """The sweep's state, locked against the other local_sweep processes until the block ends."""
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        utils.remove_partial_writes(path.parent, path.name)  # a write a kill cut short
         try:
             state = json.loads(path.read_text()) if path.exists() else {"runs": []}
             if not isinstance(state.get("runs"), list):
@@ -68,7 +72,12 @@ def locked_state(path: Path):
         utils.write_json(path, state)
 
 
-def alive(pid: int) -> bool:
+def alive(pid: int | None) -> bool:
+    if not pid:  # never recorded (a kill between claiming a run and starting it): os.kill(0) would say yes
+        return False
+    with contextlib.suppress(OSError, IndexError):  # Linux: a zombie (ended, not yet reaped) is no run
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
     try:
         os.kill(pid, 0)
         return True
@@ -79,16 +88,25 @@ def alive(pid: int) -> bool:
 
 
 def orphans_alive(state: dict) -> bool:
-    """Whether a run whose local_sweep is gone still runs (it is ending: see start())."""
-    return any(r["status"] == "running" and not alive(r["owner"]) and alive(r.get("pid") or 0)
-               for r in state["runs"])
+    """Whether a run whose local_sweep is gone was still running (ending: see start()) when settle_orphans
+    looked. Not asked again here: a process that ends in between must not read as neither (it waits)."""
+    return any(r["status"] == "running" and not alive(r["owner"]) for r in state["runs"])
 
 
-def drop_orphans(state: dict) -> None:
-    """Runs left "running" by a local_sweep that is gone never finished: once their process has
-    ended too, forget them, so they run again. One still alive keeps its configuration taken."""
-    state["runs"] = [r for r in state["runs"]
-                     if r["status"] != "running" or alive(r["owner"]) or alive(r.get("pid") or 0)]
+def settle_orphans(state: dict, runs_dir: Path, metric: str) -> None:
+    """Runs left "running" by a local_sweep that is gone: once their process has ended too, what they
+    finished (or failed for good) is recorded from their folder, as record_end would have; the rest (not
+    started, or stopped by that local_sweep's end) is forgotten, to run again. One still alive keeps its
+    configuration taken."""
+    kept = []
+    for run in state["runs"]:
+        if run["status"] == "running" and not alive(run["owner"]) and not alive(run.get("pid")):
+            result = outcome(runs_dir / run["name"], metric)
+            if result["status"] == "running" or result.get("resumable", True):
+                continue
+            run.update(result)
+        kept.append(run)
+    state["runs"] = kept
 
 
 def propose(config: dict, state: dict):
@@ -108,12 +126,12 @@ def propose(config: dict, state: dict):
 WAIT = "wait"  # claim(): nothing to start now, but a run of a dead local_sweep may yet free its configuration
 
 
-def claim(config: dict, state_path: Path) -> tuple[str, dict] | str | None:
+def claim(config: dict, state_path: Path, runs_dir: Path) -> tuple[str, dict] | str | None:
     """A name and the next configuration, recorded as running under the lock (so no other process
     proposes it now); WAIT while only orphaned runs still hold configurations; None when done."""
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     with locked_state(state_path) as state:
-        drop_orphans(state)
+        settle_orphans(state, runs_dir, config["metric"]["name"])
         params = propose(config, state)
         if params is None:
             return WAIT if orphans_alive(state) else None
@@ -151,20 +169,23 @@ def command(config: dict, params: dict, extra: list[str], output: Path, mode: st
 
 def outcome(output: Path, metric: str) -> dict:
     """Group, status, tags and the sweep metric (its last logged value, as in W&B's summary), from
-    the run's results.json; a run that left none (it could not start) failed."""
+    the run's results.json, and whether --resume could continue it; a run that left none (it could not
+    start, or was stopped before it began) failed."""
     found = sorted(output.glob("*/*/results.json"))
     if not found:
         return {"status": "failed", "group": None}
     results = json.loads(found[0].read_text())
     values = [row[metric] for row in results["history"] if isinstance(row.get(metric), (int, float))]
     return {"status": results["status"], "group": results["group"], "tags": results["tags"],
-            "metric": values[-1] if values else None}
+            "metric": values[-1] if values else None, "resumable": utils.resumable(results["tags"])}
 
 
 def own_group_stopped_with(parent: int) -> None:
     """In the run's process before it starts: a process group of its own (Popen's process_group
-    needs Python 3.11), and a Ctrl+C of its own when this process dies."""
+    needs Python 3.11), and a Ctrl+C of its own when this process dies, held back until main.py can act
+    on it (a SIGINT as Python starts would be a KeyboardInterrupt traceback)."""
     os.setpgid(0, 0)
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
     utils.stop_with_parent(parent, signal.SIGINT)
 
 
@@ -185,6 +206,7 @@ def record_end(name: str, output: Path, metric: str, state_path: Path, interrupt
     result = outcome(output, metric)
     if interrupted and result["status"] != "finished":
         result = {"status": "interrupted"}  # stopped by us: it runs again next time
+    result.pop("resumable", None)
     with locked_state(state_path) as state:
         run = next(r for r in state["runs"] if r["name"] == name)
         run.update(result)
@@ -291,6 +313,7 @@ def sweep(args: argparse.Namespace, config: dict, extra: list[str]) -> int:
     state_path, runs_dir = args.sweep.with_suffix(".state.json"), args.sweep.with_suffix(".runs")
     metric = config["metric"]["name"]
     env = {**os.environ, "WANDB_MODE": args.wandb, "WANDB_SILENT": "true"}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // args.workers)))
     env.pop("WANDB_SWEEP_ID", None)  # main.py would take the run for a server sweep's
 
     running = {}  # run name -> its process; each in a process group of its own, as under W&B's agent,
@@ -301,7 +324,7 @@ def sweep(args: argparse.Namespace, config: dict, extra: list[str]) -> int:
         while running or not exhausted:
             try:
                 while not exhausted and len(running) < args.workers:
-                    claimed = claim(config, state_path)
+                    claimed = claim(config, state_path, runs_dir)
                     exhausted = claimed is None
                     if claimed in (None, WAIT):
                         break
@@ -327,7 +350,7 @@ def sweep(args: argparse.Namespace, config: dict, extra: list[str]) -> int:
         signal.signal(signal.SIGINT, previous)
 
     with locked_state(state_path) as state:
-        drop_orphans(state)
+        settle_orphans(state, runs_dir, metric)
         state["runs"] = [r for r in state["runs"] if r["status"] != "interrupted"]
         done = [r for r in state["runs"] if r["status"] in ("finished", "failed")]
     print(summary(config, done))

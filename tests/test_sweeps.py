@@ -176,13 +176,15 @@ def test_a_second_ctrl_c_ends_everything_at_once(tiny_data, tmp_path):
     assert not processes_with(str(tmp_path))
 
 
-def test_gpus_pin_one_agent_to_each(tiny_data, tmp_path):
-    show = tmp_path / "show_gpu.py"  # a run that says which GPUs it was given, and stays long enough for both
+def test_agents_share_the_cores_and_gpus_pin_one_agent_to_each(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    show = tmp_path / "show_gpu.py"  # a run that says what it was given, and stays long enough for both
     show.write_text("import os, pathlib, time\ntime.sleep(3)\n"
                     "pathlib.Path(__file__).with_name(os.environ['WANDB_RUN_ID'] + '.gpu').write_text(\n"
-                    "    os.environ['CUDA_VISIBLE_DEVICES'])\n")
+                    "    os.environ['CUDA_VISIBLE_DEVICES'] + ' ' + os.environ['OMP_NUM_THREADS'])\n")
     _, stderr = Output(start_run_sweep(tmp_path, tiny_data, 2, 2, "--gpus", "3,5", program=show)).finish(120)
-    assert sorted(path.read_text() for path in tmp_path.glob("*.gpu")) == ["3", "5"], stderr
+    share = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores, shared by the two agents' runs
+    assert sorted(path.read_text() for path in tmp_path.glob("*.gpu")) == [f"3 {share}", f"5 {share}"], stderr
     bad = subprocess.run([str(ROOT / "run_sweep.sh"), "2", "sweep123", "--gpus", "zero"], capture_output=True,
                          text=True, timeout=30)
     assert bad.returncode == 2 and "usage:" in bad.stderr
@@ -246,6 +248,8 @@ def test_grid_runs_the_product_once_each_logs_offline_and_summarises_the_seeds(n
         res = json.loads(path.read_text())
         assert res["status"] == run["status"] == "finished" and res["group"] == run["group"]
         by_group.setdefault(res["group"], []).append([r["val/accuracy"] for r in res["history"]][-1])
+        assert res["constants"]["torch/threads"] == int(os.environ.get("OMP_NUM_THREADS") or
+                                                         max(1, len(os.sched_getaffinity(0)) // 2))  # a share each
         wandb_run = find_run(tmp_path, run["name"])  # logged to W&B offline, grouped and tagged
         assert wandb_run.group == res["group"] and wandb_run.tags == res["tags"] and wandb_run.exit_code == 0
     assert len(by_group) == 2 and set(rows) == set(by_group)
@@ -351,6 +355,62 @@ def test_a_rerun_leaves_a_configuration_alone_while_an_orphaned_run_of_it_lives(
     runs = state(sweep)
     assert sorted(r["config"]["seed"] for r in runs) == [0, 1] and all(r["status"] == "finished" for r in runs)
     assert stdout.count("start") == 2
+
+
+def test_a_rerun_after_a_kill_at_any_moment_finishes_every_configuration_exactly_once(tiny_data, tmp_path):
+    """The state a kill leaves: a run claimed but never started (no pid: the kill came between the two),
+    one that finished but was never recorded, one its local_sweep's death stopped, and the state file's
+    own write cut short."""
+    sweep = write_sweep(tmp_path, {"seed": {"values": [0, 1, 2]}, "epochs": {"value": 1}})
+    gone = subprocess.Popen(["true"])  # the killed local_sweep, and its finished runs: their pids are free
+    gone.wait()
+    runs_dir = sweep.with_suffix(".runs")
+
+    def left(name: str, status: str, tags: list[str]) -> None:
+        folder = runs_dir / name / "a-group" / name
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"status": status, "group": "a-group", "tags": tags,
+                                                         "history": [{"epoch": 1, "val/accuracy": 0.5}]}))
+
+    left("finished", "finished", ["Success"])
+    left("stopped", "failed", ["User abort"])
+    claimed = {"status": "running", "owner": gone.pid, "group": None, "tags": [], "metric": None}
+    sweep.with_suffix(".state.json").write_text(json.dumps({"runs": [
+        {**claimed, "name": "never-started", "config": {"seed": 0, "epochs": 1}, "pid": None},
+        {**claimed, "name": "finished", "config": {"seed": 1, "epochs": 1}, "pid": gone.pid},
+        {**claimed, "name": "stopped", "config": {"seed": 2, "epochs": 1}, "pid": gone.pid}]}))
+    partial = tmp_path / ".sweep.state.json.x1y2z3.partial"
+    partial.write_text('{"runs": [')
+    stdout = finish(start_local_sweep(sweep, tiny_data, "--wandb", "disabled"), timeout=180)
+    runs = state(sweep)
+    assert sorted(r["config"]["seed"] for r in runs) == [0, 1, 2] and all(r["status"] == "finished" for r in runs)
+    assert stdout.count("start ") == 2 and "seed=1" not in stdout  # the finished one is kept, not run again
+    assert next(r for r in runs if r["config"]["seed"] == 1)["name"] == "finished" and not partial.exists()
+
+
+@pytest.mark.parametrize("after", [0.3, 1.5, 4.0])
+def test_runs_a_killed_sweep_process_ends_at_any_moment_end_cleanly_and_a_rerun_completes_them(after, tiny_data,
+                                                                                               tmp_path):
+    sweep = write_sweep(tmp_path, {"seed": {"values": [0, 1]}, "epochs": {"value": 3}})
+    proc = start_local_sweep(sweep, tiny_data, "--workers", "2", "--wandb", "disabled")
+    output = Output(proc)
+    output.wait_for(lambda line: line.startswith("start"), count=2)
+    time.sleep(after)  # while the runs start (Python, torch, the data), or train
+    pids = [run["pid"] for run in state(sweep)]
+    proc.kill()
+    output.finish(30)
+    deadline = time.monotonic() + 60
+    while any(alive(pid) for pid in pids if pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    logs = [path.read_text() for path in sweep.with_suffix(".runs").glob("*/output.log")]
+    assert len(logs) == 2 and not any("Traceback" in log for log in logs), logs
+    for path in sweep.with_suffix(".runs").glob("*/*/*/results.json"):  # what a run left claims no more than it is
+        res = json.loads(path.read_text())
+        assert res["status"] == "finished" or res["tags"][-1] == "User abort", res
+    stdout = finish(start_local_sweep(sweep, tiny_data, "--workers", "2", "--wandb", "disabled"))
+    runs = state(sweep)
+    assert sorted(r["config"]["seed"] for r in runs) == [0, 1] and all(r["status"] == "finished" for r in runs)
+    assert stdout.count("start ") == 2 - len([r for r in runs if r["pid"] in pids])  # none finished twice
 
 
 def test_a_damaged_state_file_is_named_with_what_to_do(tmp_path):
