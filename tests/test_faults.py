@@ -181,6 +181,18 @@ def preempted_at(argv: list[str], wandb_dir: Path, line: str) -> None:
         proc.kill()
 
 
+def resumed_for_an_epoch(argv: list[str], wandb_dir: Path) -> str:
+    """`main.py ARGV --resume yes` until it has trained an epoch, then Ctrl+C; what it printed."""
+    proc = launch([*argv, "--resume", "yes"], wandb_dir)
+    try:
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch "))
+        os.killpg(proc.pid, signal.SIGINT)
+        return output.finish()[0]
+    finally:
+        proc.kill()
+
+
 def test_a_nan_in_the_weights_mid_run_is_caught_before_any_step(fault_data, tmp_path):
     preempted_after_an_epoch(args(fault_data, tmp_path / "out"), tmp_path)
     folder, before = results(tmp_path / "out")
@@ -375,14 +387,7 @@ def test_resume_names_a_run_it_skips_for_a_damaged_results_file(tiny_data, tmp_p
     folder, _ = results(tmp_path / "out")
     (folder.parent / "damaged1").mkdir()
     (folder.parent / "damaged1" / "results.json").write_text('{"history": [')  # cut short, as by a full disk
-    proc = launch([*argv, "--resume", "yes"], tmp_path)
-    try:
-        output = Output(proc)
-        output.wait_for(lambda line: line.startswith("epoch "))
-        os.killpg(proc.pid, signal.SIGINT)
-        text, _ = output.finish()
-    finally:
-        proc.kill()
+    text = resumed_for_an_epoch(argv, tmp_path)
     assert f"--resume skipped the run in {folder.parent / 'damaged1'}" in text, text
     assert f"Resuming the run in {folder}" in text and "Traceback" not in text
 
@@ -471,14 +476,7 @@ def test_resume_yes_with_a_random_seed_continues_a_stopped_run_of_any_seed(tiny_
     argv = small_run(tiny_data, tmp_path / "out", "--epochs", "100000", "--verbose", "1", "--seed", "random")
     preempted_at(argv, tmp_path, "epoch 1/")
     folder, before = results(tmp_path / "out")
-    proc = launch([*argv, "--resume", "yes"], tmp_path)
-    try:
-        output = Output(proc)
-        output.wait_for(lambda line: line.startswith("epoch "))
-        os.killpg(proc.pid, signal.SIGINT)
-        text, _ = output.finish()
-    finally:
-        proc.kill()
+    text = resumed_for_an_epoch(argv, tmp_path)
     assert f"Resuming the run in {folder}" in text, text
     folder_after, after = results(tmp_path / "out")  # the same run, its own seed kept
     assert folder_after == folder and after["seed"] == before["seed"] and len(after["history"]) > len(before["history"])

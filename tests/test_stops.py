@@ -52,6 +52,7 @@ def test_a_preemption_as_the_run_ends_changes_nothing(line, tiny_data, tmp_path)
         assert_finished_once(proc.returncode, text, out, tmp_path)
 
 
+@pytest.mark.every_python
 def test_ctrl_c_held_down_through_the_end_changes_nothing(tiny_data, tmp_path):
     """SIGINT to the process group every 5 ms from the last epoch's line to the exit, as a key held down."""
     for attempt in range(3):
@@ -112,6 +113,7 @@ def test_a_stop_at_any_moment_of_the_start_is_clean(signum, after, tiny_data, tm
     assert run.exit_code == 1 and run.tags[-1] == tag and run.preempting == (signum == signal.SIGTERM)
 
 
+@pytest.mark.every_python
 def test_the_agents_stop_then_kill_is_a_stop_never_a_preemption(tiny_data, tmp_path):
     """wandb agent's stop (and its second Ctrl+C) terminates main.py alone, and kills it 0.3 s later if
     it has not ended: the run is Stopped, resumable, and W&B does not re-queue it."""
@@ -181,6 +183,7 @@ def python_first_on_path(folder: Path) -> str:
     return f"{shims}{os.pathsep}{os.environ['PATH']}"
 
 
+@pytest.mark.every_python
 @pytest.mark.parametrize("stdout_to", ["file", "pipe"])
 def test_a_log_file_follows_the_run_as_it_goes(stdout_to, tiny_data, tmp_path):
     """Not a terminal and no -u: each epoch's line reaches the log as it is printed, and the interpreter's
