@@ -17,6 +17,11 @@ declined to train a pruned combination), 1 when it ended with one (or could not 
 invalid command line, 130 or 143 when Ctrl+C or SIGTERM stopped it before the run began.
 """
 
+import signal
+
+if __name__ == "__main__":  # first of all: stop signals wait until this process can act on them (watch.py)
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2))
+
 import contextlib
 import logging
 import math
@@ -38,14 +43,13 @@ import wandb_start
 import watch
 
 if __name__ == "__main__":
-    watch.hold_stops()  # stop signals wait until this process can act on them: none lost, none a traceback
     sys.stdout.reconfigure(line_buffering=True)  # a log file gets each line as it is printed, as a terminal does
     # Parse before torch loads (2 s): --help and usage errors answer at once. main() parses again.
     args = utils.get_arg_parser().parse_args()
     if args.watchdog and not watch.guarded():  # this process becomes the guard, and never loads torch
         wandb_start.exit(watch.guard(__file__, sys.argv[1:], args.epoch_timeout))
     # The training process: from here a stop before the run begins ends it at once (see watch.Link).
-    LINK = watch.Link(watch.Channel(), restore=False).listen()
+    LINK = watch.Link(watch.Channel(), whole_process=True).listen()
 
 import numpy as np
 import torch
@@ -550,6 +554,7 @@ def run(argv: list[str] | None, link: watch.Link) -> int:
         if keep:
             with link.deferred():  # the folder is made and owned whole, or not at all
                 folder, previous, lock = runs.run_folder(opts, config, resume, any_seed and opts["resume"])
+                link.unstarted = folder
         if previous:  # a run resumed: its own seed (another than drawn, with --seed random)
             opts["seed"] = config["seed"] = previous["seed"]
         record = runs.Record(opts, config, folder, previous["history"] if previous else [], link)

@@ -20,6 +20,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 
 import utils
 
@@ -51,10 +52,10 @@ def seconds_from(variable: str, default: float) -> float:
 
 
 def limit() -> float:
-    """The most W&B's start may take: its service's start, its server's answer (twice: the try and
-    the offline one), and some spare."""
-    return seconds_from("WANDB_X_SERVICE_WAIT", WANDB_SERVICE_WAIT) + \
-        2 * seconds_from("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT) + SPARE
+    """The most W&B's start may take, all its tries together, and the most any later W&B call may: its
+    service's start and its server's answer, twice, and some spare."""
+    return 2 * (seconds_from("WANDB_X_SERVICE_WAIT", WANDB_SERVICE_WAIT) +
+                seconds_from("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT)) + SPARE
 
 
 def within(seconds: float, call):
@@ -133,9 +134,10 @@ def start_wandb(prepare=lambda run: run, **init):
             run = wandb.init(**{**init, "mode": "offline"})
         return prepare(run)
 
+    deadline = time.monotonic() + limit()  # for every try together: the guard allows no more
     for last in (False, True):
         try:
-            return within(limit(), attempt)
+            return within(max(0.0, deadline - time.monotonic()), attempt)
         except user_errors as e:
             raise setup_error(e, wandb) from None
         except WandbStuck:
@@ -146,9 +148,11 @@ def start_wandb(prepare=lambda run: run, **init):
             print(f"Warning: W&B failed as it started ({described(e)})" + (
                 "; the run goes on without W&B. Its results are on screen and in results.json (--save yes)."
                 if last else "; trying once more."), file=sys.stderr, flush=True)
-            if not teardown(wandb) or last:
+            if last:
                 return None
-            end_services()  # one that never answered (frozen) would linger, holding this process's output
+            end_services()  # first: one that does not answer (frozen) would hold the teardown too
+            if not teardown(wandb, max(0.0, deadline - time.monotonic())):
+                return None
     return None
 
 
@@ -174,14 +178,14 @@ def disabled_run():
     return None
 
 
-def teardown(wandb=None) -> bool:
+def teardown(wandb=None, seconds: float | None = None) -> bool:
     """W&B's service and state, ended so that a next wandb.init starts afresh (a next run in this process
     reads its settings anew, a broken service is replaced). False when W&B hangs doing it."""
     wandb = wandb or sys.modules.get("wandb")
     if stuck or wandb is None:
         return not stuck
     try:
-        within(limit(), wandb.teardown)
+        within(limit() if seconds is None else seconds, wandb.teardown)
     except WandbStuck:
         return False
     except Exception:  # noqa: BLE001 (a service already dead: nothing left to end)

@@ -56,7 +56,7 @@ LOCK_WAIT = 10.0
 TERM_GRACE = 2.0
 GUARD_STOP = signal.SIGUSR1  # the guard's word for a SIGTERM that reached main.py alone
 GUARD_DIED = signal.SIGUSR2  # what Linux sends the training process when the guard dies
-HELD = tuple(utils.STOP_SIGNALS)  # the signals main.py holds back until it can act on them
+HELD = tuple(utils.STOP_SIGNALS)  # the signals main.py's first line holds back until it can act on them
 # What stopped a process before its run began, as its last line says: before the run has begun, a
 # preemption and a stop end alike (nothing is recorded), so the message names the signal, not a tag.
 CAUSES = {signal.SIGINT: "Ctrl+C", signal.SIGTERM: "SIGTERM", GUARD_STOP: "SIGTERM", GUARD_DIED: "the guard's death"}
@@ -67,11 +67,6 @@ def stopped_before_start(signum: int) -> int:
     print(f"\nStopped by {CAUSES[signum]} before the run began: nothing was trained, nothing changed.",
           file=sys.stderr, flush=True)
     return 128 + (signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
-
-
-def hold_stops() -> None:
-    """Main.py's first line: stop signals wait (pending) until Link or the guard handles them."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
 
 
 class Channel:
@@ -92,25 +87,30 @@ class Channel:
 
 
 class StoppedBeforeStart(SystemExit):
-    """A stop before the run began: the process ends at once with the status a shell gives the signal.
-    A SystemExit, so that no `except Exception` in between swallows it and no traceback is shown."""
+    """A stop before the run began, for a caller in this process (see Link): the status a shell gives the
+    signal. A SystemExit, so that no `except Exception` in between swallows it."""
 
 
 class Link:
     """The training process's side of the guard: the messages it sends (`send`, through Channel; without
     a guard they go nowhere) and the stop signals it hears (utils.STOP_SIGNALS), as the module's
     docstring describes. `tag` is the stop asked for, if any; the training loop acts on it at its next
-    batch. Use it as a context manager: on leaving, stops change nothing, and with `restore` the
-    previous handlers are back (for callers in this process), else stop signals are ignored to the
-    process's end (Python puts its default handlers back as it exits, and a late SIGINT would kill it).
-    `listen()` starts hearing earlier, before torch loads."""
+    batch. Use it as a context manager; on leaving, stops change nothing. `listen()` starts hearing
+    earlier, before torch loads.
+
+    With `whole_process` (main.py's own process), a stop before the run begins removes the run folder made
+    for it (`unstarted`) and ends the process there and then (os._exit): an exception raised from the
+    handler would unwind through whatever was running, a half-done `import numpy` say, which a later
+    import then reports with a traceback. And after the run, stop signals are ignored to the process's
+    end (Python puts its default handlers back as it exits: a late SIGINT would kill it). Otherwise (a
+    caller in this process) StoppedBeforeStart is raised, and the previous handlers are put back."""
 
     EARLY, RUNNING, CLOSED = "early", "running", "closed"
 
-    def __init__(self, channel: Channel | None = None, restore: bool = True):
+    def __init__(self, channel: Channel | None = None, whole_process: bool = False):
         self.channel, self.tag, self.heard_at, self.phase, self.deferring = channel, None, 0.0, self.EARLY, 0
         self.signum = None  # the first stop signal heard
-        self.previous, self.restore = None, restore
+        self.previous, self.whole_process, self.unstarted = None, whole_process, None
 
     @property
     def requested(self) -> bool:
@@ -128,7 +128,7 @@ class Link:
     def __exit__(self, *exc) -> None:
         self.phase = self.CLOSED
         for signum, handler in (self.previous or {}).items():
-            signal.signal(signum, handler if self.restore else signal.SIG_IGN)
+            signal.signal(signum, signal.SIG_IGN if self.whole_process else handler)
 
     def _handle(self, signum, frame) -> None:
         if self.phase == self.CLOSED:
@@ -149,7 +149,15 @@ class Link:
 
     def stop_now(self):
         self.phase = self.CLOSED
-        raise StoppedBeforeStart(stopped_before_start(self.signum))
+        status = stopped_before_start(self.signum)
+        if not self.whole_process:
+            raise StoppedBeforeStart(status)
+        if self.unstarted:
+            import runs
+
+            runs.remove_if_unstarted(self.unstarted)
+        sys.stdout.flush()
+        os._exit(status)
 
     @contextlib.contextmanager
     def deferred(self):

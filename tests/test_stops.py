@@ -2,6 +2,7 @@
 at the run's start and end, the sequence W&B's agent sends (and the real `wandb agent` against a local
 stand-in of W&B's server), and a log file that follows the run whatever stdout is."""
 
+import ast
 import contextlib
 import os
 import signal
@@ -14,6 +15,8 @@ import pytest
 from conftest import OFFLINE, ROOT, Output, children, results, small_run, start_main, training_process
 from wandb_file import find_runs, whole_run
 from wandb_server import WandbServer
+
+import watch
 
 STOPS = {signal.SIGINT: ("User abort", 130), signal.SIGTERM: ("Preempted", 143)}
 
@@ -71,6 +74,25 @@ def test_ctrl_c_held_down_through_the_end_changes_nothing(tiny_data, tmp_path):
         assert_finished_once(proc.returncode, text, out, tmp_path)
 
 
+def holding(pid: int) -> None:
+    """Waits until main.py's first line has run in process `pid`: SIGINT held back (or handled)."""
+    deadline = time.monotonic() + 60
+    while True:
+        status = dict(line.split(":\t") for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if line.startswith(("SigBlk", "SigCgt")))
+        if any(int(mask, 16) & 1 << (signal.SIGINT - 1) for mask in status.values()):
+            return
+        assert time.monotonic() < deadline, "main.py never began"
+        time.sleep(0.001)
+
+
+def test_main_py_holds_back_the_stop_signals_its_processes_act_on():
+    """Its first line names them itself (importing watch.py would take the time it is there to save)."""
+    first = ast.parse((ROOT / "main.py").read_text()).body
+    held = next(node for node in first if isinstance(node, ast.If)).body[0].value.args[1]
+    assert {f"signal.{element.attr}" for element in held.elts} == {f"signal.{s.name}" for s in watch.HELD}
+
+
 def wait_for_wandb_core(proc: subprocess.Popen) -> int:
     """The pid of W&B's service, as soon as the training process has started it."""
     deadline = time.monotonic() + 120
@@ -91,6 +113,7 @@ def test_a_stop_at_any_moment_of_the_start_is_clean(signum, after, tiny_data, tm
     proc = launch(logged(tiny_data, out, "--epochs", "100000"), tmp_path)
     try:
         output = Output(proc)
+        holding(proc.pid)  # the start is main.py's first line: Python's own start-up is before it
         if after == "W&B starting":
             wait_for_wandb_core(proc)
         else:
