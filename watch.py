@@ -244,6 +244,7 @@ class Watch:
         self.deadline, self.stop_tag, self.minutes, self.folder = math.inf, None, epoch_timeout, None
         self.timeout = 60 * epoch_timeout + WATCH_GRACE if epoch_timeout else None
         self.signals, self.hung = [], None  # signals not yet acted on; why training was killed as hung
+        self.acted = False  # whether the guard has acted on a stop signal of its own
         self.wake = os.pipe()
         for fd in self.wake:
             os.set_blocking(fd, False)
@@ -258,8 +259,11 @@ class Watch:
     def act(self, signum: int) -> None:
         if self.ending:  # the last epoch is saved, or the run's end is being written: a late signal changes nothing
             return
-        if self.stop_tag:  # the first stop names the end; Ctrl+C while a stop is under way ends it now
-            if signum == signal.SIGINT and self.process:
+        acted_before, self.acted = self.acted, True
+        if self.stop_tag:  # the first stop names the end; Ctrl+C after one the guard heard ends it now
+            # Not after one the training process alone has reported: a Ctrl+C reaches both processes, and
+            # its "stopping" may be read before the guard acts on its own copy of the same signal.
+            if signum == signal.SIGINT and acted_before and self.process:
                 print("\nCtrl+C again: ending the run now.", file=sys.stderr, flush=True)
                 self.process.kill()
             return

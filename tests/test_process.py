@@ -13,7 +13,7 @@ import pytest
 
 import demo
 from conftest import OFFLINE, ROOT, Output, children, results, small_run, start_main, training_process, whole_epochs
-from wandb_file import find_run
+from wandb_file import find_run, find_runs
 
 
 @pytest.mark.every_python
@@ -33,8 +33,11 @@ def test_ctrl_c_stops_cleanly_keeps_history_and_fails_the_run(tiny_data, tmp_pat
     folder, res = results(out)
     assert res["status"] == "failed" and "User abort" in res["tags"] and "Success" not in res["tags"]
     assert len(res["history"]) >= 2 and [r["epoch"] for r in res["history"]] == list(range(1, len(res["history"]) + 1))
-    run = find_run(tmp_path, folder.name)
-    assert run.exit_code == 1 and "User abort" in run.tags and whole_epochs(run.history) == whole_epochs(res["history"])
+    sessions = find_runs(tmp_path, folder.name)
+    assert len(sessions) == 1, stdout + stderr  # one W&B session: the training process's own
+    [run] = sessions
+    assert run.exit_code == 1 and "User abort" in run.tags
+    assert whole_epochs(run.history) == whole_epochs(res["history"])
 
 
 def test_a_stop_signal_repeated_until_the_end_changes_nothing(tiny_data, tmp_path):

@@ -158,6 +158,30 @@ def test_the_agents_stop_then_kill_is_a_stop_never_a_preemption(tiny_data, tmp_p
     assert run.tags[-1] == "Stopped" and run.exit_code == 1 and not run.preempting
 
 
+def test_one_ctrl_c_is_one_stop_whichever_process_hears_it_first(tiny_data, tmp_path):
+    """A Ctrl+C reaches the guard and the training process at once. Here the guard is held (SIGSTOP)
+    until the training process has reported its stop: the guard's own copy of the same Ctrl+C, acted on
+    after that report, is not a second one. Batches take a while, so the run is still training then."""
+    out = tmp_path / "out"
+    proc = launch(logged(tiny_data, out, "--epochs", "100000", "--batch_size", "600", "--hidden", "4096,4096"),
+                  tmp_path)
+    try:
+        output = Output(proc)
+        output.wait_for(lambda text: text.startswith("epoch 1/"))
+        os.kill(proc.pid, signal.SIGSTOP)
+        os.killpg(proc.pid, signal.SIGINT)
+        output.wait_for(lambda text: text.startswith("Stopping at the next batch"))
+        os.kill(proc.pid, signal.SIGCONT)
+        text, _ = output.finish()
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Ctrl+C again" not in text and "killed" not in text, text
+    folder, res = results(out)
+    assert res["status"] == "failed" and "User abort" in res["tags"] and (folder / "checkpoint.pt").exists()
+    [run] = find_runs(tmp_path, folder.name)  # the training process wrote the end: the guard never re-opened it
+    assert run.exit_code == 1 and "User abort" in run.tags
+
+
 @pytest.fixture
 def wandb_server():
     server = WandbServer()
