@@ -11,7 +11,7 @@ An ordinary W&B training script: wandb.init, run.log and finish happen in the pr
 (runs.py), so a fork's own wandb.log calls anywhere in the training code land in the run. By
 default it runs under a small guard (watch.py: `python main.py` starts itself again, as torchrun
 does) that ends the run properly if training crashes or hangs (tagged, saved, Failed in W&B);
---watchdog no trains without it.
+--watchdog no trains without it, and so does a run under a debugger (its breakpoints stop there).
 Every option: `python main.py --help`. Exit status: 0 when the run ended without an error tag (or
 declined to train a pruned combination), 1 when it ended with one (or could not start), 2 for an
 invalid command line, 130 or 143 when Ctrl+C or SIGTERM stopped it before the run began.
@@ -46,7 +46,10 @@ if __name__ == "__main__":
     sys.stdout.reconfigure(line_buffering=True)  # a log file gets each line as it is printed, as a terminal does
     # Parse before torch loads (2 s): --help and usage errors answer at once. main() parses again.
     args = utils.get_arg_parser().parse_args()
-    if args.watchdog and not watch.guarded():  # this process becomes the guard, and never loads torch
+    if args.watchdog and not watch.guarded() and (debugged := watch.debugger()):
+        print(f"Debugging ({debugged}): training in this process, without the guard (as --watchdog no).",
+              file=sys.stderr, flush=True)
+    elif args.watchdog and not watch.guarded():  # this process becomes the guard, and never loads torch
         wandb_start.exit(watch.guard(__file__, sys.argv[1:], args.epoch_timeout))
     # The training process: from here a stop before the run begins ends it at once (see watch.Link).
     LINK = watch.Link(watch.Channel(), whole_process=True).listen()

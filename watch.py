@@ -199,6 +199,25 @@ def interpreter_options() -> list[str]:
     return sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
 
 
+def debugger() -> str | None:
+    """What debugs or profiles this process, if anything: the training code must then run in it, where a
+    breakpoint stops, not in a training process the guard starts. An IDE's debugger (debugpy for VS Code,
+    pydevd for PyCharm), a trace function (pdb with a breakpoint set, most debuggers), sys.monitoring's
+    debugger slot (Python 3.12+), or main.py run by another module: `python -m pdb main.py`, `-m cProfile`."""
+    if loaded := [name for name in ("debugpy", "pydevd") if name in sys.modules]:
+        return loaded[0]
+    options = interpreter_options()  # ["-m", "pdb"] for `python -m pdb main.py`; for `python -m X` alone, X
+    for option, following in zip(options, [*options[1:], ""]):  # is the program, and only "-m" is left
+        if (option == "-m" and following) or (option.startswith("-m") and len(option) > 2):
+            return f"python -m {following if option == '-m' else option[2:]}"
+    if sys.gettrace() is not None:
+        return "a trace function"
+    monitoring = getattr(sys, "monitoring", None)
+    if monitoring and (tool := monitoring.get_tool(monitoring.DEBUGGER_ID)):
+        return tool
+    return None
+
+
 def start_training(script: str, argv: list[str], write: int) -> subprocess.Popen:
     guard_pid = os.getpid()
 

@@ -233,3 +233,20 @@ def test_the_guards_death_stops_training_cleanly_and_leaves_it_resumable(tiny_da
     _, stderr = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, stderr
     assert [row["epoch"] for row in results(out)[1]["history"]] == list(range(1, epochs + 1))
+
+
+@pytest.mark.every_python
+def test_under_pdb_a_breakpoint_in_the_training_epoch_stops_there(tiny_data, tmp_path):
+    """`python -m pdb main.py` (as an IDE's Debug button, in effect): training runs in the debugged process,
+    not in a training process of the guard's, so the breakpoint stops; then the run goes on to its end."""
+    script = ROOT / "main.py"
+    line = next(n for n, text in enumerate(script.read_text().splitlines(), 1) if text.strip() == "loss.backward()")
+    out = tmp_path / "out"
+    commands = f"tbreak {script}:{line}\ncontinue\nwhere\ncontinue\n"  # then EOF: pdb quits as it restarts
+    # "--": Python 3.13.0's pdb takes the options after the script's name for its own (CPython gh-125115)
+    done = subprocess.run([sys.executable, "-m", "pdb", "--", str(script), *small_run(tiny_data, out, "--verbose", "1")],
+                          input=commands, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "Debugging (python -m pdb): training in this process" in done.stderr, done.stderr
+    assert f"main.py({line})" in done.stdout and "Run finished" in done.stdout, done.stdout
+    _, res = results(out)
+    assert res["status"] == "finished" and len(res["history"]) == 2

@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -470,3 +471,17 @@ def test_bf16_where_it_cannot_run_is_a_usage_error_and_where_slow_a_warning(tiny
 def test_a_cpu_without_bf16_instructions_is_named():
     assert utils.slow_bf16_cpu("fpu sse2 avx2 avx512f") and not utils.slow_bf16_cpu("fpu avx512f avx512_bf16")
     assert not utils.slow_bf16_cpu("amx_bf16 amx_tile") and utils.slow_bf16_cpu("avx512_bf16", "AVX512_CORE")
+
+
+def test_a_debugger_in_this_process_is_seen(monkeypatch):
+    """What keeps training in the debugged process (main.py's start): an IDE's debugger loaded, or a
+    trace function set. pytest itself runs none here."""
+    assert watch.debugger() is None
+    previous = sys.gettrace()
+    sys.settrace(lambda *event: None)
+    try:
+        assert watch.debugger() == "a trace function"
+    finally:
+        sys.settrace(previous)
+    monkeypatch.setitem(sys.modules, "debugpy", type(sys)("debugpy"))  # as VS Code's debugger loads it
+    assert watch.debugger() == "debugpy"
