@@ -6,6 +6,7 @@ run's generator, whose state the checkpoint keeps, so a resumed run draws the sa
 """
 
 import signal
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
@@ -25,12 +26,14 @@ class DeviceBatches:
     def labels(self) -> torch.Tensor:
         return self.y
 
-    def batches(self, size: int, generator: torch.Generator | None = None):
+    def batches(
+        self, size: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of `size`, shuffled by `generator`, in order without one."""
         # Sync point, once per epoch: the permutation is drawn on the CPU, the same on every device.
         order = torch.randperm(len(self.y), generator=generator).to(self.y.device) if generator else None
         for i in range(0, len(self.y), size):
-            index = order[i:i + size] if generator else slice(i, i + size)
+            index = order[i : i + size] if generator else slice(i, i + size)
             yield self.x[index], self.y[index]
 
 
@@ -51,16 +54,24 @@ class LoaderBatches:
     def labels(self) -> torch.Tensor:
         return labels_of(self.dataset).to(self.device)
 
-    def batches(self, size: int, generator: torch.Generator | None = None):
+    def batches(
+        self, size: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Without shuffling the loader still draws its workers' seed: from a generator of its own, then.
-        loader = DataLoader(self.dataset, batch_size=size, shuffle=generator is not None,
-                            generator=generator or torch.Generator(), num_workers=self.workers,
-                            pin_memory=self.device.type == "cuda", worker_init_fn=quiet_worker)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=size,
+            shuffle=generator is not None,
+            generator=generator or torch.Generator(),
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=quiet_worker,
+        )
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
-def batches_of(dataset: Dataset, device: torch.device, workers: int):
+def batches_of(dataset: Dataset, device: torch.device, workers: int) -> DeviceBatches | LoaderBatches:
     if isinstance(dataset, TensorDataset) and not workers:
         return DeviceBatches(dataset, device)
     return LoaderBatches(dataset, device, workers)
@@ -81,6 +92,7 @@ def hold_out(dataset: Dataset, size: int) -> tuple[Dataset, Dataset]:
     """Split `size` samples off by a permutation that depends on VAL_SPLIT_SEED alone: (the rest, those)."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
     if isinstance(dataset, TensorDataset):
-        return TensorDataset(*(t[order[size:]] for t in dataset.tensors)), \
-            TensorDataset(*(t[order[:size]] for t in dataset.tensors))
+        return TensorDataset(*(t[order[size:]] for t in dataset.tensors)), TensorDataset(
+            *(t[order[:size]] for t in dataset.tensors)
+        )
     return Subset(dataset, order[size:].tolist()), Subset(dataset, order[:size].tolist())

@@ -37,8 +37,11 @@ def imports(root: Path) -> tuple[set[str], list[str]]:
     found, own, unreadable = set(), set(), []
     for folder, subfolders, files in os.walk(root):
         # A virtual environment inside the project is not its code, nor is anything hidden.
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d not in NOT_SCANNED
-                               and not (Path(folder, d) / "pyvenv.cfg").exists())
+        subfolders[:] = sorted(
+            d
+            for d in subfolders
+            if not d.startswith(".") and d not in NOT_SCANNED and not (Path(folder, d) / "pyvenv.cfg").exists()
+        )
         for name in sorted(f for f in files if f.endswith(".py")):
             path = Path(folder, name)
             own.add(path.relative_to(root).parts[0].removesuffix(".py"))
@@ -102,8 +105,9 @@ def usage_tables(parser: argparse.ArgumentParser) -> str:
         if group.actions:
             rows = [[f"`{a.option_strings[0]}`", type_cell(a), default_cell(a), help_cell(a)] for a in group.actions]
             intro = f"{group.description[0].upper()}{group.description[1:]}.\n\n" if group.description else ""
-            sections.append(f"### {title}\n\n{intro}"
-                            + utils.markdown_table(["option", "type", "default", "description"], rows))
+            sections.append(
+                f"### {title}\n\n{intro}" + utils.markdown_table(["option", "type", "default", "description"], rows)
+            )
     return "\n\n".join(sections)
 
 
@@ -117,8 +121,10 @@ def licence(root: Path) -> str:
     if not path.exists():
         return f"{TODO}: choose a licence and put it in `LICENSE`."
     name = path.read_text().strip().splitlines()[0].strip()
-    return (f"{name}: see [LICENSE](LICENSE). {TODO}: put your name on its copyright line; the notice of "
-            "the boilerplate this project grew from stays with the code taken from it.")
+    return (
+        f"{name}: see [LICENSE](LICENSE). {TODO}: put your name on its copyright line; the notice of "
+        "the boilerplate this project grew from stays with the code taken from it."
+    )
 
 
 def render(parser: argparse.ArgumentParser, requirements: list[str], licence_line: str) -> str:
@@ -129,7 +135,8 @@ def render(parser: argparse.ArgumentParser, requirements: list[str], licence_lin
 
 ## Requirements
 
-Python 3.10 to 3.13 and these packages (the versions this stub was generated with, on Python {platform.python_version()}):
+Python 3.10 to 3.13 and these packages (the versions this stub was generated with,
+on Python {platform.python_version()}):
 
 {packages}
 
@@ -177,14 +184,18 @@ The detectors' thresholds:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write a README.md stub for this project from its code.")
-    parser.add_argument("--output", type=Path, default=HERE / "README.md", help="file to write (default: README.md "
-                        "beside this script)")
+    parser.add_argument(
+        "--output", type=Path, default=HERE / "README.md", help="file to write (default: README.md beside this script)"
+    )
     parser.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     args = parser.parse_args(argv)
 
     if args.output.exists() and not args.force:
-        print(f"Error: {args.output} exists; not overwritten. Delete it, pass --force to overwrite it, or "
-              "--output to write elsewhere.", file=sys.stderr)
+        print(
+            f"Error: {args.output} exists; not overwritten. Delete it, pass --force to overwrite it, or "
+            "--output to write elsewhere.",
+            file=sys.stderr,
+        )
         return 1
     names, unreadable = imports(HERE)
     for problem in unreadable:

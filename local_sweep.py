@@ -65,9 +65,11 @@ def locked_state(path: Path):
             if not isinstance(state.get("runs"), list):
                 raise ValueError("no list of runs")
         except (ValueError, AttributeError) as e:
-            raise DamagedState(f"the sweep's state file {path} is damaged ({e}). It records which runs have "
-                               "run: mend it, or move it away to start the sweep afresh (every run then runs "
-                               "again).") from None
+            raise DamagedState(
+                f"the sweep's state file {path} is damaged ({e}). It records which runs have "
+                "run: mend it, or move it away to start the sweep afresh (every run then runs "
+                "again)."
+            ) from None
         yield state
         utils.write_json(path, state)
 
@@ -115,10 +117,15 @@ def propose(config: dict, state: dict):
 
     if "run_cap" in config and len(state["runs"]) >= config["run_cap"]:
         return None
-    runs = [sweeps.SweepRun(name=r["name"], state=r["status"] if r["status"] != "interrupted" else "failed",
-                            config={k: {"value": v} for k, v in r["config"].items()},
-                            summary_metrics={} if r["metric"] is None else {config["metric"]["name"]: r["metric"]})
-            for r in state["runs"]]
+    runs = [
+        sweeps.SweepRun(
+            name=r["name"],
+            state=r["status"] if r["status"] != "interrupted" else "failed",
+            config={k: {"value": v} for k, v in r["config"].items()},
+            summary_metrics={} if r["metric"] is None else {config["metric"]["name"]: r["metric"]},
+        )
+        for r in state["runs"]
+    ]
     proposal = sweeps.next_run(config, runs)
     return None if proposal is None else {k: v["value"] for k, v in proposal.config.items()}
 
@@ -135,8 +142,18 @@ def claim(config: dict, state_path: Path, runs_dir: Path) -> tuple[str, dict] | 
         params = propose(config, state)
         if params is None:
             return WAIT if orphans_alive(state) else None
-        state["runs"].append({"name": name, "config": params, "status": "running", "owner": os.getpid(),
-                              "pid": None, "group": None, "tags": [], "metric": None})
+        state["runs"].append(
+            {
+                "name": name,
+                "config": params,
+                "status": "running",
+                "owner": os.getpid(),
+                "pid": None,
+                "group": None,
+                "tags": [],
+                "metric": None,
+            }
+        )
     return name, params
 
 
@@ -144,15 +161,20 @@ def claim(config: dict, state_path: Path, runs_dir: Path) -> tuple[str, dict] | 
 # Runs: the command W&B's agent would start, one process group each
 
 
-def agent_argv(params: dict, program: str, template: list | None = None,
-               interpreter: str = sys.executable) -> list[str]:
+def agent_argv(
+    params: dict, program: str, template: list | None = None, interpreter: str = sys.executable
+) -> list[str]:
     """The command W&B's agent starts for `params`: the sweep's command template (W&B's default:
     ${env} ${interpreter} ${program} ${args}) filled in by W&B's own code, so the values reach the
     program exactly as under the agent (--lr=0.001, --flag=True)."""
     from wandb.sdk.launch.sweeps import utils as sweep_utils
 
-    words = {**sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}}),
-             "env": ["/usr/bin/env"], "interpreter": [interpreter], "program": [program]}
+    words = {
+        **sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}}),
+        "env": ["/usr/bin/env"],
+        "interpreter": [interpreter],
+        "program": [program],
+    }
     argv = []
     for word in sweep_utils.create_sweep_command(template):
         argv += words.get(word[2:-1], []) if word.startswith("${") else [word]
@@ -163,8 +185,12 @@ def command(config: dict, params: dict, extra: list[str], output: Path, mode: st
     """A run of the sweep as the agent would start it, plus main.py's arguments after `--`, its folder,
     and W&B offline unless disabled."""
     wandb = ["--wandb_project", project] if mode == "offline" else []
-    return (agent_argv(params, config["program"], config.get("command")) + extra + wandb
-            + ["--save", "yes", "--output_path", str(output)])
+    return (
+        agent_argv(params, config["program"], config.get("command"))
+        + extra
+        + wandb
+        + ["--save", "yes", "--output_path", str(output)]
+    )
 
 
 def outcome(output: Path, metric: str) -> dict:
@@ -176,8 +202,13 @@ def outcome(output: Path, metric: str) -> dict:
         return {"status": "failed", "group": None}
     results = json.loads(found[0].read_text())
     values = [row[metric] for row in results["history"] if isinstance(row.get(metric), (int, float))]
-    return {"status": results["status"], "group": results["group"], "tags": results["tags"],
-            "metric": values[-1] if values else None, "resumable": utils.resumable(results["tags"])}
+    return {
+        "status": results["status"],
+        "group": results["group"],
+        "tags": results["tags"],
+        "metric": values[-1] if values else None,
+        "resumable": utils.resumable(results["tags"]),
+    }
 
 
 def own_group_stopped_with(parent: int) -> None:
@@ -195,8 +226,13 @@ def start(name: str, params: dict, argv: list[str], runs_dir: Path, env: dict, s
     print(f"start {name}: " + " ".join(f"{k}={v}" for k, v in params.items()), flush=True)
     (runs_dir / name).mkdir(parents=True)
     with open(runs_dir / name / "output.log", "w") as log:
-        proc = subprocess.Popen(argv, env={**env, "WANDB_RUN_ID": name}, stdout=log, stderr=log,
-                                preexec_fn=functools.partial(own_group_stopped_with, os.getpid()))
+        proc = subprocess.Popen(
+            argv,
+            env={**env, "WANDB_RUN_ID": name},
+            stdout=log,
+            stderr=log,
+            preexec_fn=functools.partial(own_group_stopped_with, os.getpid()),
+        )
     with locked_state(state_path) as state:
         next(r for r in state["runs"] if r["name"] == name)["pid"] = proc.pid
     return proc
@@ -219,8 +255,11 @@ def record_end(name: str, output: Path, metric: str, state_path: Path, interrupt
 
 def summary(config: dict, runs: list[dict]) -> str:
     metric = config["metric"]["name"]
-    varied = [k for k, p in config["parameters"].items()  # a distribution varies; one value does not
-              if k != "seed" and "value" not in p and len(p.get("values", [0, 1])) > 1]
+    varied = [
+        k
+        for k, p in config["parameters"].items()  # a distribution varies; one value does not
+        if k != "seed" and "value" not in p and len(p.get("values", [0, 1])) > 1
+    ]
     groups = {}
     for run in runs:
         groups.setdefault(run["group"] or "(no results: could not start)", []).append(run)
@@ -229,12 +268,22 @@ def summary(config: dict, runs: list[dict]) -> str:
         values = [r["metric"] for r in members if r["status"] == "finished" and r["metric"] is not None]
         mean = f"{statistics.mean(values):.4f}" if values else "-"
         std = f"{statistics.stdev(values):.4f}" if len(values) > 1 else "-"
-        rows.append([group] + [str(members[0]["config"].get(k, "")) for k in varied]
-                    + [mean, std, str(sum(r["status"] == "finished" for r in members)),
-                       str(sum(r["status"] == "failed" for r in members))])
+        rows.append(
+            [group]
+            + [str(members[0]["config"].get(k, "")) for k in varied]
+            + [
+                mean,
+                std,
+                str(sum(r["status"] == "finished" for r in members)),
+                str(sum(r["status"] == "failed" for r in members)),
+            ]
+        )
     header = ["group", *varied, f"{metric} mean", "std", "finished", "failed"]
-    constant = [f"{k}={p['value'] if 'value' in p else p['values'][0]}" for k, p in config["parameters"].items()
-                if k != "seed" and k not in varied]
+    constant = [
+        f"{k}={p['value'] if 'value' in p else p['values'][0]}"
+        for k, p in config["parameters"].items()
+        if k != "seed" and k not in varied
+    ]
     return ("Every run: " + ", ".join(constant) + "\n\n" if constant else "") + utils.markdown_table(header, rows)
 
 
@@ -258,9 +307,10 @@ def load_sweep(path: Path, parser: argparse.ArgumentParser) -> dict:
         parser.error(f"{path} is not a valid W&B sweep: " + "; ".join(problems))
     if config["method"] == "random" and "run_cap" not in config:
         parser.error(f"{path}: a random search never ends by itself; set run_cap")
-    if Path(config["program"]).name == "main.py":
-        if problems := parameter_problems(config["parameters"], utils.get_arg_parser()):
-            parser.error(f"{path}: " + "; ".join(problems))
+    if Path(config["program"]).name == "main.py" and (
+        problems := parameter_problems(config["parameters"], utils.get_arg_parser())
+    ):
+        parser.error(f"{path}: " + "; ".join(problems))
     return config
 
 
@@ -284,13 +334,20 @@ def parameter_problems(parameters: dict, main_parser: argparse.ArgumentParser) -
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict, list[str]]:
     """Options, the sweep, and main.py's own arguments (those after `--`)."""
-    ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                     usage="%(prog)s SWEEP.yaml [options] [-- main.py options]")
+    ours, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        allow_abbrev=False,
+        usage="%(prog)s SWEEP.yaml [options] [-- main.py options]",
+    )
     parser.add_argument("sweep", type=Path, help="a W&B sweep file, e.g. sweep.yaml")
     parser.add_argument("--workers", type=utils.Number(int, min=1), default=1, help="runs at the same time")
-    parser.add_argument("--wandb", choices=("offline", "disabled"), default="offline",
-                        help="offline: each run logs to W&B offline, to upload with `wandb sync`")
+    parser.add_argument(
+        "--wandb",
+        choices=("offline", "disabled"),
+        default="offline",
+        help="offline: each run logs to W&B offline, to upload with `wandb sync`",
+    )
     parser.add_argument("--project", help="W&B project (default: the sweep's `project`, else the file's name)")
     args = parser.parse_args(ours)
     with warnings.catch_warnings():  # sweeps 0.3 still uses a pydantic v1 option name
@@ -329,8 +386,14 @@ def sweep(args: argparse.Namespace, config: dict, extra: list[str]) -> int:
                     if claimed in (None, WAIT):
                         break
                     name, params = claimed
-                    running[name] = start(name, params, command(config, params, extra, runs_dir / name,
-                                                                args.wandb, args.project), runs_dir, env, state_path)
+                    running[name] = start(
+                        name,
+                        params,
+                        command(config, params, extra, runs_dir / name, args.wandb, args.project),
+                        runs_dir,
+                        env,
+                        state_path,
+                    )
                 time.sleep(POLL_SECONDS)
                 for name in [n for n, proc in running.items() if proc.poll() is not None]:
                     del running[name]
@@ -339,8 +402,12 @@ def sweep(args: argparse.Namespace, config: dict, extra: list[str]) -> int:
                 if interrupted:
                     raise
                 interrupted = exhausted = True
-                print("Stopping: each running experiment ends at its next batch with User abort and will run "
-                      "again next time. Ctrl+C again to kill them at once.", file=sys.stderr, flush=True)
+                print(
+                    "Stopping: each running experiment ends at its next batch with User abort and will run "
+                    "again next time. Ctrl+C again to kill them at once.",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 for proc in running.values():
                     proc.send_signal(signal.SIGINT)
     except KeyboardInterrupt:

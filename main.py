@@ -47,8 +47,11 @@ if __name__ == "__main__":
     # Parse before torch loads (2 s): --help and usage errors answer at once. main() parses again.
     args = utils.get_arg_parser().parse_args()
     if args.watchdog and not watch.guarded() and (debugged := watch.debugger()):
-        print(f"Debugging ({debugged}): training in this process, without the guard (as --watchdog no).",
-              file=sys.stderr, flush=True)
+        print(
+            f"Debugging ({debugged}): training in this process, without the guard (as --watchdog no).",
+            file=sys.stderr,
+            flush=True,
+        )
     elif args.watchdog and not watch.guarded():  # this process becomes the guard, and never loads torch
         wandb_start.exit(watch.guard(__file__, sys.argv[1:], args.epoch_timeout))
     # The training process: from here a stop before the run begins ends it at once (see watch.Link).
@@ -77,8 +80,10 @@ SYNC_EVERY = 50  # batches between the host's looks at the non-finite flag on an
 OUTPUTS_PER_ARGMAX = 32  # batches of the model's outputs kept for one argmax (their predictions)
 EVAL_BATCH = 4096
 # Measured with benchmarks/throughput.py (see the README's Performance section).
-BF16_EMULATED_COST = ("an epoch of the default model took 1.2 times as long as in fp32 on a CPU whose bf16 "
-                      "instructions were turned off (ONEDNN_MAX_CPU_ISA=AVX512_CORE), and half as long with them")
+BF16_EMULATED_COST = (
+    "an epoch of the default model took 1.2 times as long as in fp32 on a CPU whose bf16 "
+    "instructions were turned off (ONEDNN_MAX_CPU_ISA=AVX512_CORE), and half as long with them"
+)
 
 
 # ==============================================================================================
@@ -103,9 +108,11 @@ def load_data(opts: dict) -> Data:
     hold_out(splits["train"], size)`."""
     raw = Path(opts["data_path"], "MNIST", "raw").resolve()
     missing = [Path(name).stem for name, _ in MNIST.resources if not (raw / Path(name).stem).exists()]
-    how = ("Put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-           f"t10k-labels-idx1-ubyte in {raw} (on a machine with network: python -c \"from torchvision.datasets "
-           "import MNIST; MNIST('data', download=True)\"), or pass --data_path to the folder that holds MNIST/.")
+    how = (
+        "Put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+        f't10k-labels-idx1-ubyte in {raw} (on a machine with network: python -c "from torchvision.datasets '
+        "import MNIST; MNIST('data', download=True)\"), or pass --data_path to the folder that holds MNIST/."
+    )
     splits = {}
     for name, train in (("train", True), ("test", False)):
         try:
@@ -113,10 +120,13 @@ def load_data(opts: dict) -> Data:
         except (RuntimeError, OSError, ValueError) as e:
             reason = str(e).strip().splitlines()[-1]
             if missing:
-                raise utils.StartError(f"MNIST is not in {raw} ({', '.join(missing)} missing) and could not "
-                                       f"be downloaded ({reason}).\n{how}") from None
-            raise utils.StartError(f"the MNIST files in {raw} could not be read ({reason}); they may be "
-                                   f"truncated or corrupted.\n{how}") from None
+                raise utils.StartError(
+                    f"MNIST is not in {raw} ({', '.join(missing)} missing) and could not "
+                    f"be downloaded ({reason}).\n{how}"
+                ) from None
+            raise utils.StartError(
+                f"the MNIST files in {raw} could not be read ({reason}); they may be truncated or corrupted.\n{how}"
+            ) from None
         x = ds.data.unsqueeze(1).float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD)  # in place: 0.25 s
         splits[name] = TensorDataset(x, ds.targets)
     return Data(splits, classes=[str(digit) for digit in range(10)], input_shape=(1, 28, 28))
@@ -184,8 +194,9 @@ def train_epoch(model, optimizer, data, opts, generator, stop, sync_every, verbo
     optimizer.found_inf = nonfinite if sync_every > 1 else None
 
     stop_tag = None
-    batches = tqdm(data.batches(bs, generator), total=-(-len(data) // bs), leave=False, disable=verbose < 2,
-                   desc="batches")
+    batches = tqdm(
+        data.batches(bs, generator), total=-(-len(data) // bs), leave=False, disable=verbose < 2, desc="batches"
+    )
     for i, (x, y) in enumerate(batches):
         if stop.requested:
             stop_tag = stop.tag
@@ -229,20 +240,24 @@ def train_epoch(model, optimizer, data, opts, generator, stop, sync_every, verbo
     losses, norms = rows[:, 0].tolist(), rows[:, 1:].sum(1).sqrt().tolist()
     bad = utils.nonfinite_step(losses, norms)
     if bad:  # the batches after the bad one took no step: they are not part of the epoch
-        stop_tag, losses, norms = bad[1], losses[:bad[0] + 1], norms[:bad[0] + 1]
-    targets = torch.cat(targets[:len(losses)])
+        stop_tag, losses, norms = bad[1], losses[: bad[0] + 1], norms[: bad[0] + 1]
+    targets = torch.cat(targets[: len(losses)])
     seen = len(targets)
     predictions = torch.cat(predictions)[:seen]
     stats = metric_values(predictions, targets, "train", logits.shape[1])  # the model's outputs: one a class
     sizes = [bs] * (len(losses) - 1) + [seen - bs * (len(losses) - 1)]
     mean, std, low, high = utils.describe(norms)
-    stats.update({
-        "train/loss": sum(v * s for v, s in zip(losses, sizes)) / seen,
-        "train/grad_norm_mean": mean, "train/grad_norm_std": std,
-        "train/grad_norm_min": low, "train/grad_norm_max": high,
-        "train/batches": len(losses),
-        "train/time": time.perf_counter() - start,
-    })
+    stats.update(
+        {
+            "train/loss": sum(v * s for v, s in zip(losses, sizes, strict=True)) / seen,
+            "train/grad_norm_mean": mean,
+            "train/grad_norm_std": std,
+            "train/grad_norm_min": low,
+            "train/grad_norm_max": high,
+            "train/batches": len(losses),
+            "train/time": time.perf_counter() - start,
+        }
+    )
     return stats, stop_tag
 
 
@@ -252,10 +267,12 @@ def train_epoch(model, optimizer, data, opts, generator, stop, sync_every, verbo
 
 def metric_values(predictions: torch.Tensor, targets: torch.Tensor, split: str, classes: int) -> dict[str, float]:
     """Every metric of utils.METRICS on a split, by the torcheval function the table names."""
-    values = [getattr(torcheval_functional, m.torcheval)(predictions, targets, num_classes=classes, **dict(m.options))
-              for m in utils.METRICS]
+    values = [
+        getattr(torcheval_functional, m.torcheval)(predictions, targets, num_classes=classes, **dict(m.options))
+        for m in utils.METRICS
+    ]
     values = torch.stack(values).tolist()  # sync point: once per split and epoch
-    return {f"{split}/{m.name}": v for m, v in zip(utils.METRICS, values)}
+    return {f"{split}/{m.name}": v for m, v in zip(utils.METRICS, values, strict=True)}
 
 
 @torch.inference_mode()
@@ -267,8 +284,10 @@ def evaluate(model, data, split: str, classes: int, opts: dict) -> dict[str, flo
         with mixed_precision(opts, x.device):  # the precision the model is trained in
             predictions.append(model(x).argmax(1))
         targets.append(y)
-    return {**metric_values(torch.cat(predictions), torch.cat(targets), split, classes),
-            f"{split}/time": time.perf_counter() - start}
+    return {
+        **metric_values(torch.cat(predictions), torch.cat(targets), split, classes),
+        f"{split}/time": time.perf_counter() - start,
+    }
 
 
 def check_one_batch(model, data, opts: dict, description: Data, guesses: dict) -> None:
@@ -292,19 +311,21 @@ def check_one_batch(model, data, opts: dict, description: Data, guesses: dict) -
             utils.overfitting_tags(row, opts["overfitting_threshold"], utils.OVERFITTING_END)
             for baseline, tag in (("random", utils.RANDOM_GUESSING), ("most_probable", utils.MOST_PROBABLE_GUESSING)):
                 utils.guessing_tags(row, baseline, 0.0, tag)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (whatever a fork's model, loss or data raise: named to the user)
             first = " ".join(str(e).split())[:300] or "no message"
             raise utils.StartError(
                 f"one batch through the model, the loss, the metrics and the detectors failed before training "
                 f"({type(e).__name__}: {first}). Check build_model against the data's description (one sample's "
                 f"shape {description.input_shape}, {len(description.classes)} classes) and the metrics table "
-                "(utils.METRICS); nothing was trained.") from None
+                "(utils.METRICS); nothing was trained."
+            ) from None
 
 
 def baselines(data: dict, classes: int) -> dict[str, float]:
     """What guessing scores on each split (utils.baselines), from its labels, counted once."""
-    return utils.baselines({split: torch.bincount(batches.labels(), minlength=classes).tolist()
-                            for split, batches in data.items()})
+    return utils.baselines(
+        {split: torch.bincount(batches.labels(), minlength=classes).tolist() for split, batches in data.items()}
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,13 +344,24 @@ def save_checkpoint(path: Path, epoch, model, optimizer, generator, history, tag
     """Everything a resumed run needs to go on as if it had never stopped, written whole or not at all.
     Only tensors and plain values, so that load_checkpoint can refuse anything else."""
     numpy_rng = np.random.get_state(legacy=False)
-    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-             "python_rng": random.getstate(),
-             "numpy_rng": {**numpy_rng, "state": {"key": torch.from_numpy(numpy_rng["state"]["key"].astype(np.int64)),
-                                                  "pos": numpy_rng["state"]["pos"]}},
-             "history": history, "tags": tags}
+    state = {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        "python_rng": random.getstate(),
+        "numpy_rng": {
+            **numpy_rng,
+            "state": {
+                "key": torch.from_numpy(numpy_rng["state"]["key"].astype(np.int64)),
+                "pos": numpy_rng["state"]["pos"],
+            },
+        },
+        "history": history,
+        "tags": tags,
+    }
     utils.atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -346,19 +378,27 @@ def load_checkpoint(path: Path, device: torch.device, model, optimizer, generato
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         random.setstate(state["python_rng"])
         numpy_rng = state["numpy_rng"]
-        np.random.set_state({**numpy_rng, "state": {"key": numpy_rng["state"]["key"].numpy().astype(np.uint32),
-                                                    "pos": numpy_rng["state"]["pos"]}})
+        np.random.set_state(
+            {
+                **numpy_rng,
+                "state": {"key": numpy_rng["state"]["key"].numpy().astype(np.uint32), "pos": numpy_rng["state"]["pos"]},
+            }
+        )
     except pickle.UnpicklingError as e:  # what weights_only refuses: the file would run code as it loads
         found = re.search(r"GLOBAL (\S+)", str(e))
         what = f"it calls {found[1]}" if found else "objects that run code on loading"
-        raise utils.StartError(f"the checkpoint {path} holds more than tensors and plain values ({what}), so it "
-                               "was not loaded. A checkpoint this code wrote never does: delete the file (the run "
-                               "then trains again from its start), and find out what wrote it.") from None
-    except Exception as e:  # truncated, empty, another model's: the message names it
+        raise utils.StartError(
+            f"the checkpoint {path} holds more than tensors and plain values ({what}), so it "
+            "was not loaded. A checkpoint this code wrote never does: delete the file (the run "
+            "then trains again from its start), and find out what wrote it."
+        ) from None
+    except Exception as e:  # noqa: BLE001 (truncated, empty, another model's: the message names it)
         reason = str(e).strip().split(". ")[0] or type(e).__name__
-        raise utils.StartError(f"the checkpoint {path} could not be loaded ({reason}). It may be truncated, "
-                               "written by another version of the code, or not a checkpoint at all; delete it "
-                               "to train this run again from its start.") from None
+        raise utils.StartError(
+            f"the checkpoint {path} could not be loaded ({reason}). It may be truncated, "
+            "written by another version of the code, or not a checkpoint at all; delete it "
+            "to train this run again from its start."
+        ) from None
     return state["epoch"], state["history"], state["tags"]
 
 
@@ -368,16 +408,20 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
     splits, classes = description.splits, len(description.classes)
     if "val" not in splits:
         if opts["val_size"] >= len(splits["train"]):
-            raise utils.UsageError(f"argument --val_size: {opts['val_size']} leaves no training data "
-                                   f"(the training set has {len(splits['train'])} samples)")
+            raise utils.UsageError(
+                f"argument --val_size: {opts['val_size']} leaves no training data "
+                f"(the training set has {len(splits['train'])} samples)"
+            )
         splits["train"], splits["val"] = hold_out(splits["train"], opts["val_size"])
     data = {split: batches_of(splits[split], device, opts["workers"]) for split in utils.SPLITS}
     for split, batches in data.items():
         labels = batches.labels()
         if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < classes:
-            raise utils.StartError(f"the {split} labels go from {int(labels.min())} to {int(labels.max())}, "
-                                   f"outside the data's {classes} classes 0 to {classes - 1} (load_data says "
-                                   f"{description.classes}).")
+            raise utils.StartError(
+                f"the {split} labels go from {int(labels.min())} to {int(labels.max())}, "
+                f"outside the data's {classes} classes 0 to {classes - 1} (load_data says "
+                f"{description.classes})."
+            )
     guesses = baselines(data, classes)
 
     seed_everything(opts["seed"])
@@ -386,13 +430,17 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
         model = build_model(opts, description).to(device)
     except (RuntimeError, MemoryError) as e:  # CPU and CUDA allocators both raise RuntimeError
         asked = re.search(r"allocate ([0-9.]+ ?[A-Za-z]+)", str(e))
-        raise utils.StartError(f"the model does not fit in the memory of {device}" + (
-            f" (one of its tensors needs {asked[1]})" if asked else "") + "; make it smaller.") from None
+        raise utils.StartError(
+            f"the model does not fit in the memory of {device}"
+            + (f" (one of its tensors needs {asked[1]})" if asked else "")
+            + "; make it smaller."
+        ) from None
     if opts["optimizer"] == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=opts["lr"], weight_decay=opts["weight_decay"], fused=True)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=opts["lr"], momentum=opts["momentum"],
-                                    weight_decay=opts["weight_decay"], fused=True)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=opts["lr"], momentum=opts["momentum"], weight_decay=opts["weight_decay"], fused=True
+        )
     checkpoint = folder / "checkpoint.pt" if folder else None
     done, history, tags, unsaved = 0, [], [], None
     if resume and checkpoint and checkpoint.exists():
@@ -400,17 +448,24 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
     check_one_batch(model, data["train"], opts, description, guesses)
     # What this data and model are, once: W&B's config and results.json keep it, not every epoch's row.
     with stop.deferred():  # the run begins whole (W&B, results.json) before a stop can end it
-        record.start({**guesses, **{f"data/{split}_size": len(batches) for split, batches in data.items()},
-                      "data/classes": description.classes, "data/input_shape": list(description.input_shape),
-                      "model/parameters": sum(p.numel() for p in model.parameters()),
-                      "torch/threads": torch.get_num_threads()})
+        record.start(
+            {
+                **guesses,
+                **{f"data/{split}_size": len(batches) for split, batches in data.items()},
+                "data/classes": description.classes,
+                "data/input_shape": list(description.input_shape),
+                "model/parameters": sum(p.numel() for p in model.parameters()),
+                "torch/threads": torch.get_num_threads(),
+            }
+        )
         stop.begun()
 
     sync_every = sync_interval(device)
     for epoch in tqdm(range(done + 1, opts["epochs"] + 1), disable=opts["verbose"] < 1, desc="epochs"):
         record.epoch_started(epoch)
-        stats, stop_tag = train_epoch(model, optimizer, data["train"], opts, generator, stop, sync_every,
-                                      opts["verbose"])
+        stats, stop_tag = train_epoch(
+            model, optimizer, data["train"], opts, generator, stop, sync_every, opts["verbose"]
+        )
         final = epoch == opts["epochs"] and stats is not None and stop_tag is None
         if final:  # every batch is trained: the run's work is done, and a stop changes nothing now
             stop.close()
@@ -426,16 +481,22 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
             if opts["epoch_timeout"] and epoch_time > 60 * opts["epoch_timeout"]:
                 stop_tag = utils.TIMEOUT()
         history.append(row)
-        utils.add_tags(tags, utils.gradient_tags(row["train/grad_norm_min"], row["train/grad_norm_max"],
-                                                 row["train/grad_norm_std"], opts)
-                       + utils.overfitting_tags(row, opts["overfitting_threshold"], utils.OVERFITTING_LEARNING))
+        utils.add_tags(
+            tags,
+            utils.gradient_tags(
+                row["train/grad_norm_min"], row["train/grad_norm_max"], row["train/grad_norm_std"], opts
+            )
+            + utils.overfitting_tags(row, opts["overfitting_threshold"], utils.OVERFITTING_LEARNING),
+        )
         record.log(row, tags)
         if opts["verbose"]:
             tqdm.write(summary_line(row, opts["epochs"]))
         whole = "test/accuracy" in row  # trained to its end and evaluated
         if checkpoint and opts["checkpoint_every"] and whole and epoch % opts["checkpoint_every"] == 0:
-            unsaved = utils.write_failure(checkpoint, lambda: save_checkpoint(checkpoint, epoch, model, optimizer,
-                                                                              generator, history, tags))
+            unsaved = utils.write_failure(
+                checkpoint,
+                lambda: save_checkpoint(checkpoint, epoch, model, optimizer, generator, history, tags),  # noqa: B023 (called at once)
+            )
             stop_tag = utils.SAVE_FAILED() if unsaved else stop_tag  # the previous checkpoint stays whole
         stop_tag = stop_tag or (None if final else stop.tag)  # a signal in evaluation or saving: the epoch is whole
         if stop_tag:
@@ -447,37 +508,42 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
     evaluated = [row for row in history if "test/accuracy" in row]
     if evaluated:
         last = {**guesses, **evaluated[-1]}  # the guessing detectors compare with the baselines
-        utils.add_tags(tags, utils.overfitting_tags(last, opts["overfitting_threshold"], utils.OVERFITTING_END)
-                       + utils.guessing_tags(last, "random", opts["rnd_threshold"], utils.RANDOM_GUESSING)
-                       + utils.guessing_tags(last, "most_probable", opts["mp_threshold"],
-                                             utils.MOST_PROBABLE_GUESSING))
+        utils.add_tags(
+            tags,
+            utils.overfitting_tags(last, opts["overfitting_threshold"], utils.OVERFITTING_END)
+            + utils.guessing_tags(last, "random", opts["rnd_threshold"], utils.RANDOM_GUESSING)
+            + utils.guessing_tags(last, "most_probable", opts["mp_threshold"], utils.MOST_PROBABLE_GUESSING),
+        )
     if opts["save"] and not unsaved:
         model_file = folder / "model.pt"
-        unsaved = utils.write_failure(model_file, lambda: utils.atomic_write(
-            model_file, lambda f: torch.save(model.state_dict(), f)))
+        unsaved = utils.write_failure(
+            model_file, lambda: utils.atomic_write(model_file, lambda f: torch.save(model.state_dict(), f))
+        )
         utils.add_tags(tags, [utils.SAVE_FAILED()] if unsaved else [])
     record.finish(tags, unsaved)
 
 
-def train_reporting_bugs(opts: dict, folder: Path | None, resume: bool, record: runs.Record,
-                         stop: watch.Link) -> None:
+def train_reporting_bugs(opts: dict, folder: Path | None, resume: bool, record: runs.Record, stop: watch.Link) -> None:
     """train(), with an exception raised in it (a bug in the training code) made the run's end: its
     traceback on screen, the run Failed, and no advice to resume, which would only raise it again."""
     try:
         train(opts, folder, resume, record, stop)
     except (utils.StartError, utils.RunEnded):  # the run could not start, or its end is written
         raise
-    except Exception:
+    except Exception:  # noqa: BLE001 (a bug in the training code: shown whole, and the run's end written)
         traceback.print_exc()
-        record.finish(record.tags + [utils.EXCEPTION()], "the training code raised an exception (its traceback is "
-                      "above); fix it, then start the run again")
+        record.finish(
+            record.tags + [utils.EXCEPTION()],
+            "the training code raised an exception (its traceback is above); fix it, then start the run again",
+        )
 
 
 def summary_line(row: dict, epochs: int) -> str:
     line = f"epoch {row['epoch']}/{epochs}  loss {row['train/loss']:.4f}"
     for metric in utils.METRIC_NAMES:
-        line += f"  {metric} " + " ".join(f"{s} {row[f'{s}/{metric}']:.4f}"
-                                          for s in utils.SPLITS if f"{s}/{metric}" in row)
+        line += f"  {metric} " + " ".join(
+            f"{s} {row[f'{s}/{metric}']:.4f}" for s in utils.SPLITS if f"{s}/{metric}" in row
+        )
     return line + f"  ({sum(v for k, v in row.items() if k.endswith('/time')):.1f} s)"
 
 
@@ -513,8 +579,11 @@ def bf16_error(device: torch.device) -> str | None:
         with contextlib.suppress(OSError):
             flags = "".join(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
             if why := utils.slow_bf16_cpu(flags, os.environ.get("ONEDNN_MAX_CPU_ISA", "")):
-                print(f"Warning: --precision bf16 runs emulated here, slower than fp32 ({why}): "
-                      f"{BF16_EMULATED_COST}. Use fp32 on this machine.", file=sys.stderr)
+                print(
+                    f"Warning: --precision bf16 runs emulated here, slower than fp32 ({why}): "
+                    f"{BF16_EMULATED_COST}. Use fp32 on this machine.",
+                    file=sys.stderr,
+                )
     return None
 
 
@@ -573,9 +642,12 @@ def run(argv: list[str] | None, link: watch.Link) -> int:
         return record.status
     except runs.AlreadyEnded as ended:
         results = ended.results
-        print(f"--resume yes: this run has ended already, in {ended.folder}: {results['status']} after "
-              f"{len(results['history'])} epochs, tags {', '.join(results['tags']) or 'none'}. Nothing to train "
-              "(without --resume yes it trains again).", file=sys.stderr)
+        print(
+            f"--resume yes: this run has ended already, in {ended.folder}: {results['status']} after "
+            f"{len(results['history'])} epochs, tags {', '.join(results['tags']) or 'none'}. Nothing to train "
+            "(without --resume yes it trains again).",
+            file=sys.stderr,
+        )
         return int(results["status"] != "finished")
     except utils.UsageError as e:  # a command-line value the data rules out
         parser.error(str(e))

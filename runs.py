@@ -15,10 +15,17 @@ import secrets
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import utils
 import wandb_start
+
+if TYPE_CHECKING:  # wandb is imported by the runs that log, as they start
+    import wandb
+
+    import watch
 
 
 def wandb_wanted(opts: dict) -> bool:
@@ -27,7 +34,7 @@ def wandb_wanted(opts: dict) -> bool:
     return bool(opts["wandb_project"] or os.environ.get("WANDB_PROJECT") or os.environ.get("WANDB_SWEEP_ID"))
 
 
-def with_epoch_axis(run):
+def with_epoch_axis(run: "wandb.Run") -> "wandb.Run":
     """The epoch metrics are plotted against `epoch`, whatever else is logged in between (a fork's
     own wandb.log calls in the batch loop advance W&B's step, not the epoch). The summary of each
     validation and test metric holds its best epoch's value and its last (W&B's runs table shows
@@ -71,9 +78,11 @@ def previous_runs(opts: dict, config: dict, any_seed: bool) -> list[tuple[Path, 
                 stopped(results)  # a results.json without status or tags is damaged
                 found.append((folder, results))
         except (OSError, ValueError, KeyError, TypeError) as e:
-            print(f"Warning: --resume skipped the run in {folder}: its results.json could not be read "
-                  f"({type(e).__name__}: {e}). Mend or delete that folder if it is the run to continue.",
-                  file=sys.stderr)
+            print(
+                f"Warning: --resume skipped the run in {folder}: its results.json could not be read "
+                f"({type(e).__name__}: {e}). Mend or delete that folder if it is the run to continue.",
+                file=sys.stderr,
+            )
     return found
 
 
@@ -105,8 +114,10 @@ def resume_folder(opts: dict, config: dict, any_seed: bool) -> tuple[Path, dict,
         if not any_seed:
             raise AlreadyEnded(folder, results)
     if busy:
-        raise Busy(f"the run in {busy} is being trained by another process, so this one leaves it alone. Wait for "
-                   "that one to end (or stop it), then run this command again.")
+        raise Busy(
+            f"the run in {busy} is being trained by another process, so this one leaves it alone. Wait for "
+            "that one to end (or stop it), then run this command again."
+        )
     return None
 
 
@@ -125,8 +136,10 @@ def own(folder: Path, wait: float = 0.0) -> int:
                 time.sleep(0.05)
                 continue
             os.close(fd)
-            raise Busy(f"the run in {folder} is being trained by another process, so this one leaves it alone. "
-                       "Wait for that one to end (or stop it), then run this command again.") from None
+            raise Busy(
+                f"the run in {folder} is being trained by another process, so this one leaves it alone. "
+                "Wait for that one to end (or stop it), then run this command again."
+            ) from None
 
 
 def run_folder(opts: dict, config: dict, resume: bool, any_seed: bool = False) -> tuple[Path, dict | None, int]:
@@ -140,8 +153,11 @@ def run_folder(opts: dict, config: dict, resume: bool, any_seed: bool = False) -
             return found
         if not os.environ.get("WANDB_RUN_ID"):  # under the agent a new run id is a new run: nothing to say
             which = "of this group" if any_seed else "of this group and seed"
-            print(f"--resume yes: no stopped run {which} under {Path(opts['output_path'], config['group'])}; "
-                  "starting a new one.", file=sys.stderr)
+            print(
+                f"--resume yes: no stopped run {which} under {Path(opts['output_path'], config['group'])}; "
+                "starting a new one.",
+                file=sys.stderr,
+            )
     folder = Path(opts["output_path"], config["group"], os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -170,12 +186,22 @@ def remove_if_unstarted(folder: Path | None) -> None:
         remove_run_folder(folder)
 
 
-def save_results(folder: Path | None, config: dict, run_path: str | None, history: list, tags: list,
-                 status: str, constants: dict) -> None:
+def save_results(
+    folder: Path | None, config: dict, run_path: str | None, history: list, tags: list, status: str, constants: dict
+) -> None:
     if folder:
-        utils.write_json(folder / "results.json", {
-            "history": history, "tags": tags, "status": status, "group": config["group"],
-            "seed": config["seed"], "constants": constants, "wandb_run_path": run_path})
+        utils.write_json(
+            folder / "results.json",
+            {
+                "history": history,
+                "tags": tags,
+                "status": status,
+                "group": config["group"],
+                "seed": config["seed"],
+                "constants": constants,
+                "wandb_run_path": run_path,
+            },
+        )
 
 
 class Record:
@@ -184,7 +210,7 @@ class Record:
     --watchdog no) hears of each step, so that it can take the run over. `status` is the exit status,
     once the run has ended."""
 
-    def __init__(self, opts: dict, config: dict, folder: Path | None, history: list, guard=None):
+    def __init__(self, opts: dict, config: dict, folder: Path | None, history: list, guard: "watch.Link | None" = None):
         self.opts, self.config, self.folder, self.guard = opts, config, folder, guard
         self.run, self.run_path, self.user_tags, self.constants = None, None, (), {}
         self.history, self.tags, self.status = history, [], None
@@ -197,7 +223,10 @@ class Record:
         that a fork's own wandb.log calls anywhere in the training code land in this run."""
         self.constants = constants  # the figures that do not change: baselines, split sizes, parameter count
         if wandb_wanted(self.opts):
-            def prepare(run):  # part of W&B's start: a service that dies just after wandb.init fails here
+
+            def prepare(
+                run: "wandb.Run",
+            ) -> "wandb.Run":  # part of W&B's start: a service that dies just after wandb.init fails here
                 run.config.update(self.constants, allow_val_change=True)
                 return with_epoch_axis(run)
 
@@ -205,23 +234,34 @@ class Record:
             # A resumed run continues its own W&B run: resume="allow" with its id (under `wandb agent`, the
             # agent's). One id for every try, so that a second try re-opens the first's run.
             self.run = wandb_start.start_wandb(
-                prepare, project=self.opts["wandb_project"], group=self.config["group"], config=self.config,
+                prepare,
+                project=self.opts["wandb_project"],
+                group=self.config["group"],
+                config=self.config,
                 id=self.folder.name if self.folder else os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4),
-                resume="allow")
+                resume="allow",
+            )
         if self.run is None:  # W&B's own way to log nothing: a fork's wandb.log calls work without W&B too
             self.run = wandb_start.disabled_run()
         self.run_path = self.run.path if self.run and not self.run.disabled else None
         self.user_tags = tuple(self.run.tags) if self.run else ()
         self.save("running")
-        self.tell_guard("started", folder=str(self.folder) if self.folder else None, config=self.config,
-                        wandb=self.wandb_address())
+        self.tell_guard(
+            "started", folder=str(self.folder) if self.folder else None, config=self.config, wandb=self.wandb_address()
+        )
 
     def wandb_address(self) -> dict | None:
         """What re-opens this W&B run from another process."""
         if not self.run_path:
             return None
-        return {"id": self.run.id, "project": self.run.project, "entity": self.run.entity, "path": self.run_path,
-                "mode": "offline" if self.run.offline else None, "user_tags": list(self.user_tags)}
+        return {
+            "id": self.run.id,
+            "project": self.run.project,
+            "entity": self.run.entity,
+            "path": self.run_path,
+            "mode": "offline" if self.run.offline else None,
+            "user_tags": list(self.user_tags),
+        }
 
     def epoch_started(self, epoch: int) -> None:
         self.tell_guard("epoch", epoch=epoch, started=time.monotonic())  # the machine's clock: the guard reads it too
@@ -249,7 +289,7 @@ class Record:
         """The run's tags: those the user gave W&B (WANDB_TAGS), then the run's own."""
         return tuple(dict.fromkeys([*self.user_tags, *tags]))
 
-    def use_wandb(self, what: str, call) -> None:
+    def use_wandb(self, what: str, call: Callable[[], object]) -> None:
         """W&B's service can die mid-run (killed, out of memory) or freeze: say what is lost, and go on
         without it. Training and results.json never depend on W&B, and no W&B call waits past W&B's own
         limits (wandb_start.limit())."""
@@ -258,14 +298,22 @@ class Record:
         try:
             wandb_start.within(wandb_start.limit(), call)
         except wandb_start.WandbStuck:
-            print(f"Warning: W&B hung while {what} ({wandb_start.stuck}): the run goes on without it. What W&B "
-                  "had, its local run files keep (`wandb sync` uploads them); results.json holds every epoch "
-                  "and the run's end.", file=sys.stderr, flush=True)
+            print(
+                f"Warning: W&B hung while {what} ({wandb_start.stuck}): the run goes on without it. What W&B "
+                "had, its local run files keep (`wandb sync` uploads them); results.json holds every epoch "
+                "and the run's end.",
+                file=sys.stderr,
+                flush=True,
+            )
             self.run = None
-        except Exception as e:
-            print(f"Warning: W&B failed while {what} ({type(e).__name__}: {str(e).strip()[:200]}): its service has "
-                  "probably died, and what it had not written yet is lost from W&B. The run goes on without it; "
-                  "results.json holds every epoch and the run's end.", file=sys.stderr, flush=True)
+        except Exception as e:  # noqa: BLE001 (W&B's own fault, whatever it raises: the run goes on)
+            print(
+                f"Warning: W&B failed while {what} ({type(e).__name__}: {str(e).strip()[:200]}): its service has "
+                "probably died, and what it had not written yet is lost from W&B. The run goes on without it; "
+                "results.json holds every epoch and the run's end.",
+                file=sys.stderr,
+                flush=True,
+            )
             self.run = None
             wandb_start.teardown()  # now, or W&B's exit hook prints the broken link's traceback
             wandb_start.disabled_run()  # a fork's own wandb.log calls go on, into nothing
@@ -275,8 +323,12 @@ class Record:
         its previous results.json and checkpoint kept, and RunEnded stops the training loop."""
         if not self.folder:
             return
-        unsaved = utils.write_failure(self.folder / "results.json", lambda: save_results(
-            self.folder, self.config, self.run_path, self.history, self.tags, status, self.constants))
+        unsaved = utils.write_failure(
+            self.folder / "results.json",
+            lambda: save_results(
+                self.folder, self.config, self.run_path, self.history, self.tags, status, self.constants
+            ),
+        )
         if unsaved and status == "running":
             self.finish(self.tags + [utils.SAVE_FAILED()], unsaved)
             raise utils.RunEnded()
@@ -298,6 +350,7 @@ class Record:
             if utils.PREEMPTED() in self.tags:
                 self.run.mark_preempting()  # W&B then re-queues a preempted sweep run
             self.run.finish(exit_code=int(failed))
+
         self.use_wandb("finishing the run", finish)
         # W&B reads its settings once a process: a next run in it (a notebook, the tests) reads them afresh
         wandb_start.teardown()
@@ -307,8 +360,11 @@ class Record:
             if not self.opts["save"]:
                 remove_run_folder(self.folder)
         if self.opts["verbose"]:
-            print(f"Run {status}. Group {self.config['group']}, seed {self.config['seed']}. "
-                  f"Tags: {', '.join(self.tags) or 'none'}", flush=True)
+            print(
+                f"Run {status}. Group {self.config['group']}, seed {self.config['seed']}. "
+                f"Tags: {', '.join(self.tags) or 'none'}",
+                flush=True,
+            )
             if self.folder and (self.opts["save"] or resumable):
                 print(f"Saved in {self.folder}" + (": continue it with --resume yes" if resumable else ""), flush=True)
         self.status = int(failed)
@@ -329,9 +385,14 @@ class Record:
         if address := started["wandb"]:
             record.user_tags, record.run_path = tuple(address["user_tags"]), address["path"]
             try:
-                record.run = wandb_start.start_wandb(id=address["id"], project=address["project"],
-                                                     entity=address["entity"], mode=address["mode"],
-                                                     group=config["group"], resume="allow")
+                record.run = wandb_start.start_wandb(
+                    id=address["id"],
+                    project=address["project"],
+                    entity=address["entity"],
+                    mode=address["mode"],
+                    group=config["group"],
+                    resume="allow",
+                )
             except utils.StartError as e:
                 print(f"Warning: the run's end could not be written to W&B: {e}", file=sys.stderr, flush=True)
             if record.run and not record.run.offline:

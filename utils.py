@@ -16,9 +16,10 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 HERE = Path(__file__).resolve().parent
 
@@ -163,68 +164,159 @@ def get_arg_parser() -> argparse.ArgumentParser:
     yes_no, text = Boolean(), Validator()
 
     hyper = parser.add_argument_group(HYPERPARAMETERS, "they change results, so they name the W&B group")
-    hyper.add_argument("--epochs", type=Number(int, min=1, max=INT64, max_open=True), default=10,
-                       help="passes over the training split")
+    hyper.add_argument(
+        "--epochs", type=Number(int, min=1, max=INT64, max_open=True), default=10, help="passes over the training split"
+    )
     hyper.add_argument("--batch_size", type=Number(int, min=1), default=128, help="samples per optimizer step")
     hyper.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="optimizer")
     hyper.add_argument("--lr", type=Number(float, min=0, min_open=True), default=1e-3, help="learning rate")
-    hyper.add_argument("--momentum", type=Number(float, min=0, max=1, max_open=True), default=0.0,
-                       help="SGD momentum (irrelevant with adam)")
+    hyper.add_argument(
+        "--momentum",
+        type=Number(float, min=0, max=1, max_open=True),
+        default=0.0,
+        help="SGD momentum (irrelevant with adam)",
+    )
     hyper.add_argument("--weight_decay", type=Number(float, min=0), default=0.0, help="L2 penalty")
-    hyper.add_argument("--hidden", type=Widths(), default="512,512",
-                       help="hidden layer widths of the MLP, comma-separated")
-    hyper.add_argument("--dropout", type=Number(float, min=0, max=1, max_open=True), default=0.0,
-                       help="dropout probability after each hidden layer")
-    hyper.add_argument("--grad_clipping", type=Number(float, min=0), default=0.0,
-                       help="max total gradient norm (norm clipping), 0 = off")
-    hyper.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                       help="forward and loss in fp32, or in bf16 under autocast (parameters, optimizer state "
-                            "and gradient norm stay fp32)")
-    hyper.add_argument("--val_size", type=Number(int, min=1), default=5000,
-                       help="samples held out of the official training set for validation")
+    hyper.add_argument(
+        "--hidden", type=Widths(), default="512,512", help="hidden layer widths of the MLP, comma-separated"
+    )
+    hyper.add_argument(
+        "--dropout",
+        type=Number(float, min=0, max=1, max_open=True),
+        default=0.0,
+        help="dropout probability after each hidden layer",
+    )
+    hyper.add_argument(
+        "--grad_clipping",
+        type=Number(float, min=0),
+        default=0.0,
+        help="max total gradient norm (norm clipping), 0 = off",
+    )
+    hyper.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="forward and loss in fp32, or in bf16 under autocast (parameters, optimizer state "
+        "and gradient norm stay fp32)",
+    )
+    hyper.add_argument(
+        "--val_size",
+        type=Number(int, min=1),
+        default=5000,
+        help="samples held out of the official training set for validation",
+    )
 
     exp = parser.add_argument_group("experiment")
-    exp.add_argument("--seed", type=Seed(), default=0,
-                     help=f"random seed; {RANDOM_SEED}: drawn from the clock, and recorded like any other")
-    exp.add_argument("--device", type=text, default=None,
-                     help="cpu, cuda, cuda:N, ...; unset: $DEVICE, else cuda if available, else cpu")
+    exp.add_argument(
+        "--seed",
+        type=Seed(),
+        default=0,
+        help=f"random seed; {RANDOM_SEED}: drawn from the clock, and recorded like any other",
+    )
+    exp.add_argument(
+        "--device",
+        type=text,
+        default=None,
+        help="cpu, cuda, cuda:N, ...; unset: $DEVICE, else cuda if available, else cpu",
+    )
     exp.add_argument("--data_path", type=text, default="data", help="folder holding MNIST/raw/")
-    exp.add_argument("--workers", type=Number(int, min=0), default=0,
-                     help="DataLoader worker processes; 0: data that fits lives on the device, batches are slices")
-    exp.add_argument("--epoch_timeout", type=Number(float, min=0), default=0.0,
-                     help="minutes an epoch may take before the run stops with Timeout, 0 = off")
-    exp.add_argument("--abort_irrelevant", type=yes_no, default="yes", metavar="{yes,no}",
-                     help="do not train a redundant hyper-parameter combination")
-    exp.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
-                     help="0 quiet, 1 epoch progress and summaries, 2 batch progress too")
-    exp.add_argument("--resume", type=yes_no, default="no", metavar="{yes,no}",
-                     help="continue this command's newest stopped run (same group and seed; with --seed random, "
-                          "any seed) from its checkpoint; one that ended already is reported, not trained again")
-    exp.add_argument("--checkpoint_every", type=Number(int, min=0), default=1,
-                     help="epochs between checkpoints (what --resume continues from), 0 = none")
-    exp.add_argument("--watchdog", type=yes_no, default="yes", metavar="{yes,no}",
-                     help="train under a guard process, so that a crash or a hang still ends the run properly; "
-                          "no: without it (for a debugger or a profiler)")
+    exp.add_argument(
+        "--workers",
+        type=Number(int, min=0),
+        default=0,
+        help="DataLoader worker processes; 0: data that fits lives on the device, batches are slices",
+    )
+    exp.add_argument(
+        "--epoch_timeout",
+        type=Number(float, min=0),
+        default=0.0,
+        help="minutes an epoch may take before the run stops with Timeout, 0 = off",
+    )
+    exp.add_argument(
+        "--abort_irrelevant",
+        type=yes_no,
+        default="yes",
+        metavar="{yes,no}",
+        help="do not train a redundant hyper-parameter combination",
+    )
+    exp.add_argument(
+        "--verbose",
+        type=int,
+        choices=(0, 1, 2),
+        default=1,
+        help="0 quiet, 1 epoch progress and summaries, 2 batch progress too",
+    )
+    exp.add_argument(
+        "--resume",
+        type=yes_no,
+        default="no",
+        metavar="{yes,no}",
+        help="continue this command's newest stopped run (same group and seed; with --seed random, "
+        "any seed) from its checkpoint; one that ended already is reported, not trained again",
+    )
+    exp.add_argument(
+        "--checkpoint_every",
+        type=Number(int, min=0),
+        default=1,
+        help="epochs between checkpoints (what --resume continues from), 0 = none",
+    )
+    exp.add_argument(
+        "--watchdog",
+        type=yes_no,
+        default="yes",
+        metavar="{yes,no}",
+        help="train under a guard process, so that a crash or a hang still ends the run properly; "
+        "no: without it (for a debugger or a profiler)",
+    )
 
     out = parser.add_argument_group("output")
     out.add_argument("--wandb_project", type=text, default=None, help="W&B project; unset = no W&B")
-    out.add_argument("--save", type=yes_no, default="no", metavar="{yes,no}",
-                     help="save model.pt, config.json and results.json under --output_path")
+    out.add_argument(
+        "--save",
+        type=yes_no,
+        default="no",
+        metavar="{yes,no}",
+        help="save model.pt, config.json and results.json under --output_path",
+    )
     out.add_argument("--output_path", type=text, default="outputs", help="folder for saved runs")
 
     thr = parser.add_argument_group(THRESHOLDS, "when the detectors tag a run (see the tags table)")
-    thr.add_argument("--overfitting_threshold", type=Number(float, min=0), default=0.5,
-                     help="train minus test metric above this is overfitting")
-    thr.add_argument("--vanishing_threshold", type=Number(float, min=0), default=1e-5,
-                     help="a total gradient norm below this is vanishing")
-    thr.add_argument("--exploding_threshold", type=Number(float, min=0), default=1e7,
-                     help="a total gradient norm above this is exploding")
-    thr.add_argument("--std_threshold", type=Number(float, min=0), default=200.0,
-                     help="a std of the gradient norm within an epoch above this is high")
-    thr.add_argument("--rnd_threshold", type=Number(float, min=0), default=0.1,
-                     help="a metric within this of random guessing is random guessing")
-    thr.add_argument("--mp_threshold", type=Number(float, min=0), default=0.1,
-                     help="a metric within this of always guessing the most frequent class")
+    thr.add_argument(
+        "--overfitting_threshold",
+        type=Number(float, min=0),
+        default=0.5,
+        help="train minus test metric above this is overfitting",
+    )
+    thr.add_argument(
+        "--vanishing_threshold",
+        type=Number(float, min=0),
+        default=1e-5,
+        help="a total gradient norm below this is vanishing",
+    )
+    thr.add_argument(
+        "--exploding_threshold",
+        type=Number(float, min=0),
+        default=1e7,
+        help="a total gradient norm above this is exploding",
+    )
+    thr.add_argument(
+        "--std_threshold",
+        type=Number(float, min=0),
+        default=200.0,
+        help="a std of the gradient norm within an epoch above this is high",
+    )
+    thr.add_argument(
+        "--rnd_threshold",
+        type=Number(float, min=0),
+        default=0.1,
+        help="a metric within this of random guessing is random guessing",
+    )
+    thr.add_argument(
+        "--mp_threshold",
+        type=Number(float, min=0),
+        default=0.1,
+        help="a metric within this of always guessing the most frequent class",
+    )
     return parser
 
 
@@ -255,8 +347,7 @@ def prune_hyperparameters(opts: dict, parser: argparse.ArgumentParser | None = N
     default = (parser or get_arg_parser()).get_default
     reasons = []
     if opts["optimizer"] == "adam" and opts["momentum"] != default("momentum"):
-        reasons.append("--momentum only acts with --optimizer sgd, so this run repeats momentum "
-                       f"{default('momentum')}")
+        reasons.append(f"--momentum only acts with --optimizer sgd, so this run repeats momentum {default('momentum')}")
     return reasons
 
 
@@ -303,63 +394,108 @@ class Tag:
 
 
 SUCCESS = Tag("Success", False, "training completed every epoch")
-OVERFITTING_LEARNING = Tag("Overfitting {metric} (learning)", False,
-                           "train minus test METRIC above --overfitting_threshold at some epoch")
-OVERFITTING_END = Tag("Overfitting {metric} (end)", False,
-                      "train minus test METRIC still above --overfitting_threshold at the last epoch")
-RANDOM_GUESSING = Tag("Random guessing {metric} ({split})", False,
-                      "at the end, METRIC on SPLIT within --rnd_threshold of guessing uniformly at random")
-MOST_PROBABLE_GUESSING = Tag("Most probable guessing {metric} ({split})", False,
-                             "at the end, METRIC on SPLIT within --mp_threshold of always guessing "
-                             "the training set's most frequent class")
-VANISHING_GRADIENT = Tag("Vanishing gradient", False,
-                         "total gradient norm below --vanishing_threshold for some batch")
-EXPLODING_GRADIENT = Tag("Exploding gradient", False,
-                         "total gradient norm above --exploding_threshold for some batch")
-HIGH_STD = Tag("High StdDev", False,
-               "standard deviation of the gradient norm within an epoch above --std_threshold")
-IRRELEVANT = Tag("Irrelevant hyperparameters", True,
-                 "a redundant combination (see prune_hyperparameters); not trained with --abort_irrelevant yes")
-USER_ABORT = Tag("User abort", True, "stopped by SIGINT (Ctrl+C) at the next batch; history so far kept",
-                 resumable=True)
-TIMEOUT = Tag("Timeout", True, "an epoch took longer than --epoch_timeout (a stuck training process is "
-              "killed); history so far kept", resumable=True)
+OVERFITTING_LEARNING = Tag(
+    "Overfitting {metric} (learning)", False, "train minus test METRIC above --overfitting_threshold at some epoch"
+)
+OVERFITTING_END = Tag(
+    "Overfitting {metric} (end)", False, "train minus test METRIC still above --overfitting_threshold at the last epoch"
+)
+RANDOM_GUESSING = Tag(
+    "Random guessing {metric} ({split})",
+    False,
+    "at the end, METRIC on SPLIT within --rnd_threshold of guessing uniformly at random",
+)
+MOST_PROBABLE_GUESSING = Tag(
+    "Most probable guessing {metric} ({split})",
+    False,
+    "at the end, METRIC on SPLIT within --mp_threshold of always guessing the training set's most frequent class",
+)
+VANISHING_GRADIENT = Tag("Vanishing gradient", False, "total gradient norm below --vanishing_threshold for some batch")
+EXPLODING_GRADIENT = Tag("Exploding gradient", False, "total gradient norm above --exploding_threshold for some batch")
+HIGH_STD = Tag("High StdDev", False, "standard deviation of the gradient norm within an epoch above --std_threshold")
+IRRELEVANT = Tag(
+    "Irrelevant hyperparameters",
+    True,
+    "a redundant combination (see prune_hyperparameters); not trained with --abort_irrelevant yes",
+)
+USER_ABORT = Tag(
+    "User abort", True, "stopped by SIGINT (Ctrl+C) at the next batch; history so far kept", resumable=True
+)
+TIMEOUT = Tag(
+    "Timeout",
+    True,
+    "an epoch took longer than --epoch_timeout (a stuck training process is killed); history so far kept",
+    resumable=True,
+)
 NAN_LOSS = Tag("NaN loss", True, "the loss was NaN; training stopped, no step taken with it")
 INF_LOSS = Tag("Inf loss", True, "the loss was infinite; training stopped, no step taken with it")
-NAN_GRADIENT = Tag("NaN gradient", True,
-                   "the total gradient norm was NaN or infinite with a finite loss; training stopped, "
-                   "no step taken with it")
-PREEMPTED = Tag("Preempted", True,
-                "stopped by SIGTERM to every process of the job (a scheduler's preemption, as SLURM sends it) at the "
-                "next batch; marked preempting in W&B, which re-queues a sweep run; "
-                "the epoch under way is dropped, to be trained again by --resume yes from the last checkpoint",
-                resumable=True)
-STOPPED = Tag("Stopped", True,
-              "stopped by SIGTERM to main.py alone (wandb agent's stop command or early termination, `kill PID`) at "
-              "the next batch, or by main.py's death (the agent's SIGKILL after it); not re-queued by W&B; the epoch "
-              "under way is dropped, as for Preempted", resumable=True)
-SAVE_FAILED = Tag("Save failed", True,
-                  "a checkpoint, model.pt or results.json could not be written (a full disk, a quota): the run stops, "
-                  "keeping the last good checkpoint and the history saved so far; free space, then --resume yes",
-                  resumable=True)
-EXCEPTION = Tag("Exception", True,
-                "the training code raised an exception (a bug): its traceback is printed, and in W&B's Logs tab; "
-                "not resumable, it would only raise again")
-CRASHED = Tag("Crashed", True,
-              "the training process was killed (segmentation fault, abort, out-of-memory kill); every epoch it "
-              "finished is kept", resumable=True)
+NAN_GRADIENT = Tag(
+    "NaN gradient",
+    True,
+    "the total gradient norm was NaN or infinite with a finite loss; training stopped, no step taken with it",
+)
+PREEMPTED = Tag(
+    "Preempted",
+    True,
+    "stopped by SIGTERM to every process of the job (a scheduler's preemption, as SLURM sends it) at the "
+    "next batch; marked preempting in W&B, which re-queues a sweep run; "
+    "the epoch under way is dropped, to be trained again by --resume yes from the last checkpoint",
+    resumable=True,
+)
+STOPPED = Tag(
+    "Stopped",
+    True,
+    "stopped by SIGTERM to main.py alone (wandb agent's stop command or early termination, `kill PID`) at "
+    "the next batch, or by main.py's death (the agent's SIGKILL after it); not re-queued by W&B; the epoch "
+    "under way is dropped, as for Preempted",
+    resumable=True,
+)
+SAVE_FAILED = Tag(
+    "Save failed",
+    True,
+    "a checkpoint, model.pt or results.json could not be written (a full disk, a quota): the run stops, "
+    "keeping the last good checkpoint and the history saved so far; free space, then --resume yes",
+    resumable=True,
+)
+EXCEPTION = Tag(
+    "Exception",
+    True,
+    "the training code raised an exception (a bug): its traceback is printed, and in W&B's Logs tab; "
+    "not resumable, it would only raise again",
+)
+CRASHED = Tag(
+    "Crashed",
+    True,
+    "the training process was killed (segmentation fault, abort, out-of-memory kill); every epoch it finished is kept",
+    resumable=True,
+)
 
-TAGS = (SUCCESS, OVERFITTING_LEARNING, OVERFITTING_END, RANDOM_GUESSING, MOST_PROBABLE_GUESSING,
-        VANISHING_GRADIENT, EXPLODING_GRADIENT, HIGH_STD,
-        IRRELEVANT, USER_ABORT, TIMEOUT, NAN_LOSS, INF_LOSS, NAN_GRADIENT, PREEMPTED, STOPPED, SAVE_FAILED,
-        EXCEPTION,
-        CRASHED)
+TAGS = (
+    SUCCESS,
+    OVERFITTING_LEARNING,
+    OVERFITTING_END,
+    RANDOM_GUESSING,
+    MOST_PROBABLE_GUESSING,
+    VANISHING_GRADIENT,
+    EXPLODING_GRADIENT,
+    HIGH_STD,
+    IRRELEVANT,
+    USER_ABORT,
+    TIMEOUT,
+    NAN_LOSS,
+    INF_LOSS,
+    NAN_GRADIENT,
+    PREEMPTED,
+    STOPPED,
+    SAVE_FAILED,
+    EXCEPTION,
+    CRASHED,
+)
 ERROR_TAGS = frozenset(tag.template for tag in TAGS if tag.error)
 # What the training process makes of a stop signal: SIGINT is Ctrl+C; SIGTERM a scheduler's preemption
 # (it reaches every process of the job, the training process too); SIGUSR1 is the guard's word for a
 # SIGTERM that reached main.py alone, and SIGUSR2 what Linux sends when the guard dies (see watch.py).
-STOP_SIGNALS = {signal.SIGINT: USER_ABORT, signal.SIGTERM: PREEMPTED, signal.SIGUSR1: STOPPED,
-                signal.SIGUSR2: STOPPED}
+STOP_SIGNALS = {signal.SIGINT: USER_ABORT, signal.SIGTERM: PREEMPTED, signal.SIGUSR1: STOPPED, signal.SIGUSR2: STOPPED}
 
 # Ends that --resume yes can continue from the last checkpoint; after the others it would only repeat them.
 RESUMABLE_TAGS = frozenset(tag.template for tag in TAGS if tag.resumable)
@@ -385,15 +521,20 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def tags_table() -> str:
-    return markdown_table(["tag", "kind", "meaning"],
-                          [[f"`{t.pattern}`", ("error" if t.error else "info") + (", resumable" if t.resumable else ""),
-                            t.meaning] for t in TAGS])
+    return markdown_table(
+        ["tag", "kind", "meaning"],
+        [
+            [f"`{t.pattern}`", ("error" if t.error else "info") + (", resumable" if t.resumable else ""), t.meaning]
+            for t in TAGS
+        ],
+    )
 
 
 def thresholds_table(parser: argparse.ArgumentParser | None = None) -> str:
     actions = option_groups(parser or get_arg_parser())[THRESHOLDS].actions
-    return markdown_table(["flag", "default", "meaning"],
-                          [[f"`{a.option_strings[0]}`", f"{a.default:g}", a.help] for a in actions])
+    return markdown_table(
+        ["flag", "default", "meaning"], [[f"`{a.option_strings[0]}`", f"{a.default:g}", a.help] for a in actions]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,10 +592,22 @@ class Metric:
 
 
 METRICS = (
-    Metric("accuracy", "multiclass_accuracy", (), "share of samples classified right",
-           random_accuracy, most_probable_accuracy),
-    Metric("f1", "multiclass_f1_score", (("average", "macro"),),
-           "F1 score averaged over the classes present (macro)", random_f1, most_probable_f1),
+    Metric(
+        "accuracy",
+        "multiclass_accuracy",
+        (),
+        "share of samples classified right",
+        random_accuracy,
+        most_probable_accuracy,
+    ),
+    Metric(
+        "f1",
+        "multiclass_f1_score",
+        (("average", "macro"),),
+        "F1 score averaged over the classes present (macro)",
+        random_f1,
+        most_probable_f1,
+    ),
 )
 METRIC_NAMES = tuple(m.name for m in METRICS)
 BASELINES = ("random", "most_probable")
@@ -474,15 +627,29 @@ def baselines(counts: dict[str, list[int]]) -> dict[str, float]:
 
 
 def metrics_table() -> str:
-    return markdown_table(["metric", "computed by (torcheval)", "guessing baselines", "meaning"], [
-        [f"`{m.name}`", f"`{m.torcheval}`" + "".join(f", {k}={v}" for k, v in m.options),
-         ", ".join(kind for kind in BASELINES if getattr(m, kind)) or "none", m.meaning] for m in METRICS])
+    return markdown_table(
+        ["metric", "computed by (torcheval)", "guessing baselines", "meaning"],
+        [
+            [
+                f"`{m.name}`",
+                f"`{m.torcheval}`" + "".join(f", {k}={v}" for k, v in m.options),
+                ", ".join(kind for kind in BASELINES if getattr(m, kind)) or "none",
+                m.meaning,
+            ]
+            for m in METRICS
+        ],
+    )
 
 
 def check_tag_lengths(tags: tuple[Tag, ...]) -> None:
     """Refuse, as the table is built, a tag W&B would drop: every metric and split filled in."""
-    too_long = {text for tag in tags for metric in METRICS for split in SPLITS
-                if len(text := tag(metric=metric.name, split=split)) > WANDB_TAG_LIMIT}
+    too_long = {
+        text
+        for tag in tags
+        for metric in METRICS
+        for split in SPLITS
+        if len(text := tag(metric=metric.name, split=split)) > WANDB_TAG_LIMIT
+    }
     if too_long:
         raise ValueError(f"tags longer than W&B's {WANDB_TAG_LIMIT} characters: {', '.join(sorted(too_long))}")
 
@@ -503,7 +670,7 @@ def gradient_tags(norm_min: float, norm_max: float, norm_std: float, opts: dict)
 
 def nonfinite_step(losses: list[float], norms: list[float]) -> tuple[int, str] | None:
     """The first batch whose loss or gradient norm is not finite, and the error tag it earns."""
-    for i, (loss, norm) in enumerate(zip(losses, norms)):
+    for i, (loss, norm) in enumerate(zip(losses, norms, strict=True)):
         if math.isnan(loss):
             return i, NAN_LOSS()
         if math.isinf(loss):
@@ -527,9 +694,14 @@ def overfitting_tags(row: dict, threshold: float, tag: Tag) -> list[str]:
 def guessing_tags(row: dict, baseline: str, threshold: float, tag: Tag) -> list[str]:
     """`baseline` names the row's baseline keys, e.g. val/random_accuracy for val/accuracy; a metric
     without that baseline is skipped."""
-    return [tag(metric=m, split=s) for s in SPLITS for m in METRIC_NAMES
-            if f"{s}/{m}" in row and f"{s}/{baseline}_{m}" in row
-            and row[f"{s}/{m}"] <= row[f"{s}/{baseline}_{m}"] + threshold]
+    return [
+        tag(metric=m, split=s)
+        for s in SPLITS
+        for m in METRIC_NAMES
+        if f"{s}/{m}" in row
+        and f"{s}/{baseline}_{m}" in row
+        and row[f"{s}/{m}"] <= row[f"{s}/{baseline}_{m}"] + threshold
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,7 +711,7 @@ def guessing_tags(row: dict, baseline: str, threshold: float, tag: Tag) -> list[
 PARTIAL = ".partial"  # the end of the name of a file atomic_write has not finished
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call write(file) on a temporary file beside `path`, then rename it over `path`. A kill in between
     leaves the temporary file: remove_partial_writes() clears them."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL)
@@ -561,7 +733,7 @@ def remove_partial_writes(folder: Path, name: str = "*") -> None:
         leftover.unlink(missing_ok=True)
 
 
-def write_failure(path: Path, save) -> str | None:
+def write_failure(path: Path, save: Callable[[], None]) -> str | None:
     """Call save(), which writes `path`: None when it could, else why not (a full disk, a quota, a
     read-only folder), for a run to end with that reason rather than a traceback."""
     try:
@@ -576,7 +748,7 @@ def write_failure(path: Path, save) -> str | None:
         return f"could not write {path} ({cause.strerror or cause})"
 
 
-def json_safe(value):
+def json_safe(value: Any) -> Any:
     """Strict JSON has no NaN or Infinity: write them as the strings "NaN", "Infinity"."""
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
@@ -587,7 +759,7 @@ def json_safe(value):
     return value
 
 
-def write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj: Any) -> None:
     data = json.dumps(json_safe(obj), indent=2, allow_nan=False).encode() + b"\n"
     atomic_write(path, lambda f: f.write(data))
 

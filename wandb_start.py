@@ -21,8 +21,13 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import utils
+
+if TYPE_CHECKING:  # imported by the runs that log, as they start
+    import wandb
 
 WANDB_INIT_TIMEOUT = 15.0  # seconds W&B's server has to answer before the run logs offline instead
 # W&B's service buffers the run file and flushes it every 15 s; when the process it serves dies (killed,
@@ -54,11 +59,17 @@ def seconds_from(variable: str, default: float) -> float:
 def limit() -> float:
     """The most W&B's start may take, all its tries together, and the most any later W&B call may: its
     service's start and its server's answer, twice, and some spare."""
-    return 2 * (seconds_from("WANDB_X_SERVICE_WAIT", WANDB_SERVICE_WAIT) +
-                seconds_from("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT)) + SPARE
+    return (
+        2
+        * (
+            seconds_from("WANDB_X_SERVICE_WAIT", WANDB_SERVICE_WAIT)
+            + seconds_from("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT)
+        )
+        + SPARE
+    )
 
 
-def within(seconds: float, call):
+def within(seconds: float, call: Callable[[], Any]) -> Any:
     """call()'s result (or its exception), from a thread given `seconds`. Past them W&B is given up in
     this process (`stuck`), and WandbStuck raised: the thread may hold W&B's locks for good."""
     global stuck
@@ -100,7 +111,7 @@ def described(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(line.strip() for line in str(e).splitlines())[:300] or 'no message'}"
 
 
-def start_wandb(prepare=lambda run: run, **init):
+def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run, **init: Any) -> "wandb.Run | None":
     """wandb.init(**init) then prepare(run), as described above: the run, or None when W&B failed by
     itself (it has said so). `prepare` is part of the start: W&B dying just after init fails there."""
     import wandb  # only runs that log pay for its import
@@ -109,8 +120,10 @@ def start_wandb(prepare=lambda run: run, **init):
     try:
         if os.environ.get("WANDB_DIR"):  # W&B would fall back to a temporary folder, which a reboot may empty
             check_writable(os.environ["WANDB_DIR"], "WANDB_DIR")
-        settings = {"x_transaction_log_flush_interval": WANDB_FLUSH_INTERVAL,
-                    "x_file_stream_transmit_interval": WANDB_UPLOAD_INTERVAL}
+        settings = {
+            "x_transaction_log_flush_interval": WANDB_FLUSH_INTERVAL,
+            "x_file_stream_transmit_interval": WANDB_UPLOAD_INTERVAL,
+        }
         if not os.environ.get("WANDB_INIT_TIMEOUT"):  # W&B's own 90 s would keep training waiting
             settings["init_timeout"] = WANDB_INIT_TIMEOUT
         init["settings"] = wandb.Settings(**settings)
@@ -120,16 +133,22 @@ def start_wandb(prepare=lambda run: run, **init):
     except user_errors as e:
         raise setup_error(e, wandb) from None
     if (init.get("mode") or defaults.mode) == "online" and (why := unreachable(defaults.base_url)):
-        print(f"Warning: W&B's server {defaults.base_url} is unreachable ({why}); logging offline instead. "
-              "Upload later with `wandb sync`.", file=sys.stderr)
+        print(
+            f"Warning: W&B's server {defaults.base_url} is unreachable ({why}); logging offline instead. "
+            "Upload later with `wandb sync`.",
+            file=sys.stderr,
+        )
         init["mode"] = "offline"
 
     def attempt():
         try:
             run = wandb.init(**init)
         except wandb.errors.CommError as e:  # W&B's server unreachable: nothing is lost offline
-            print(f"Warning: W&B is unreachable ({str(e).splitlines()[0]}); logging offline instead. Upload "
-                  "later with `wandb sync`.", file=sys.stderr)
+            print(
+                f"Warning: W&B is unreachable ({str(e).splitlines()[0]}); logging offline instead. Upload "
+                "later with `wandb sync`.",
+                file=sys.stderr,
+            )
             wandb.teardown()  # W&B's service still holds the run id of the attempt
             run = wandb.init(**{**init, "mode": "offline"})
         return prepare(run)
@@ -141,13 +160,24 @@ def start_wandb(prepare=lambda run: run, **init):
         except user_errors as e:
             raise setup_error(e, wandb) from None
         except WandbStuck:
-            print(f"Warning: W&B's start hung ({stuck}): the run goes on without W&B. Its results are on screen "
-                  "and in results.json (--save yes).", file=sys.stderr, flush=True)
+            print(
+                f"Warning: W&B's start hung ({stuck}): the run goes on without W&B. Its results are on screen "
+                "and in results.json (--save yes).",
+                file=sys.stderr,
+                flush=True,
+            )
             return None
-        except Exception as e:  # W&B's own fault: its service died, its connection broke
-            print(f"Warning: W&B failed as it started ({described(e)})" + (
-                "; the run goes on without W&B. Its results are on screen and in results.json (--save yes)."
-                if last else "; trying once more."), file=sys.stderr, flush=True)
+        except Exception as e:  # noqa: BLE001 (W&B's own fault: its service died, its connection broke)
+            print(
+                f"Warning: W&B failed as it started ({described(e)})"
+                + (
+                    "; the run goes on without W&B. Its results are on screen and in results.json (--save yes)."
+                    if last
+                    else "; trying once more."
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
             if last:
                 return None
             end_services()  # first: one that does not answer (frozen) would hold the teardown too
@@ -156,13 +186,14 @@ def start_wandb(prepare=lambda run: run, **init):
     return None
 
 
-def setup_error(e: BaseException, wandb) -> utils.StartError:
+def setup_error(e: BaseException, wandb: Any) -> utils.StartError:
     login = "Log in with `wandb login`, or run" if isinstance(e, wandb.errors.AuthenticationError) else "Run"
-    return utils.StartError(f"W&B could not start ({described(e)}).\n{login} with WANDB_MODE=offline (upload "
-                            "later with `wandb sync`).")
+    return utils.StartError(
+        f"W&B could not start ({described(e)}).\n{login} with WANDB_MODE=offline (upload later with `wandb sync`)."
+    )
 
 
-def disabled_run():
+def disabled_run() -> "wandb.Run | None":
     """W&B's own way to log nothing (mode "disabled"), so that a fork's wandb.log calls work without W&B
     too; None where W&B has hung in this process (starting one would wait on W&B's lock for good)."""
     import wandb
@@ -178,7 +209,7 @@ def disabled_run():
     return None
 
 
-def teardown(wandb=None, seconds: float | None = None) -> bool:
+def teardown(wandb: Any = None, seconds: float | None = None) -> bool:
     """W&B's service and state, ended so that a next wandb.init starts afresh (a next run in this process
     reads its settings anew, a broken service is replaced). False when W&B hangs doing it."""
     wandb = wandb or sys.modules.get("wandb")
@@ -219,7 +250,7 @@ def end_services() -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
 
 
-def exit(status: int):
+def exit(status: int) -> NoReturn:
     """sys.exit(status), or, once W&B has hung in this process, os._exit: its threads and exit hooks
     would hang the exit (and its service is ended, not left behind)."""
     if stuck:

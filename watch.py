@@ -42,6 +42,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from types import FrameType
+from typing import NoReturn
 
 import utils
 
@@ -64,8 +67,11 @@ CAUSES = {signal.SIGINT: "Ctrl+C", signal.SIGTERM: "SIGTERM", GUARD_STOP: "SIGTE
 
 def stopped_before_start(signum: int) -> int:
     """Says so; the exit status a shell gives a process that signal ended."""
-    print(f"\nStopped by {CAUSES[signum]} before the run began: nothing was trained, nothing changed.",
-          file=sys.stderr, flush=True)
+    print(
+        f"\nStopped by {CAUSES[signum]} before the run began: nothing was trained, nothing changed.",
+        file=sys.stderr,
+        flush=True,
+    )
     return 128 + (signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
 
 
@@ -130,12 +136,13 @@ class Link:
         for signum, handler in (self.previous or {}).items():
             signal.signal(signum, signal.SIG_IGN if self.whole_process else handler)
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.phase == self.CLOSED:
             return
         tag = utils.STOP_SIGNALS[signum]()
-        job_wide = self.tag == utils.STOPPED() and signum == signal.SIGTERM and \
-            time.monotonic() - self.heard_at < TERM_GRACE
+        job_wide = (
+            self.tag == utils.STOPPED() and signum == signal.SIGTERM and time.monotonic() - self.heard_at < TERM_GRACE
+        )
         if self.tag is not None and not job_wide:  # the first cause stands
             return
         self.tag, self.heard_at, self.signum = tag, time.monotonic(), self.signum or signum
@@ -147,7 +154,7 @@ class Link:
         if signum in (signal.SIGINT, signal.SIGTERM):  # not for the guard's words: a process asked, not a person
             print(f"\nStopping at the next batch: {tag}.", file=sys.stderr, flush=True)
 
-    def stop_now(self):
+    def stop_now(self) -> NoReturn:
         self.phase = self.CLOSED
         status = stopped_before_start(self.signum)
         if not self.whole_process:
@@ -160,7 +167,7 @@ class Link:
         os._exit(status)
 
     @contextlib.contextmanager
-    def deferred(self):
+    def deferred(self) -> Iterator[None]:
         """A stop before the run begins waits for the end of this block (a run folder being made, W&B
         starting): what it starts is finished, or undone, first."""
         self.deferring += 1
@@ -196,7 +203,7 @@ def guarded() -> bool:
 
 def interpreter_options() -> list[str]:
     """The options this interpreter was started with (-u, -X dev, -W error, ...), for the training process."""
-    return sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
+    return sys.orig_argv[1 : len(sys.orig_argv) - len(sys.argv)]
 
 
 def debugger() -> str | None:
@@ -207,7 +214,7 @@ def debugger() -> str | None:
     if loaded := [name for name in ("debugpy", "pydevd") if name in sys.modules]:
         return loaded[0]
     options = interpreter_options()  # ["-m", "pdb"] for `python -m pdb main.py`; for `python -m X` alone, X
-    for option, following in zip(options, [*options[1:], ""]):  # is the program, and only "-m" is left
+    for option, following in zip(options, [*options[1:], ""], strict=False):  # is the program, and "-m" is left
         if (option == "-m" and following) or (option.startswith("-m") and len(option) > 2):
             return f"python -m {following if option == '-m' else option[2:]}"
     if sys.gettrace() is not None:
@@ -225,8 +232,12 @@ def start_training(script: str, argv: list[str], write: int) -> subprocess.Popen
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
         utils.stop_with_parent(guard_pid, GUARD_DIED)
 
-    return subprocess.Popen([sys.executable, *interpreter_options(), script, *argv],
-                            env={**os.environ, CHANNEL: str(write)}, pass_fds=(write,), preexec_fn=prepare)
+    return subprocess.Popen(
+        [sys.executable, *interpreter_options(), script, *argv],
+        env={**os.environ, CHANNEL: str(write)},
+        pass_fds=(write,),
+        preexec_fn=prepare,
+    )
 
 
 def guard(script: str, argv: list[str], epoch_timeout: float) -> int:
@@ -268,7 +279,7 @@ class Watch:
         for fd in self.wake:
             os.set_blocking(fd, False)
 
-    def heard(self, signum, frame) -> None:
+    def heard(self, signum: int, frame: FrameType | None) -> None:
         self.signals.append(signum)
 
     def take_signals(self) -> list[int]:
@@ -337,10 +348,14 @@ class Watch:
 
     def hang(self) -> tuple[str, str]:
         if self.started is None:
-            return utils.TIMEOUT(), ("W&B's start outlasted its limit and did not give up by itself: the training "
-                                     "process was stuck, and has been killed")
-        return utils.TIMEOUT(), (f"an epoch ran past --epoch_timeout {self.minutes:g} min and did not stop by itself: "
-                                 "the training process was stuck, and has been killed")
+            return utils.TIMEOUT(), (
+                "W&B's start outlasted its limit and did not give up by itself: the training "
+                "process was stuck, and has been killed"
+            )
+        return utils.TIMEOUT(), (
+            f"an epoch ran past --epoch_timeout {self.minutes:g} min and did not stop by itself: "
+            "the training process was stuck, and has been killed"
+        )
 
     def end(self, code: int) -> int:
         if self.ended or (self.started is None and code >= 0 and not self.hung):

@@ -29,16 +29,42 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def sweep_time(folder: Path, workers: int, threads: int | None, data_path: str, epochs: int) -> float:
     sweep = folder / f"sweep-{time.monotonic_ns()}.yaml"
-    sweep.write_text(yaml.safe_dump({"program": str(ROOT / "main.py"), "method": "grid",
-                                     "metric": {"name": "val/accuracy", "goal": "maximize"},
-                                     "parameters": {"seed": {"values": [0, 1]}, "epochs": {"value": epochs}}}))
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "program": str(ROOT / "main.py"),
+                "method": "grid",
+                "metric": {"name": "val/accuracy", "goal": "maximize"},
+                "parameters": {"seed": {"values": [0, 1]}, "epochs": {"value": epochs}},
+            }
+        )
+    )
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "local_sweep.py"), str(sweep), "--workers", str(workers),
-                    "--wandb", "disabled", "--", "--data_path", str(Path(data_path).resolve()), "--device", "cpu",
-                    "--verbose", "0"], cwd=folder, env=env, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "local_sweep.py"),
+            str(sweep),
+            "--workers",
+            str(workers),
+            "--wandb",
+            "disabled",
+            "--",
+            "--data_path",
+            str(Path(data_path).resolve()),
+            "--device",
+            "cpu",
+            "--verbose",
+            "0",
+        ],
+        cwd=folder,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     seconds = time.perf_counter() - start
     runs = json.loads(sweep.with_suffix(".state.json").read_text())["runs"]
     if [run["status"] for run in runs] != ["finished", "finished"]:
@@ -53,8 +79,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
-    ways = {"--workers 1": (1, None), "--workers 2 (a share of the cores each)": (2, None),
-            f"--workers 2, OMP_NUM_THREADS={cores} (every core each)": (2, cores)}
+    ways = {
+        "--workers 1": (1, None),
+        "--workers 2 (a share of the cores each)": (2, None),
+        f"--workers 2, OMP_NUM_THREADS={cores} (every core each)": (2, cores),
+    }
     times = {way: [] for way in ways}
     with tempfile.TemporaryDirectory() as folder:
         for repeat in range(args.repeats):
@@ -62,8 +91,10 @@ def main() -> None:
                 times[way].append(sweep_time(Path(folder), workers, threads, args.data_path, args.epochs))
                 print(f"repeat {repeat + 1}: {way}: {times[way][-1]:.1f} s", file=sys.stderr, flush=True)
     base = statistics.median(times["--workers 1"])
-    print(f"A 2-run grid ({args.epochs} epochs each, the default model, real MNIST) on {cores} cores, "
-          f"median of {args.repeats}:\n")
+    print(
+        f"A 2-run grid ({args.epochs} epochs each, the default model, real MNIST) on {cores} cores, "
+        f"median of {args.repeats}:\n"
+    )
     print("| how | the whole sweep | / --workers 1 |\n|---|---|---|")
     for way, values in times.items():
         print(f"| {way} | {statistics.median(values):.1f} s | {statistics.median(values) / base:.2f} |")

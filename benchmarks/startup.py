@@ -25,8 +25,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def first_batch(args: list[str], env: dict) -> float:
     """Seconds from launching `python main.py ARGS` to its batch bar."""
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     seen = b""
     try:
         while b"batches:" not in seen:
@@ -52,23 +58,29 @@ def main(argv=None) -> int:
         start = time.monotonic()
         subprocess.run([sys.executable, "main.py", "--help"], cwd=ROOT, capture_output=True, check=True)
         helps.append(time.monotonic() - start)
-    print(f"python main.py --help: median {statistics.median(helps):.2f} s "
-          f"(min {min(helps):.2f}, max {max(helps):.2f}, {args.repeats} launches)\n")
+    print(
+        f"python main.py --help: median {statistics.median(helps):.2f} s "
+        f"(min {min(helps):.2f}, max {max(helps):.2f}, {args.repeats} launches)\n"
+    )
 
     run = ["--data_path", str(Path(args.data_path).resolve()), "--epochs", "1", "--verbose", "2", "--save", "no"]
     with tempfile.TemporaryDirectory() as wandb_dir:
         offline = {**env, "WANDB_MODE": "offline", "WANDB_DIR": wandb_dir}
         wandb = ["--wandb_project", "startup-benchmark"]
-        modes = {("standalone", "watched (default)"): (run, env),
-                 ("standalone", "--watchdog no"): (run + ["--watchdog", "no"], env),
-                 ("W&B offline", "watched (default)"): (run + wandb, offline),
-                 ("W&B offline", "--watchdog no"): (run + wandb + ["--watchdog", "no"], offline)}
+        modes = {
+            ("standalone", "watched (default)"): (run, env),
+            ("standalone", "--watchdog no"): (run + ["--watchdog", "no"], env),
+            ("W&B offline", "watched (default)"): (run + wandb, offline),
+            ("W&B offline", "--watchdog no"): (run + wandb + ["--watchdog", "no"], offline),
+        }
         times = {mode: [] for mode in modes}
         for _ in range(args.repeats):
             for mode, (margs, menv) in modes.items():
                 times[mode].append(first_batch(margs, menv))
-    print("| launch to the first training batch | watched (default) | --watchdog no | watched / --watchdog no |\n"
-          "|---|---|---|---|")
+    print(
+        "| launch to the first training batch | watched (default) | --watchdog no | watched / --watchdog no |\n"
+        "|---|---|---|---|"
+    )
     for logging in ("standalone", "W&B offline"):
         watched, alone = (statistics.median(times[(logging, how)]) for how in ("watched (default)", "--watchdog no"))
         print(f"| {logging} | {watched:.2f} s | {alone:.2f} s | {watched / alone:.2f} |")

@@ -21,12 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-import main as experiment  # noqa: E402
-import utils  # noqa: E402
-import watch  # noqa: E402
+import main as experiment
+import utils
+import watch
 
 
 def epoch(model, optimizer, data, opts, generator, pieces: int) -> None:
@@ -61,11 +61,14 @@ def epoch(model, optimizer, data, opts, generator, pieces: int) -> None:
         optimizer.step()
 
 
-VARIANTS = {"bare loop": 0, "+ torch's norms (_foreach_norm), for comparison": -1,
-            "+ squared gradient norms (main.squared_gradient_norms)": 1,
-            "+ the row of loss and norms, read by the host": 2,
-            "+ outputs and targets kept (the loop's whole bookkeeping)": 3,
-            "main.train_epoch (+ stop and timeout checks, the epoch's metrics)": 4}
+VARIANTS = {
+    "bare loop": 0,
+    "+ torch's norms (_foreach_norm), for comparison": -1,
+    "+ squared gradient norms (main.squared_gradient_norms)": 1,
+    "+ the row of loss and norms, read by the host": 2,
+    "+ outputs and targets kept (the loop's whole bookkeeping)": 3,
+    "main.train_epoch (+ stop and timeout checks, the epoch's metrics)": 4,
+}
 
 
 def main(argv=None) -> int:
@@ -74,11 +77,15 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=utils.PRECISIONS, default="bf16")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
-    opts = vars(utils.get_arg_parser().parse_args(["--device", "cpu", "--data_path", args.data_path,
-                                                   "--precision", args.precision]))
+    opts = vars(
+        utils.get_arg_parser().parse_args(
+            ["--device", "cpu", "--data_path", args.data_path, "--precision", args.precision]
+        )
+    )
     description = experiment.load_data(opts)
-    data = experiment.DeviceBatches(experiment.hold_out(description.splits["train"], opts["val_size"])[0],
-                                    torch.device("cpu"))
+    data = experiment.DeviceBatches(
+        experiment.hold_out(description.splits["train"], opts["val_size"])[0], torch.device("cpu")
+    )
     seconds = {name: [] for name in VARIANTS}
     shuffle = random.Random(0).shuffle
     for repeat in range(-1, args.repeats):  # round -1 warms up and is not counted
@@ -94,13 +101,24 @@ def main(argv=None) -> int:
                 seconds[name].append(time.perf_counter() - start)
     steps = -(-len(data) // opts["batch_size"])
     bare = seconds["bare loop"]
-    print(f"{args.precision}, batch {opts['batch_size']}, {torch.get_num_threads()} threads, {steps} steps an "
-          f"epoch, median of {args.repeats} epochs\n")
-    print(utils.markdown_table(
-        ["variant", "step (ms)", "added a step (us)", "ratio to the bare loop"],
-        [[name, f"{statistics.median(s) / steps * 1e3:.3f}",
-          f"{statistics.median(a - b for a, b in zip(s, bare)) / steps * 1e6:.0f}",
-          f"{statistics.median(b / a for a, b in zip(s, bare)):.3f}"] for name, s in seconds.items()]))
+    print(
+        f"{args.precision}, batch {opts['batch_size']}, {torch.get_num_threads()} threads, {steps} steps an "
+        f"epoch, median of {args.repeats} epochs\n"
+    )
+    print(
+        utils.markdown_table(
+            ["variant", "step (ms)", "added a step (us)", "ratio to the bare loop"],
+            [
+                [
+                    name,
+                    f"{statistics.median(s) / steps * 1e3:.3f}",
+                    f"{statistics.median(a - b for a, b in zip(s, bare, strict=True)) / steps * 1e6:.0f}",
+                    f"{statistics.median(b / a for a, b in zip(s, bare, strict=True)):.3f}",
+                ]
+                for name, s in seconds.items()
+            ],
+        )
+    )
     return 0
 
 

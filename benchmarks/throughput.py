@@ -28,18 +28,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-import main as experiment  # noqa: E402
-import utils  # noqa: E402
-import watch  # noqa: E402
+import main as experiment
+import utils
+import watch
 
 
 def bare_epoch(model, optimizer, x, y, batch_size, generator, bf16: bool) -> None:
     order = torch.randperm(len(y), generator=generator).to(y.device)
     for i in range(0, len(y), batch_size):
-        batch = order[i:i + batch_size]
+        batch = order[i : i + batch_size]
         with torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(model(x[batch]), y[batch])
         optimizer.zero_grad(set_to_none=True)
@@ -63,11 +63,13 @@ def main(argv=None) -> int:
     parser.add_argument("--accuracy", action="store_true", help="also train the default run in each precision")
     args = parser.parse_args(argv)
 
-    opts = vars(utils.get_arg_parser().parse_args(["--device", args.device, "--verbose", "0",
-                                                   "--data_path", args.data_path]))
+    opts = vars(
+        utils.get_arg_parser().parse_args(["--device", args.device, "--verbose", "0", "--data_path", args.data_path])
+    )
     description = experiment.load_data(opts)
-    data = experiment.DeviceBatches(experiment.hold_out(description.splits["train"], opts["val_size"])[0],
-                                    torch.device(args.device))
+    data = experiment.DeviceBatches(
+        experiment.hold_out(description.splits["train"], opts["val_size"])[0], torch.device(args.device)
+    )
     x, y = data.x, data.y
     sync_every = experiment.sync_interval(torch.device(args.device))
     os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=tempfile.mkdtemp())
@@ -83,23 +85,35 @@ def main(argv=None) -> int:
     # Each loop is set up (fresh model and optimizer) outside the timing, then timed for one epoch.
     def bare(precision="fp32", fused=True):
         model, optimizer = fresh(fused)
-        return lambda: bare_epoch(model, optimizer, x, y, opts["batch_size"], torch.Generator().manual_seed(0),
-                                  precision == "bf16")
+        return lambda: bare_epoch(
+            model, optimizer, x, y, opts["batch_size"], torch.Generator().manual_seed(0), precision == "bf16"
+        )
 
     def ours(precision="fp32"):
         model, optimizer = fresh()
 
         def epoch():
-            stats, _ = experiment.train_epoch(model, optimizer, data, {**opts, "precision": precision},
-                                              torch.Generator().manual_seed(0), watch.Link(),
-                                              sync_every, verbose=0)
+            stats, _ = experiment.train_epoch(
+                model,
+                optimizer,
+                data,
+                {**opts, "precision": precision},
+                torch.Generator().manual_seed(0),
+                watch.Link(),
+                sync_every,
+                verbose=0,
+            )
             run.log(stats)
 
         return epoch
 
-    loops = {"bare loop, fp32": bare, "boilerplate train_epoch, fp32": ours,
-             "bare loop, bf16": lambda: bare("bf16"), "boilerplate train_epoch, bf16": lambda: ours("bf16"),
-             "bare loop, fp32, default Adam": lambda: bare(fused=False)}
+    loops = {
+        "bare loop, fp32": bare,
+        "boilerplate train_epoch, fp32": ours,
+        "bare loop, bf16": lambda: bare("bf16"),
+        "boilerplate train_epoch, bf16": lambda: ours("bf16"),
+        "bare loop, fp32, default Adam": lambda: bare(fused=False),
+    }
     same = {name: f"bare loop, {'bf16' if 'bf16' in name else 'fp32'}" for name in loops}
     rates = {name: [] for name in loops}
     shuffle = random.Random(0).shuffle
@@ -113,27 +127,66 @@ def main(argv=None) -> int:
     run.finish()
 
     def ratio(name: str, base: str) -> float:
-        return statistics.median(a / b for a, b in zip(rates[name], rates[base]))
+        return statistics.median(a / b for a, b in zip(rates[name], rates[base], strict=True))
 
-    print(f"MNIST train split {len(y)} samples, MLP 784-{'-'.join(map(str, opts['hidden']))}-10, "
-          f"Adam, batch {opts['batch_size']}, {args.device}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} epochs\n")
-    print(utils.markdown_table(
-        ["loop", "samples/s (median)", "min", "max", "ratio to the bare loop of its precision",
-         "ratio to the bare fp32 loop"],
-        [[name, f"{statistics.median(r):,.0f}", f"{min(r):,.0f}", f"{max(r):,.0f}", f"{ratio(name, same[name]):.3f}",
-          f"{ratio(name, 'bare loop, fp32'):.3f}"] for name, r in rates.items()]))
+    print(
+        f"MNIST train split {len(y)} samples, MLP 784-{'-'.join(map(str, opts['hidden']))}-10, "
+        f"Adam, batch {opts['batch_size']}, {args.device}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} epochs\n"
+    )
+    print(
+        utils.markdown_table(
+            [
+                "loop",
+                "samples/s (median)",
+                "min",
+                "max",
+                "ratio to the bare loop of its precision",
+                "ratio to the bare fp32 loop",
+            ],
+            [
+                [
+                    name,
+                    f"{statistics.median(r):,.0f}",
+                    f"{min(r):,.0f}",
+                    f"{max(r):,.0f}",
+                    f"{ratio(name, same[name]):.3f}",
+                    f"{ratio(name, 'bare loop, fp32'):.3f}",
+                ]
+                for name, r in rates.items()
+            ],
+        )
+    )
     if args.accuracy:
         print()
         for precision in ("fp32", "bf16"):
             with tempfile.TemporaryDirectory() as out:
-                experiment.main(["--data_path", args.data_path, "--device", args.device, "--precision", precision,
-                                 "--watchdog", "no", "--verbose", "0", "--save", "yes", "--output_path", out,
-                                 "--checkpoint_every", "0"])
+                experiment.main(
+                    [
+                        "--data_path",
+                        args.data_path,
+                        "--device",
+                        args.device,
+                        "--precision",
+                        precision,
+                        "--watchdog",
+                        "no",
+                        "--verbose",
+                        "0",
+                        "--save",
+                        "yes",
+                        "--output_path",
+                        out,
+                        "--checkpoint_every",
+                        "0",
+                    ]
+                )
                 [results] = Path(out).glob("*/*/results.json")
                 history = json.loads(results.read_text())["history"]
-            print(f"python main.py --precision {precision}: test accuracy {history[-1]['test/accuracy']:.4f} "
-                  f"after {len(history)} epochs")
+            print(
+                f"python main.py --precision {precision}: test accuracy {history[-1]['test/accuracy']:.4f} "
+                f"after {len(history)} epochs"
+            )
     return 0
 
 

@@ -20,7 +20,7 @@ from wandb import wandb_agent
 from wandb.sdk.lib import config_util
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import local_sweep  # noqa: E402
+import local_sweep
 
 
 def claim(queue: Path) -> dict | None:
@@ -34,11 +34,16 @@ def claim(queue: Path) -> dict | None:
 
 
 def start(command: dict, sweep_id: str) -> wandb_agent.AgentProcess:
-    param_path = os.path.join(os.environ.get("WANDB_DIR", ""), "wandb", f"sweep-{sweep_id}",
-                              f"config-{command['run_id']}.yaml")
+    param_path = os.path.join(
+        os.environ.get("WANDB_DIR", ""), "wandb", f"sweep-{sweep_id}", f"config-{command['run_id']}.yaml"
+    )
     config_util.save_config_file_from_dict(param_path, command["args"])
-    env = {**os.environ, "WANDB_SWEEP_ID": sweep_id, "WANDB_RUN_ID": command["run_id"],
-           "WANDB_SWEEP_PARAM_PATH": param_path}
+    env = {
+        **os.environ,
+        "WANDB_SWEEP_ID": sweep_id,
+        "WANDB_RUN_ID": command["run_id"],
+        "WANDB_SWEEP_PARAM_PATH": param_path,
+    }
     # W&B's command template filled in by W&B's own code, with the agent's interpreter, `python`
     params = {k: v["value"] for k, v in command["args"].items()}
     argv = local_sweep.agent_argv(params, command["program"], interpreter="python")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from demo import small_run, write_dataset  # noqa: F401 (small_run: for the tests)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,9 +68,16 @@ def without_times(history: list[dict]) -> list[dict]:
 def start_main(args: list[str], **kwargs) -> subprocess.Popen:
     """`python main.py ARGS` as a real process, in a session of its own like a shell job."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
-    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=kwargs.pop("cwd", ROOT),
-                            env=env, stdout=subprocess.PIPE, stderr=kwargs.pop("stderr", subprocess.PIPE),
-                            text=True, start_new_session=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        cwd=kwargs.pop("cwd", ROOT),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=kwargs.pop("stderr", subprocess.PIPE),
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
 
 
 def children(pid: int, program: bytes) -> list[int]:
@@ -100,8 +108,11 @@ class Output:
 
     def __init__(self, proc: subprocess.Popen):
         self.proc, self.lines, self.new = proc, {"stdout": [], "stderr": []}, queue.Queue()
-        self.readers = [threading.Thread(target=self._read, args=(name, stream), daemon=True)
-                        for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr)) if stream]
+        self.readers = [
+            threading.Thread(target=self._read, args=(name, stream), daemon=True)
+            for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr))
+            if stream
+        ]
         for reader in self.readers:
             reader.start()
 

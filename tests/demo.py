@@ -29,8 +29,20 @@ def data_and_model(data: Path) -> list[str]:
 
 def small_run(data: Path, out: Path, *extra: str) -> list[str]:
     """The command-line arguments of a short run on write_dataset's data, saved under `out`."""
-    return [*data_and_model(data), "--epochs", "2", "--device", "cpu", "--verbose", "0", "--save", "yes",
-            "--output_path", str(out), *extra]
+    return [
+        *data_and_model(data),
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+        "--verbose",
+        "0",
+        "--save",
+        "yes",
+        "--output_path",
+        str(out),
+        *extra,
+    ]
 
 
 def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -38,9 +50,11 @@ def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray)
     raw = folder / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
-        struct.pack(">iiii", 2051, *images.shape) + images.astype(np.uint8).tobytes())
+        struct.pack(">iiii", 2051, *images.shape) + images.astype(np.uint8).tobytes()
+    )
     (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
-        struct.pack(">ii", 2049, len(labels)) + labels.astype(np.uint8).tobytes())
+        struct.pack(">ii", 2049, len(labels)) + labels.astype(np.uint8).tobytes()
+    )
 
 
 def digits(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +64,7 @@ def digits(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     images = rng.integers(0, 60, size=(n, 28, 28))
     for i, c in enumerate(labels):
         r, q = 2 + 12 * (c // 5), 1 + 5 * (c % 5)
-        images[i, r:r + 6, q:q + 6] = 255
+        images[i, r : r + 6, q : q + 6] = 255
     return images, labels
 
 

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from conftest import results, small_run
-from demo import find_real_mnist
 from test_readme_stub import generate, project, usage_rows  # noqa: F401 (project: a fixture)
 from test_training import run_main, wandb_run
 
 import main
 import utils
+from conftest import results, small_run
+from demo import find_real_mnist
 
 
 def parse(*args: str) -> dict:
@@ -27,8 +27,17 @@ def test_defaults_match_the_design():
     assert (opts["precision"], opts["workers"]) == ("fp32", 0)
     assert (opts["save"], opts["abort_irrelevant"], opts["verbose"], opts["epoch_timeout"]) == (False, True, 1, 0.0)
     assert (opts["data_path"], opts["output_path"], opts["wandb_project"]) == ("data", "outputs", None)
-    assert [opts[k] for k in ("overfitting_threshold", "vanishing_threshold", "exploding_threshold",
-                              "std_threshold", "rnd_threshold", "mp_threshold")] == [0.5, 1e-5, 1e7, 200.0, 0.1, 0.1]
+    assert [
+        opts[k]
+        for k in (
+            "overfitting_threshold",
+            "vanishing_threshold",
+            "exploding_threshold",
+            "std_threshold",
+            "rnd_threshold",
+            "mp_threshold",
+        )
+    ] == [0.5, 1e-5, 1e7, 200.0, 0.1, 0.1]
 
 
 def test_group_name_is_the_same_on_any_machine():
@@ -41,8 +50,19 @@ def test_group_name_is_the_same_on_any_machine():
 
 def test_housekeeping_is_not_a_hyperparameter():
     names = utils.hyperparameter_names()
-    assert set(names) == {"epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "hidden",
-                          "dropout", "grad_clipping", "precision", "val_size"}
+    assert set(names) == {
+        "epochs",
+        "batch_size",
+        "optimizer",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "hidden",
+        "dropout",
+        "grad_clipping",
+        "precision",
+        "val_size",
+    }
 
 
 def test_the_models_weights(tiny_data, tmp_path):
@@ -51,7 +71,7 @@ def test_the_models_weights(tiny_data, tmp_path):
     assert [tuple(t.shape) for t in model.state_dict().values()] == [(64, 784), (64,), (10, 64), (10,)]
 
 
-def test_the_demos_readme_rows(project):
+def test_the_demos_readme_rows(project):  # noqa: F811 (the imported fixture)
     assert generate(project).returncode == 0
     rows = usage_rows((project / "README.md").read_text())
     expected = {  # flag: (group, type, default)
@@ -70,7 +90,7 @@ def test_the_demos_readme_rows(project):
         assert (rows[flag][0], rows[flag][1][1], rows[flag][1][2]) == (group, kind, default), flag
 
 
-def test_finds_the_requirements_offline_and_not_its_own_tool(project):
+def test_finds_the_requirements_offline_and_not_its_own_tool(project):  # noqa: F811 (the fixture)
     done = generate(project)
     assert done.returncode == 0, done.stderr
     section = (project / "README.md").read_text().split("## Requirements")[1].split("## Usage")[0]
@@ -81,14 +101,31 @@ def test_finds_the_requirements_offline_and_not_its_own_tool(project):
 
 # SGD at absurd learning rates: which overflow comes first depends on the model and the data,
 # found by scanning learning rates; each held for every seed tried.
-@pytest.mark.parametrize("data, lr, hidden, tag", [
-    ("tiny_data", "1e30", "64", "NaN loss"),  # logits overflow to inf on several classes: inf - inf
-    ("noise_data", "1e37", "", "Inf loss"),  # finite logits of opposite signs whose difference overflows
-    ("noise_data", "1000", "64,64,64", "NaN gradient"),  # the norm's sum of squares overflows first
-])
+@pytest.mark.parametrize(
+    "data, lr, hidden, tag",
+    [
+        ("tiny_data", "1e30", "64", "NaN loss"),  # logits overflow to inf on several classes: inf - inf
+        ("noise_data", "1e37", "", "Inf loss"),  # finite logits of opposite signs whose difference overflows
+        ("noise_data", "1000", "64,64,64", "NaN gradient"),  # the norm's sum of squares overflows first
+    ],
+)
 def test_overflow_stops_training_with_finite_weights(data, lr, hidden, tag, wandb_dir, tmp_path, request):
-    code = run_main(*small_run(request.getfixturevalue(data), tmp_path, "--optimizer", "sgd", "--lr", lr,
-                               "--hidden", hidden, "--epochs", "3", "--wandb_project", "boilerplate-tests"))
+    code = run_main(
+        *small_run(
+            request.getfixturevalue(data),
+            tmp_path,
+            "--optimizer",
+            "sgd",
+            "--lr",
+            lr,
+            "--hidden",
+            hidden,
+            "--epochs",
+            "3",
+            "--wandb_project",
+            "boilerplate-tests",
+        )
+    )
     folder, res = results(tmp_path)
     assert code == 1 and res["status"] == "failed" and tag in res["tags"] and "Success" not in res["tags"]
     assert [t for t in res["tags"] if t in ("NaN loss", "Inf loss", "NaN gradient")] == [tag]
@@ -100,11 +137,25 @@ def test_overflow_stops_training_with_finite_weights(data, lr, hidden, tag, wand
 
 def test_real_mnist_one_epoch_reaches_96_percent(tmp_path, capsys):
     data = find_real_mnist()  # downloaded there, as `python main.py` does, when no folder holds it
-    code = run_main("--data_path", str(data), "--epochs", "1", "--device", "cpu", "--verbose", "0",
-                    "--save", "yes", "--output_path", str(tmp_path))
+    code = run_main(
+        "--data_path",
+        str(data),
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--verbose",
+        "0",
+        "--save",
+        "yes",
+        "--output_path",
+        str(tmp_path),
+    )
     if code == 1 and not list(tmp_path.glob("*/*")):
-        pytest.fail(f"the real MNIST is not in {data} and could not be downloaded there; set MNIST_DATA to "
-                    f"the folder holding MNIST/raw/. main.py said:\n{capsys.readouterr().err}")
+        pytest.fail(
+            f"the real MNIST is not in {data} and could not be downloaded there; set MNIST_DATA to "
+            f"the folder holding MNIST/raw/. main.py said:\n{capsys.readouterr().err}"
+        )
     assert code == 0
     accuracy = results(tmp_path)[1]["history"][0]["test/accuracy"]
     assert accuracy >= 0.96 and math.isfinite(accuracy)

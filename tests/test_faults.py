@@ -21,9 +21,19 @@ from pathlib import Path
 
 import pytest
 import torch
+
 import demo
-from conftest import (OFFLINE, ROOT, Output, results, small_run, start_main, training_process, whole_epochs,
-                      without_times)
+from conftest import (
+    OFFLINE,
+    ROOT,
+    Output,
+    results,
+    small_run,
+    start_main,
+    training_process,
+    whole_epochs,
+    without_times,
+)
 from wandb_file import find_runs, whole_run
 
 EPOCHS = 4
@@ -36,14 +46,20 @@ def fault_data(tmp_path_factory) -> Path:
 
 
 def args(data: Path, out: Path, *extra: str) -> list[str]:
-    return small_run(data, out, *demo.SLOW, "--epochs", str(EPOCHS), "--wandb_project", "boilerplate-tests",
-                     "--verbose", "2", *extra)
+    return small_run(
+        data, out, *demo.SLOW, "--epochs", str(EPOCHS), "--wandb_project", "boilerplate-tests", "--verbose", "2", *extra
+    )
 
 
 def launch(argv: list[str], wandb_dir: Path, env: dict | None = None, **kwargs) -> subprocess.Popen:
     """main.py with W&B offline into `wandb_dir`, its output on stdout with its errors."""
-    return start_main(argv, cwd=wandb_dir, env={**OFFLINE, "WANDB_DIR": str(wandb_dir), **(env or {})},
-                      stderr=subprocess.STDOUT, **kwargs)
+    return start_main(
+        argv,
+        cwd=wandb_dir,
+        env={**OFFLINE, "WANDB_DIR": str(wandb_dir), **(env or {})},
+        stderr=subprocess.STDOUT,
+        **kwargs,
+    )
 
 
 def run(argv: list[str], wandb_dir: Path, env: dict | None = None, **kwargs) -> tuple[int, str]:
@@ -79,8 +95,12 @@ def inject(output: Output, signum: int, point: str, to_training: bool) -> int:
 
 
 POINTS = ("first epoch", "between epochs", "evaluation")
-EXPECTED = {signal.SIGINT: "User abort", signal.SIGTERM: "Preempted", signal.SIGKILL: "Crashed",
-            signal.SIGSEGV: "Crashed"}
+EXPECTED = {
+    signal.SIGINT: "User abort",
+    signal.SIGTERM: "Preempted",
+    signal.SIGKILL: "Crashed",
+    signal.SIGSEGV: "Crashed",
+}
 
 
 @pytest.mark.parametrize("point", POINTS)
@@ -104,7 +124,7 @@ def test_a_signal_ends_the_run_with_its_tag_and_loses_nothing(signum, point, fau
     whole = [r for r in history if "test/accuracy" in r]  # epochs trained to their end and evaluated
     assert [r["epoch"] for r in history] == list(range(1, len(history) + 1))
     assert len(whole) >= finished_before  # no finished epoch lost
-    assert without_times(whole) == without_times(expected_res["history"][:len(whole)])
+    assert without_times(whole) == without_times(expected_res["history"][: len(whole)])
     # A killed training process cannot end its W&B run: the guard re-opens it by its id to end it (offline,
     # in a second sitting); either way W&B holds every epoch results.json does.
     wandb_run = whole_run(tmp_path, folder.name)
@@ -145,8 +165,9 @@ def test_after_a_stop_and_a_resume_wandb_holds_each_epoch_once(stop, fault_data,
         try:
             output = Output(proc)
             # Ctrl+C mid-epoch leaves a cut-short row; SIGKILL of the training process, none
-            inject(output, getattr(signal, stop), "first epoch" if stop == "SIGINT" else "evaluation",
-                   stop == "SIGKILL")
+            inject(
+                output, getattr(signal, stop), "first epoch" if stop == "SIGINT" else "evaluation", stop == "SIGKILL"
+            )
             output.finish(120)
         finally:
             proc.kill()
@@ -204,7 +225,7 @@ def test_a_nan_in_the_weights_mid_run_is_caught_before_any_step(fault_data, tmp_
     assert code == 1 and "Traceback" not in output
     _, res = results(tmp_path / "out")
     assert res["status"] == "failed" and "NaN loss" in res["tags"]
-    assert without_times(res["history"][:len(before["history"])]) == without_times(before["history"])
+    assert without_times(res["history"][: len(before["history"])]) == without_times(before["history"])
     assert res["history"][-1]["train/batches"] == 1  # stopped at the first batch, before its step
 
 
@@ -260,6 +281,7 @@ def full_disk(tmp_path):
         def limit():
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
             resource.setrlimit(resource.RLIMIT_FSIZE, (kib * 1024, kib * 1024))
+
         return folder, limit
 
     yield make
@@ -267,13 +289,17 @@ def full_disk(tmp_path):
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
-@pytest.mark.parametrize("what, kib, extra", [
-    ("checkpoint.pt", 300, []),  # the first checkpoint does not fit
-    ("results.json", 24, ["--checkpoint_every", "0"]),  # results.json outgrows the disk
-    ("model.pt", 100, ["--checkpoint_every", "0", "--epochs", "2"]),  # the last file does not fit
-])
-def test_a_full_disk_ends_the_run_with_its_cause_and_keeps_what_was_saved(what, kib, extra, tiny_data, full_disk,
-                                                                           tmp_path):
+@pytest.mark.parametrize(
+    "what, kib, extra",
+    [
+        ("checkpoint.pt", 300, []),  # the first checkpoint does not fit
+        ("results.json", 24, ["--checkpoint_every", "0"]),  # results.json outgrows the disk
+        ("model.pt", 100, ["--checkpoint_every", "0", "--epochs", "2"]),  # the last file does not fit
+    ],
+)
+def test_a_full_disk_ends_the_run_with_its_cause_and_keeps_what_was_saved(
+    what, kib, extra, tiny_data, full_disk, tmp_path
+):
     disk, limit = full_disk(kib)
     # Under a file-size limit W&B's own files would break too: W&B is checked on a real full disk only.
     wandb = ["--wandb_project", "boilerplate-tests"] if limit is None else []
@@ -294,10 +320,21 @@ def test_a_full_disk_ends_the_run_with_its_cause_and_keeps_what_was_saved(what, 
 
 def test_a_run_folder_that_cannot_be_made_is_a_clear_start_error(tiny_data, tmp_path):
     out = tmp_path / "out"
-    group = out / json.loads(subprocess.run(
-        [sys.executable, "-c", "import json, sys, utils; o = vars(utils.get_arg_parser().parse_args(sys.argv[1:])); "
-         "print(json.dumps(utils.generate_name(o)))", *small_run(tiny_data, out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60).stdout)
+    group = out / json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import json, sys, utils; o = vars(utils.get_arg_parser().parse_args(sys.argv[1:])); "
+                "print(json.dumps(utils.generate_name(o)))",
+                *small_run(tiny_data, out),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    )
     out.mkdir()
     group.write_text("not a folder")  # where the run's group folder must go
     code, output = run(small_run(tiny_data, out, "--verbose", "1"), tmp_path)
@@ -328,7 +365,7 @@ def test_a_checkpoint_not_plain_data_damaged_or_another_models_is_refused_and_no
     cases = [  # (the checkpoint's bytes, what the message must say)
         (checkpoint.read_bytes(), "holds more than tensors and plain values (it calls posix.system)"),
         (other_model, "could not be loaded (Error(s) in loading state_dict"),  # another --hidden's weights
-        (good[:len(good) // 2], "could not be loaded"),  # truncated, as by a full disk or a killed copy
+        (good[: len(good) // 2], "could not be loaded"),  # truncated, as by a full disk or a killed copy
         (b"", "could not be loaded"),
     ]
     for content, message in cases:
@@ -343,11 +380,16 @@ def test_wandb_unreachable_online_logs_offline_and_loses_nothing(tmp_path):
     data = demo.write_dataset(tmp_path / "data")
     # W&B would retry the refused connection until its init timeout, here 600 s (longer than the test may
     # take): the run asks the server once before wandb.init, and trains offline at once.
-    env = {"WANDB_MODE": "online", "WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",
-           "WANDB_INIT_TIMEOUT": "600"}
+    env = {
+        "WANDB_MODE": "online",
+        "WANDB_API_KEY": "a" * 40,
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_INIT_TIMEOUT": "600",
+    }
     start = time.monotonic()
-    code, output = run(small_run(data, tmp_path / "out", "--wandb_project", "boilerplate-tests", "--verbose", "1"),
-                       tmp_path, env)
+    code, output = run(
+        small_run(data, tmp_path / "out", "--wandb_project", "boilerplate-tests", "--verbose", "1"), tmp_path, env
+    )
     assert code == 0 and "http://127.0.0.1:9 is unreachable" in output and "logging offline" in output, output
     assert time.monotonic() - start < 120  # a 1-second run; waiting for W&B would have held it 600 s
     folder, res = results(tmp_path / "out")

@@ -99,8 +99,10 @@ def test_standalone_prints_a_summary_per_epoch_and_the_outcome(tiny_data, tmp_pa
 def test_missing_data_says_where_it_looked_and_exits_1(tmp_path):
     # A proxy on a closed local port stands in for a machine without network: the download fails at once.
     closed = "http://127.0.0.1:9"
-    proc = start_main(["--data_path", str(tmp_path / "nowhere"), "--device", "cpu"],
-                      env={"http_proxy": closed, "https_proxy": closed, "HTTP_PROXY": closed, "HTTPS_PROXY": closed})
+    proc = start_main(
+        ["--data_path", str(tmp_path / "nowhere"), "--device", "cpu"],
+        env={"http_proxy": closed, "https_proxy": closed, "HTTP_PROXY": closed, "HTTPS_PROXY": closed},
+    )
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert str(tmp_path / "nowhere" / demo.DATA_FOLDER) in stderr and "--data_path" in stderr
@@ -115,9 +117,11 @@ def test_bad_command_line_exits_2_without_traceback(tmp_path):
 
 
 def test_help_answers_without_loading_torch_or_wandb():
-    code = ("import runpy, sys\nsys.argv = ['main.py', '--help']\n"
-            "try:\n    runpy.run_path('main.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'wandb', 'torchvision') if m in sys.modules))")
+    code = (
+        "import runpy, sys\nsys.argv = ['main.py', '--help']\n"
+        "try:\n    runpy.run_path('main.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'wandb', 'torchvision') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     assert "--wandb_project" in out and out.strip().endswith("[]")
 
@@ -141,8 +145,9 @@ def test_a_stop_signal_after_the_run_has_ended_changes_nothing(tiny_data, tmp_pa
 
 def test_wandb_service_dying_mid_run_costs_nothing_but_wandb_logging(tiny_data, tmp_path):
     out = tmp_path / "out"
-    args = small_run(tiny_data, out, "--epochs", "40", "--batch_size", "8", "--verbose", "1",
-                     "--wandb_project", "boilerplate-tests")
+    args = small_run(
+        tiny_data, out, "--epochs", "40", "--batch_size", "8", "--verbose", "1", "--wandb_project", "boilerplate-tests"
+    )
     proc = start_main(args, env={**OFFLINE, "WANDB_DIR": str(tmp_path)})
     try:
         output = Output(proc)
@@ -178,25 +183,40 @@ def fork(tmp_path: Path, *changes: tuple[str, str]) -> Path:
 
 def fork_with_a_bug(tmp_path: Path) -> Path:
     """A copy of the project whose training code raises in its second epoch, as a user's bug would."""
-    return fork(tmp_path, ("        stats, stop_tag = train_epoch(",
-                           "        if epoch == 2:\n            raise ValueError('a bug in the training code')\n"))
+    return fork(
+        tmp_path,
+        (
+            "        stats, stop_tag = train_epoch(",
+            "        if epoch == 2:\n            raise ValueError('a bug in the training code')\n",
+        ),
+    )
 
 
 @pytest.mark.every_python
 @pytest.mark.parametrize("watchdog", ["yes", "no"])
 def test_a_forks_own_wandb_calls_land_in_the_run_and_each_epoch_stays_one_row(watchdog, tiny_data, tmp_path):
     """wandb.log in the batch loop, wandb.watch, a wandb.Table at the end: plain W&B, no project API."""
-    folder = fork(tmp_path, ("import numpy as np\n", "import wandb\n"),
-                  ("        optimizer.zero_grad(set_to_none=True)\n",
-                   "        wandb.log({'custom/batch_loss': loss.item()})\n"),
-                  ("    sync_every = sync_interval(device)\n", "    wandb.watch(model, log='gradients', log_freq=4)\n"),
-                  ("    record.finish(tags, unsaved)\n",
-                   "    wandb.log({'custom/table': wandb.Table(columns=['epochs'], data=[[len(history)]])})\n"))
+    folder = fork(
+        tmp_path,
+        ("import numpy as np\n", "import wandb\n"),
+        ("        optimizer.zero_grad(set_to_none=True)\n", "        wandb.log({'custom/batch_loss': loss.item()})\n"),
+        ("    sync_every = sync_interval(device)\n", "    wandb.watch(model, log='gradients', log_freq=4)\n"),
+        (
+            "    record.finish(tags, unsaved)\n",
+            "    wandb.log({'custom/table': wandb.Table(columns=['epochs'], data=[[len(history)]])})\n",
+        ),
+    )
     args = small_run(tiny_data, tmp_path / "out", "--verbose", "1", "--watchdog", watchdog)
     env = {**os.environ, **OFFLINE, "WANDB_DIR": str(tmp_path), "WANDB_X_STATS_SAMPLING_INTERVAL": "0.1"}
     for logging in (["--save", "no"], ["--wandb_project", "boilerplate-tests"]):  # nor need they W&B on
-        proc = subprocess.run([sys.executable, str(folder / "main.py"), *args, *logging], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=120, env=env)
+        proc = subprocess.run(
+            [sys.executable, str(folder / "main.py"), *args, *logging],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     folder, res = results(tmp_path / "out")
     run = find_run(tmp_path, folder.name)
@@ -244,8 +264,14 @@ def test_under_pdb_a_breakpoint_in_the_training_epoch_stops_there(tiny_data, tmp
     out = tmp_path / "out"
     commands = f"tbreak {script}:{line}\ncontinue\nwhere\ncontinue\n"  # then EOF: pdb quits as it restarts
     # "--": Python 3.13.0's pdb takes the options after the script's name for its own (CPython gh-125115)
-    done = subprocess.run([sys.executable, "-m", "pdb", "--", str(script), *small_run(tiny_data, out, "--verbose", "1")],
-                          input=commands, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "pdb", "--", str(script), *small_run(tiny_data, out, "--verbose", "1")],
+        input=commands,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert "Debugging (python -m pdb): training in this process" in done.stderr, done.stderr
     assert f"main.py({line})" in done.stdout and "Run finished" in done.stdout, done.stdout
     _, res = results(out)

@@ -8,16 +8,18 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 
 import utils
+from conftest import ROOT
 
 pytestmark = pytest.mark.every_python  # fast and pure: the subset .ci/run runs on each other Python
 
 # Any connection through these fails at once: the generator must not need the network.
 NO_NETWORK = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
-NEW_FLAG = ('    hyper.add_argument("--label_smoothing", type=Number(float, min=0, max=1), default=0.1,\n'
-            '                       help="label smoothing of the cross-entropy")\n')
+NEW_FLAG = (
+    '    hyper.add_argument("--label_smoothing", type=Number(float, min=0, max=1), default=0.1,\n'
+    '                       help="label smoothing of the cross-entropy")\n'
+)
 
 
 @pytest.fixture
@@ -33,8 +35,14 @@ def project(tmp_path):
 
 
 def generate(folder, *args, python=(sys.executable,)):
-    return subprocess.run([*python, "generate_readme_stub.py", *args], cwd=folder, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **NO_NETWORK})
+    return subprocess.run(
+        [*python, "generate_readme_stub.py", *args],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **NO_NETWORK},
+    )
 
 
 def cells(line: str) -> list[str]:
@@ -63,7 +71,10 @@ def test_usage_has_one_row_per_option_with_type_and_default_even_for_a_new_flag(
     assert sorted(rows) == sorted(ours + ["--label_smoothing"])
     # The new flag's row, rendered from its validator (the demo's own rows: test_demo.py).
     assert (rows["--label_smoothing"][0], *rows["--label_smoothing"][1][1:3]) == (
-        "hyper-parameters", "float >= 0 and <= 1", "`0.1`")
+        "hyper-parameters",
+        "float >= 0 and <= 1",
+        "`0.1`",
+    )
     assert rows["--label_smoothing"][1][3] == "label smoothing of the cross-entropy"
     assert not any("(default" in row[3] for _, row in rows.values())
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import OFFLINE, ROOT, Output, results, small_run, start_main, whole_epochs, without_times
 from wandb_file import find_run
 
@@ -39,8 +40,11 @@ def fork(tmp_path: Path, functions: dict[str, str] = (), edits: dict[str, list[t
     for path in [*ROOT.glob("*.py"), ROOT / "adjectives.txt", ROOT / "nouns.txt", ROOT / "LICENSE"]:
         shutil.copy(path, folder / path.name)
     lines = (folder / "main.py").read_text().splitlines(keepends=True)
-    spans = {node.name: (node.lineno - 1 - len(node.decorator_list), node.end_lineno)
-             for node in ast.parse("".join(lines)).body if isinstance(node, ast.FunctionDef)}
+    spans = {
+        node.name: (node.lineno - 1 - len(node.decorator_list), node.end_lineno)
+        for node in ast.parse("".join(lines)).body
+        if isinstance(node, ast.FunctionDef)
+    }
     for name, source in sorted(dict(functions).items(), key=lambda item: -spans[item[0]][0]):
         start, end = spans[name]
         lines[start:end] = [source.strip("\n") + "\n"]
@@ -67,13 +71,38 @@ def write_points(folder: Path, learnable: bool) -> Path:
 
 
 def points_run(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--data_path", str(data), "--val_size", "40", "--batch_size", "8", "--epochs", "4", "--hidden", "16",
-            "--device", "cpu", "--verbose", "1", "--save", "yes", "--output_path", str(out), *extra]
+    return [
+        "--data_path",
+        str(data),
+        "--val_size",
+        "40",
+        "--batch_size",
+        "8",
+        "--epochs",
+        "4",
+        "--hidden",
+        "16",
+        "--device",
+        "cpu",
+        "--verbose",
+        "1",
+        "--save",
+        "yes",
+        "--output_path",
+        str(out),
+        *extra,
+    ]
 
 
 def run_fork(folder: Path, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(folder / "main.py"), *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **OFFLINE, "WANDB_DIR": str(tmp_path)})
+    return subprocess.run(
+        [sys.executable, str(folder / "main.py"), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **OFFLINE, "WANDB_DIR": str(tmp_path)},
+    )
 
 
 def test_a_3_class_tabular_dataset_and_another_model_through_the_seams_only(tmp_path):
@@ -85,8 +114,12 @@ def test_a_3_class_tabular_dataset_and_another_model_through_the_seams_only(tmp_
     run_folder, res = results(tmp_path / "out")
     assert res["tags"] == ["Success"] and res["history"][-1]["test/accuracy"] > 0.9
     constants = res["constants"]  # the baselines follow the data's 3 classes
-    assert constants["test/random_accuracy"] == pytest.approx(1 / 3) and constants["data/classes"] == [
-        "low", "mid", "high"] and constants["data/test_size"] == 60 and constants["data/val_size"] == 40
+    assert (
+        constants["test/random_accuracy"] == pytest.approx(1 / 3)
+        and constants["data/classes"] == ["low", "mid", "high"]
+        and constants["data/test_size"] == 60
+        and constants["data/val_size"] == 40
+    )
     assert constants["model/parameters"] == 5 * 16 + 16 + 16 * 3 + 3
     wandb_run = find_run(tmp_path, run_folder.name)
     assert wandb_run.exit_code == 0 and wandb_run.config["data/classes"] == ["low", "mid", "high"]
@@ -97,9 +130,15 @@ def test_a_3_class_tabular_dataset_and_another_model_through_the_seams_only(tmp_
 
     # Resume: preempted after epoch 2 (SIGTERM to the job), continued, equal to a run never stopped.
     slow = points_run(learnable, tmp_path / "stopped", "--batch_size", "1", "--epochs", "6")
-    proc = subprocess.Popen([sys.executable, str(folder / "main.py"), *slow], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, str(folder / "main.py"), *slow],
+        cwd=tmp_path,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         output = Output(proc)
         output.wait_for(lambda line: line.startswith("epoch 2/"))
@@ -109,20 +148,25 @@ def test_a_3_class_tabular_dataset_and_another_model_through_the_seams_only(tmp_
         proc.kill()
     assert proc.returncode == 1 and results(tmp_path / "stopped")[1]["tags"] == ["Preempted"], stderr
     assert run_fork(folder, [*slow, "--resume", "yes"], tmp_path).returncode == 0
-    assert run_fork(folder, points_run(learnable, tmp_path / "whole", "--batch_size", "1", "--epochs", "6"),
-                    tmp_path).returncode == 0
+    assert (
+        run_fork(
+            folder, points_run(learnable, tmp_path / "whole", "--batch_size", "1", "--epochs", "6"), tmp_path
+        ).returncode
+        == 0
+    )
     resumed, whole = (results(tmp_path / name)[1]["history"] for name in ("stopped", "whole"))
     assert len(whole) == 6 and without_times(resumed) == without_times(whole)
 
     # The README generator reads the same tables.
-    done = subprocess.run([sys.executable, "generate_readme_stub.py"], cwd=folder, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "generate_readme_stub.py"], cwd=folder, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "Random guessing METRIC (SPLIT)" in (folder / "README.md").read_text()
 
 
 def test_a_metric_added_to_the_table_is_computed_and_one_without_baselines_is_skipped(tiny_data, tmp_path):
-    row = ('    Metric("precision", "multiclass_precision", (("average", "macro"),), "precision, macro"),\n')
+    row = '    Metric("precision", "multiclass_precision", (("average", "macro"),), "precision, macro"),\n'
     folder = fork(tmp_path, edits={"utils.py": [("METRICS = (\n", "METRICS = (\n" + row)]})
     done = run_fork(folder, small_run(tiny_data, tmp_path / "out", "--wandb_project", "boilerplate-tests"), tmp_path)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
@@ -130,19 +174,26 @@ def test_a_metric_added_to_the_table_is_computed_and_one_without_baselines_is_sk
     assert res["tags"] == ["Success"] and all(f"{s}/precision" in res["history"][-1] for s in ("train", "val", "test"))
     assert "test/random_precision" not in res["constants"]
     assert "test/precision" in find_run(tmp_path, run_folder.name).history[-1]
-    stub = subprocess.run([sys.executable, "generate_readme_stub.py"], cwd=folder, capture_output=True, text=True,
-                          timeout=120)
+    stub = subprocess.run(
+        [sys.executable, "generate_readme_stub.py"], cwd=folder, capture_output=True, text=True, timeout=120
+    )
     assert stub.returncode == 0 and "`precision`" in (folder / "README.md").read_text()
 
 
 @pytest.mark.parametrize("mistake", ["model", "metric"])
-def test_a_model_that_does_not_fit_the_data_or_a_broken_metric_fails_before_the_first_epoch(mistake, tiny_data,
-                                                                                          tmp_path):
+def test_a_model_that_does_not_fit_the_data_or_a_broken_metric_fails_before_the_first_epoch(
+    mistake, tiny_data, tmp_path
+):
     if mistake == "model":  # sized for another input: 10 features where the data has 28 x 28
-        folder = fork(tmp_path, {"build_model": '''
+        folder = fork(
+            tmp_path,
+            {
+                "build_model": """
 def build_model(opts: dict, data: Data) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(10, len(data.classes)))
-'''})
+"""
+            },
+        )
     else:  # a torcheval function that does not exist
         broken = 'METRICS = (\n    Metric("auc", "no_such", (), "x"),\n'
         folder = fork(tmp_path, edits={"utils.py": [("METRICS = (\n", broken)]})

@@ -12,18 +12,19 @@ import time
 from pathlib import Path
 
 import pytest
+
+import watch
 from conftest import OFFLINE, ROOT, Output, children, results, small_run, start_main, training_process
 from wandb_file import find_runs, whole_run
 from wandb_server import WandbServer
-
-import watch
 
 STOPS = {signal.SIGINT: ("User abort", 130), signal.SIGTERM: ("Preempted", 143)}
 
 
 def launch(argv: list[str], wandb_dir: Path, **env) -> subprocess.Popen:
-    return start_main(argv, cwd=wandb_dir, env={**OFFLINE, "WANDB_DIR": str(wandb_dir), **env},
-                      stderr=subprocess.STDOUT)
+    return start_main(
+        argv, cwd=wandb_dir, env={**OFFLINE, "WANDB_DIR": str(wandb_dir), **env}, stderr=subprocess.STDOUT
+    )
 
 
 def logged(data: Path, out: Path, *extra: str) -> list[str]:
@@ -78,8 +79,11 @@ def holding(pid: int) -> None:
     """Waits until main.py's first line has run in process `pid`: SIGINT held back (or handled)."""
     deadline = time.monotonic() + 60
     while True:
-        status = dict(line.split(":\t") for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                      if line.startswith(("SigBlk", "SigCgt")))
+        status = dict(
+            line.split(":\t")
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith(("SigBlk", "SigCgt"))
+        )
         if any(int(mask, 16) & 1 << (signal.SIGINT - 1) for mask in status.values()):
             return
         assert time.monotonic() < deadline, "main.py never began"
@@ -163,8 +167,9 @@ def test_one_ctrl_c_is_one_stop_whichever_process_hears_it_first(tiny_data, tmp_
     until the training process has reported its stop: the guard's own copy of the same Ctrl+C, acted on
     after that report, is not a second one. Batches take a while, so the run is still training then."""
     out = tmp_path / "out"
-    proc = launch(logged(tiny_data, out, "--epochs", "100000", "--batch_size", "600", "--hidden", "4096,4096"),
-                  tmp_path)
+    proc = launch(
+        logged(tiny_data, out, "--epochs", "100000", "--batch_size", "600", "--hidden", "4096,4096"), tmp_path
+    )
     try:
         output = Output(proc)
         output.wait_for(lambda text: text.startswith("epoch 1/"))
@@ -189,8 +194,15 @@ def wandb_server():
     server.close()
 
 
-AGENT_ARGS = {"data_path": None, "val_size": 100, "batch_size": 32, "hidden": "64", "epochs": 100000, "device": "cpu",
-              "save": True}
+AGENT_ARGS = {
+    "data_path": None,
+    "val_size": 100,
+    "batch_size": 32,
+    "hidden": "64",
+    "epochs": 100000,
+    "device": "cpu",
+    "save": True,
+}
 
 
 def test_ctrl_c_three_times_to_the_real_wandb_agent_stops_the_run_as_stopped(tiny_data, wandb_server, tmp_path):
@@ -199,12 +211,31 @@ def test_ctrl_c_three_times_to_the_real_wandb_agent_stops_the_run_as_stopped(tin
     third kills it: W&B must not re-queue a run the user stopped."""
     wandb_server.sweeps["sweep1"] = "program: main.py\nmethod: grid\nparameters:\n  lr: {values: [0.001]}\n"
     args = {**AGENT_ARGS, "data_path": str(tiny_data), "output_path": str(tmp_path / "out")}
-    wandb_server.commands.append({"type": "run", "run_id": "run1", "program": "main.py",
-                                  "args": {name: {"value": value} for name, value in args.items()}})
-    env = {**os.environ, **wandb_server.environment(), "WANDB_PROJECT": "boilerplate-tests",
-           "WANDB_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1", "PATH": python_first_on_path(tmp_path)}
-    agent = subprocess.Popen([sys.executable, "-m", "wandb", "agent", "sweep1"], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wandb_server.commands.append(
+        {
+            "type": "run",
+            "run_id": "run1",
+            "program": "main.py",
+            "args": {name: {"value": value} for name, value in args.items()},
+        }
+    )
+    env = {
+        **os.environ,
+        **wandb_server.environment(),
+        "WANDB_PROJECT": "boilerplate-tests",
+        "WANDB_DIR": str(tmp_path),
+        "PYTHONUNBUFFERED": "1",
+        "PATH": python_first_on_path(tmp_path),
+    }
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "wandb", "agent", "sweep1"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output = Output(agent)
         output.wait_for(lambda text: text.startswith("epoch 2/"))
@@ -237,11 +268,25 @@ def test_a_log_file_follows_the_run_as_it_goes(stdout_to, tiny_data, tmp_path):
     options (here -X faulthandler -W default) reach the training process."""
     out, log = tmp_path / "out", tmp_path / "train.log"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    argv = [sys.executable, "-X", "faulthandler", "-W", "default", str(ROOT / "main.py"),
-            *small_run(tiny_data, out, "--verbose", "1", "--epochs", "100000")]
+    argv = [
+        sys.executable,
+        "-X",
+        "faulthandler",
+        "-W",
+        "default",
+        str(ROOT / "main.py"),
+        *small_run(tiny_data, out, "--verbose", "1", "--epochs", "100000"),
+    ]
     with open(log, "w") as file:
-        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=file if stdout_to == "file" else subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            cwd=tmp_path,
+            env=env,
+            stdout=file if stdout_to == "file" else subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
     try:
         if stdout_to == "pipe":
             output = Output(proc)

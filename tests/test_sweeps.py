@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-import demo
-from conftest import OFFLINE, ROOT, WAIT, Output, results, small_run, start_main, whole_epochs
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 from wandb.sdk.lib import config_util
-from wandb_file import find_run
 
+import demo
 import utils
+from conftest import OFFLINE, ROOT, WAIT, Output, results, small_run, start_main, whole_epochs
+from wandb_file import find_run
 
 with warnings.catch_warnings():  # sweeps 0.3 still uses a pydantic v1 option name
     warnings.simplefilter("ignore", UserWarning)
@@ -31,7 +31,7 @@ SWEEP = yaml.safe_load((ROOT / "sweep.yaml").read_text())
 def grid(config: dict) -> list[dict]:
     names = list(config["parameters"])
     values = [p["values"] if "values" in p else [p["value"]] for p in config["parameters"].values()]
-    return [dict(zip(names, combo)) for combo in itertools.product(*values)]
+    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*values)]
 
 
 def agent_flags(params: dict) -> list[str]:
@@ -65,8 +65,7 @@ def test_every_sweep_value_reaches_main_py_as_the_intended_number():
             assert opts[name] == value
         groups.setdefault(utils.generate_name(opts), []).append(params["seed"])
     assert len(grid(SWEEP)) == 24 and all(sorted(s) == [0, 1, 2] for s in groups.values())  # replicates share
-    pruned = [p for p in grid(SWEEP) if utils.prune_hyperparameters(
-        vars(parser.parse_args(agent_flags(p))), parser)]
+    pruned = [p for p in grid(SWEEP) if utils.prune_hyperparameters(vars(parser.parse_args(agent_flags(p))), parser)]
     assert pruned and all(p["optimizer"] == "adam" and p["momentum"] > 0 for p in pruned)
 
 
@@ -82,11 +81,19 @@ def test_main_as_the_agent_starts_it_joins_the_sweep_grouped_and_tagged(tiny_dat
     params = {"lr": 0.01, "optimizer": "sgd", "momentum": 0.9, "seed": 4, "save": True, "abort_irrelevant": False}
     param_path = tmp_path / "wandb" / "sweep-sweep123" / "config-run123.yaml"
     config_util.save_config_file_from_dict(str(param_path), {k: {"value": v} for k, v in params.items()})
-    env = {**OFFLINE, "WANDB_DIR": str(tmp_path), "WANDB_SWEEP_ID": "sweep123", "WANDB_RUN_ID": "run123",
-           "WANDB_SWEEP_PARAM_PATH": str(param_path), "WANDB_PROJECT": "boilerplate-tests"}
+    env = {
+        **OFFLINE,
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_SWEEP_ID": "sweep123",
+        "WANDB_RUN_ID": "run123",
+        "WANDB_SWEEP_PARAM_PATH": str(param_path),
+        "WANDB_PROJECT": "boilerplate-tests",
+    }
     base = small_run(tiny_data, tmp_path / "out")
-    proc = start_main(agent_flags(params) + [f"{k}={v}" for k, v in zip(base[::2], base[1::2])
-                                             if k not in ("--save",)], env=env)
+    proc = start_main(
+        agent_flags(params) + [f"{k}={v}" for k, v in zip(base[::2], base[1::2], strict=True) if k not in ("--save",)],
+        env=env,
+    )
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     folder, res = results(tmp_path / "out")
@@ -101,8 +108,9 @@ def test_main_as_the_agent_starts_it_joins_the_sweep_grouped_and_tagged(tiny_dat
 # run_sweep.sh: N agents, Ctrl+C
 
 
-def start_run_sweep(tmp_path, tiny_data, n_agents: int, n_runs: int, *options: str,
-                    program=ROOT / "main.py") -> subprocess.Popen:
+def start_run_sweep(
+    tmp_path, tiny_data, n_agents: int, n_runs: int, *options: str, program=ROOT / "main.py"
+) -> subprocess.Popen:
     """run_sweep.sh with agents/agent_standin.py standing in for `wandb agent` (see its docstring: the
     real agent needs W&B's server for the parameters). The runs are long enough to be interrupted."""
     queue, bin_dir = tmp_path / "queue", tmp_path / "bin"
@@ -116,13 +124,26 @@ def start_run_sweep(tmp_path, tiny_data, n_agents: int, n_runs: int, *options: s
         (bin_dir / shim).chmod(0o755)
     base = small_run(tiny_data, tmp_path / "out", "--epochs", "100000", "--verbose", "1", "--batch_size", "8")
     for i in range(n_runs):
-        args = {k[2:]: {"value": v} for k, v in zip(base[::2], base[1::2])} | {"seed": {"value": i}}
+        args = {k[2:]: {"value": v} for k, v in zip(base[::2], base[1::2], strict=True)} | {"seed": {"value": i}}
         (queue / f"{i}.json").write_text(json.dumps({"run_id": f"run{i}", "program": str(program), "args": args}))
-    env = {**os.environ, **OFFLINE, "WANDB_DIR": str(tmp_path), "STANDIN_QUEUE": str(queue),
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
-           "WANDB_PROJECT": "boilerplate-tests"}
-    return subprocess.Popen([str(ROOT / "run_sweep.sh"), str(n_agents), "sweep123", *options], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env = {
+        **os.environ,
+        **OFFLINE,
+        "WANDB_DIR": str(tmp_path),
+        "STANDIN_QUEUE": str(queue),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONUNBUFFERED": "1",
+        "WANDB_PROJECT": "boilerplate-tests",
+    }
+    return subprocess.Popen(
+        [str(ROOT / "run_sweep.sh"), str(n_agents), "sweep123", *options],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for_epochs(output: Output, runs: int) -> None:
@@ -179,14 +200,17 @@ def test_a_second_ctrl_c_ends_everything_at_once(tiny_data, tmp_path):
 def test_agents_share_the_cores_and_gpus_pin_one_agent_to_each(tiny_data, tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     show = tmp_path / "show_gpu.py"  # a run that says what it was given, and stays long enough for both
-    show.write_text("import os, pathlib, time\ntime.sleep(3)\n"
-                    "pathlib.Path(__file__).with_name(os.environ['WANDB_RUN_ID'] + '.gpu').write_text(\n"
-                    "    os.environ['CUDA_VISIBLE_DEVICES'] + ' ' + os.environ['OMP_NUM_THREADS'])\n")
+    show.write_text(
+        "import os, pathlib, time\ntime.sleep(3)\n"
+        "pathlib.Path(__file__).with_name(os.environ['WANDB_RUN_ID'] + '.gpu').write_text(\n"
+        "    os.environ['CUDA_VISIBLE_DEVICES'] + ' ' + os.environ['OMP_NUM_THREADS'])\n"
+    )
     _, stderr = Output(start_run_sweep(tmp_path, tiny_data, 2, 2, "--gpus", "3,5", program=show)).finish(120)
     share = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores, shared by the two agents' runs
     assert sorted(path.read_text() for path in tmp_path.glob("*.gpu")) == [f"3 {share}", f"5 {share}"], stderr
-    bad = subprocess.run([str(ROOT / "run_sweep.sh"), "2", "sweep123", "--gpus", "zero"], capture_output=True,
-                         text=True, timeout=30)
+    bad = subprocess.run(
+        [str(ROOT / "run_sweep.sh"), "2", "sweep123", "--gpus", "zero"], capture_output=True, text=True, timeout=30
+    )
     assert bad.returncode == 2 and "usage:" in bad.stderr
 
 
@@ -195,8 +219,13 @@ def test_agents_share_the_cores_and_gpus_pin_one_agent_to_each(tiny_data, tmp_pa
 
 
 def write_sweep(folder, parameters: dict, method: str = "grid", **extra):
-    config = {"program": str(ROOT / "main.py"), "method": method,
-              "metric": {"name": "val/accuracy", "goal": "maximize"}, "parameters": parameters, **extra}
+    config = {
+        "program": str(ROOT / "main.py"),
+        "method": method,
+        "metric": {"name": "val/accuracy", "goal": "maximize"},
+        "parameters": parameters,
+        **extra,
+    }
     path = folder / "sweep.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -206,9 +235,15 @@ def start_local_sweep(sweep, data, *options: str) -> subprocess.Popen:
     # In-process training (--watchdog no) halves each run's start-up; the sweep logic is what is tested here.
     main_args = [*demo.data_and_model(data), "--device", "cpu", "--verbose", "0", "--watchdog", "no"]
     env = {**os.environ, "WANDB_DIR": str(sweep.parent), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "local_sweep.py"), str(sweep), *options, "--", *main_args],
-                            cwd=sweep.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "local_sweep.py"), str(sweep), *options, "--", *main_args],
+        cwd=sweep.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(proc, timeout=240) -> str:
@@ -235,12 +270,14 @@ def summary_rows(stdout: str) -> dict[str, list[str]]:
 
 def test_grid_runs_the_product_once_each_logs_offline_and_summarises_the_seeds(noise_data, tmp_path):
     # Shuffled training labels: validation accuracy is near chance and differs from seed to seed.
-    sweep = write_sweep(tmp_path, {"lr": {"values": [0.001, 0.0001]}, "seed": {"values": [0, 1]},
-                                   "epochs": {"value": 1}})
+    sweep = write_sweep(
+        tmp_path, {"lr": {"values": [0.001, 0.0001]}, "seed": {"values": [0, 1]}, "epochs": {"value": 1}}
+    )
     stdout = finish(start_local_sweep(sweep, noise_data, "--workers", "2"))
     runs = state(sweep)
-    assert configs(runs) == configs([{"config": {"lr": lr, "seed": s, "epochs": 1}}
-                                     for lr in (0.001, 0.0001) for s in (0, 1)])
+    assert configs(runs) == configs(
+        [{"config": {"lr": lr, "seed": s, "epochs": 1}} for lr in (0.001, 0.0001) for s in (0, 1)]
+    )
     rows = summary_rows(stdout)
     by_group = {}
     for run in runs:
@@ -248,8 +285,9 @@ def test_grid_runs_the_product_once_each_logs_offline_and_summarises_the_seeds(n
         res = json.loads(path.read_text())
         assert res["status"] == run["status"] == "finished" and res["group"] == run["group"]
         by_group.setdefault(res["group"], []).append([r["val/accuracy"] for r in res["history"]][-1])
-        assert res["constants"]["torch/threads"] == int(os.environ.get("OMP_NUM_THREADS") or
-                                                         max(1, len(os.sched_getaffinity(0)) // 2))  # a share each
+        assert res["constants"]["torch/threads"] == int(
+            os.environ.get("OMP_NUM_THREADS") or max(1, len(os.sched_getaffinity(0)) // 2)
+        )  # a share each
         wandb_run = find_run(tmp_path, run["name"])  # logged to W&B offline, grouped and tagged
         assert wandb_run.group == res["group"] and wandb_run.tags == res["tags"] and wandb_run.exit_code == 0
     assert len(by_group) == 2 and set(rows) == set(by_group)
@@ -269,8 +307,12 @@ def test_grid_runs_the_product_once_each_logs_offline_and_summarises_the_seeds(n
 def test_random_and_bayes_search_stop_at_their_run_cap(method, tiny_data, tmp_path):
     # bayes fits a Gaussian process (scikit-learn, scipy) to the runs so far: the numpy it runs on is
     # the one requirements.txt pins, above the cap sweeps declares (see requirements-sweeps.txt).
-    sweep = write_sweep(tmp_path, {"lr": {"distribution": "log_uniform_values", "min": 0.0001, "max": 0.01},
-                                   "epochs": {"value": 1}}, method=method, run_cap=3)
+    sweep = write_sweep(
+        tmp_path,
+        {"lr": {"distribution": "log_uniform_values", "min": 0.0001, "max": 0.01}, "epochs": {"value": 1}},
+        method=method,
+        run_cap=3,
+    )
     finish(start_local_sweep(sweep, tiny_data, "--workers", "2", "--wandb", "disabled"))
     runs = state(sweep)
     assert len(runs) == 3 and all(r["status"] == "finished" and r["metric"] is not None for r in runs)
@@ -306,8 +348,9 @@ def test_two_sweep_processes_share_a_sweep_without_running_a_configuration_twice
 
 
 def run_local_sweep(sweep, *options: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "local_sweep.py"), str(sweep), *options], capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "local_sweep.py"), str(sweep), *options], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_a_killed_sweep_process_ends_its_runs(tiny_data, tmp_path):
@@ -339,9 +382,24 @@ def test_a_rerun_leaves_a_configuration_alone_while_an_orphaned_run_of_it_lives(
     gone.wait()
     orphan = subprocess.Popen(["sleep", "600"])  # its run, still ending
     try:
-        sweep.with_suffix(".state.json").write_text(json.dumps({"runs": [
-            {"name": "orphan", "config": {"seed": 0, "epochs": 1}, "status": "running", "owner": gone.pid,
-             "pid": orphan.pid, "group": None, "tags": [], "metric": None}]}))
+        sweep.with_suffix(".state.json").write_text(
+            json.dumps(
+                {
+                    "runs": [
+                        {
+                            "name": "orphan",
+                            "config": {"seed": 0, "epochs": 1},
+                            "status": "running",
+                            "owner": gone.pid,
+                            "pid": orphan.pid,
+                            "group": None,
+                            "tags": [],
+                            "metric": None,
+                        }
+                    ]
+                }
+            )
+        )
         proc = start_local_sweep(sweep, tiny_data, "--wandb", "disabled")
         output = Output(proc)
         output.wait_for(lambda line: line.startswith("end"))  # seed 1 has run; seed 0 waits for the orphan
@@ -369,16 +427,26 @@ def test_a_rerun_after_a_kill_at_any_moment_finishes_every_configuration_exactly
     def left(name: str, status: str, tags: list[str]) -> None:
         folder = runs_dir / name / "a-group" / name
         folder.mkdir(parents=True)
-        (folder / "results.json").write_text(json.dumps({"status": status, "group": "a-group", "tags": tags,
-                                                         "history": [{"epoch": 1, "val/accuracy": 0.5}]}))
+        (folder / "results.json").write_text(
+            json.dumps(
+                {"status": status, "group": "a-group", "tags": tags, "history": [{"epoch": 1, "val/accuracy": 0.5}]}
+            )
+        )
 
     left("finished", "finished", ["Success"])
     left("stopped", "failed", ["User abort"])
     claimed = {"status": "running", "owner": gone.pid, "group": None, "tags": [], "metric": None}
-    sweep.with_suffix(".state.json").write_text(json.dumps({"runs": [
-        {**claimed, "name": "never-started", "config": {"seed": 0, "epochs": 1}, "pid": None},
-        {**claimed, "name": "finished", "config": {"seed": 1, "epochs": 1}, "pid": gone.pid},
-        {**claimed, "name": "stopped", "config": {"seed": 2, "epochs": 1}, "pid": gone.pid}]}))
+    sweep.with_suffix(".state.json").write_text(
+        json.dumps(
+            {
+                "runs": [
+                    {**claimed, "name": "never-started", "config": {"seed": 0, "epochs": 1}, "pid": None},
+                    {**claimed, "name": "finished", "config": {"seed": 1, "epochs": 1}, "pid": gone.pid},
+                    {**claimed, "name": "stopped", "config": {"seed": 2, "epochs": 1}, "pid": gone.pid},
+                ]
+            }
+        )
+    )
     partial = tmp_path / ".sweep.state.json.x1y2z3.partial"
     partial.write_text('{"runs": [')
     stdout = finish(start_local_sweep(sweep, tiny_data, "--wandb", "disabled"), timeout=180)
@@ -389,8 +457,9 @@ def test_a_rerun_after_a_kill_at_any_moment_finishes_every_configuration_exactly
 
 
 @pytest.mark.parametrize("after", [0.3, 1.5, 4.0])
-def test_runs_a_killed_sweep_process_ends_at_any_moment_end_cleanly_and_a_rerun_completes_them(after, tiny_data,
-                                                                                               tmp_path):
+def test_runs_a_killed_sweep_process_ends_at_any_moment_end_cleanly_and_a_rerun_completes_them(
+    after, tiny_data, tmp_path
+):
     sweep = write_sweep(tmp_path, {"seed": {"values": [0, 1]}, "epochs": {"value": 3}})
     proc = start_local_sweep(sweep, tiny_data, "--workers", "2", "--wandb", "disabled")
     output = Output(proc)
@@ -422,12 +491,16 @@ def test_a_damaged_state_file_is_named_with_what_to_do(tmp_path):
 
 
 def test_parameters_main_py_would_refuse_are_a_usage_error_before_any_run(tmp_path):
-    sweep = write_sweep(tmp_path, {"hid": {"value": 32}, "lr": {"values": [0.1, "inf"]},
-                                   "optimizer": {"values": ["adam", "rmsprop"]}})
+    sweep = write_sweep(
+        tmp_path, {"hid": {"value": 32}, "lr": {"values": [0.1, "inf"]}, "optimizer": {"values": ["adam", "rmsprop"]}}
+    )
     done = run_local_sweep(sweep)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    for problem in ("main.py has no option --hid", "--lr=inf: expected a finite float > 0",
-                    "--optimizer=rmsprop: not one of adam, sgd"):
+    for problem in (
+        "main.py has no option --hid",
+        "--lr=inf: expected a finite float > 0",
+        "--optimizer=rmsprop: not one of adam, sgd",
+    ):
         assert problem in done.stderr
     assert not sweep.with_suffix(".runs").exists()
     no_value = run_local_sweep(write_sweep(tmp_path, {"lr": None}))  # `lr:` with nothing after it
@@ -436,6 +509,7 @@ def test_parameters_main_py_would_refuse_are_a_usage_error_before_any_run(tmp_pa
 
 def test_an_invalid_sweep_file_is_refused_with_exit_2(tmp_path):
     sweep = write_sweep(tmp_path, {"lr": {"values": "not a list"}}, method="sideways")
-    done = subprocess.run([sys.executable, str(ROOT / "local_sweep.py"), str(sweep)], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "local_sweep.py"), str(sweep)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 2 and "not a valid W&B sweep" in done.stderr and "Traceback" not in done.stderr

@@ -24,9 +24,26 @@ import watch
 BATCHES = 125  # with SYNC_EVERY = 50, two marked looks in the loop (after batches 50 and 100)
 
 # Tensor methods and functions that hand a value to the host, or must wait for one to size their output.
-HOST_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__complex__",
-              "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "equal", "allclose",
-              "is_nonzero", "repeat_interleave"}
+HOST_READS = {
+    "item",
+    "tolist",
+    "numpy",
+    "cpu",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "__complex__",
+    "nonzero",
+    "argwhere",
+    "masked_select",
+    "unique",
+    "unique_consecutive",
+    "equal",
+    "allclose",
+    "is_nonzero",
+    "repeat_interleave",
+}
 
 
 def loop_lines(sync_every: int) -> tuple[int, int, int]:
@@ -48,12 +65,23 @@ def train_epoch_line() -> int:
 def epoch_setup(data_path, device: str, optimizer: str, precision: str = "fp32") -> tuple:
     """train_epoch's arguments: the tiny MNIST through torchvision's loader, dropout and clipping on."""
     torch.manual_seed(0)
-    opts = vars(utils.get_arg_parser().parse_args([*demo.data_and_model(data_path), *demo.RANDOM_LAYERS,
-                                                   "--batch_size", "4", "--grad_clipping", "1",
-                                                   "--precision", precision]))
+    opts = vars(
+        utils.get_arg_parser().parse_args(
+            [
+                *demo.data_and_model(data_path),
+                *demo.RANDOM_LAYERS,
+                "--batch_size",
+                "4",
+                "--grad_clipping",
+                "1",
+                "--precision",
+                precision,
+            ]
+        )
+    )
     data = main.load_data(opts)
     x, y = data.splits["train"].tensors
-    batches = main.DeviceBatches(TensorDataset(x[:4 * BATCHES], y[:4 * BATCHES]), torch.device(device))
+    batches = main.DeviceBatches(TensorDataset(x[: 4 * BATCHES], y[: 4 * BATCHES]), torch.device(device))
     model = main.build_model(opts, data).to(device)
     optim_class = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
     optim = optim_class(model.parameters(), lr=1e-3, fused=True)

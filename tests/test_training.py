@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 import wandb
-import demo
-from conftest import results, small_run, without_times
-from wandb_file import find_run
 
+import demo
 import main
 import runs
 import utils
 import watch
+from conftest import results, small_run, without_times
+from wandb_file import find_run
 
 
 def run_main(*args: str) -> int:
@@ -50,9 +50,22 @@ def test_success_with_wandb_and_save(tiny_data, wandb_dir, tmp_path):
     assert res["seed"] == config["seed"] == 3 and res["group"] == config["group"] == folder.parent.name
     assert config["device"] == "cpu" and config["lr"] == 1e-3 and config["batch_size"] == 32
     assert len(res["history"]) == 2 and res["history"][-1]["test/accuracy"] > 0.9
-    for key in ("train/loss", "train/accuracy", "train/f1", "val/accuracy", "val/f1", "test/accuracy", "test/f1",
-                "train/grad_norm_mean", "train/grad_norm_std", "train/time", "val/time", "test/time",
-                "gap/accuracy", "gap/f1"):
+    for key in (
+        "train/loss",
+        "train/accuracy",
+        "train/f1",
+        "val/accuracy",
+        "val/f1",
+        "test/accuracy",
+        "test/f1",
+        "train/grad_norm_mean",
+        "train/grad_norm_std",
+        "train/time",
+        "val/time",
+        "test/time",
+        "gap/accuracy",
+        "gap/f1",
+    ):
         assert key in res["history"][0], key
     # What does not change, once: the guessing baselines, the split sizes, the parameter count
     constants = res["constants"]
@@ -106,8 +119,18 @@ def test_random_seed_is_recorded_and_keeps_the_group(tiny_data, tmp_path):
 
 
 def test_gradient_thresholds_crossed_by_real_norms(tiny_data, tmp_path):
-    code = run_main(*small_run(tiny_data, tmp_path, "--vanishing_threshold", "1000", "--exploding_threshold", "0.001",
-                               "--std_threshold", "0"))
+    code = run_main(
+        *small_run(
+            tiny_data,
+            tmp_path,
+            "--vanishing_threshold",
+            "1000",
+            "--exploding_threshold",
+            "0.001",
+            "--std_threshold",
+            "0",
+        )
+    )
     tags = results(tmp_path)[1]["tags"]
     assert code == 0 and {"Success", "Vanishing gradient", "Exploding gradient", "High StdDev"} <= set(tags)
 
@@ -123,8 +146,12 @@ def test_guessing_when_nothing_is_learnt(tiny_data, tmp_path):
     code = run_main(*small_run(tiny_data, tmp_path, "--optimizer", "sgd", "--lr", "1e-12"))
     tags = results(tmp_path)[1]["tags"]
     assert code == 0
-    assert {"Random guessing accuracy (test)", "Most probable guessing accuracy (test)",
-            "Random guessing accuracy (val)", "Random guessing f1 (train)"} <= set(tags)
+    assert {
+        "Random guessing accuracy (test)",
+        "Most probable guessing accuracy (test)",
+        "Random guessing accuracy (val)",
+        "Random guessing f1 (train)",
+    } <= set(tags)
 
 
 def test_between_host_looks_the_fused_optimizer_skips_non_finite_steps(tiny_data, tmp_path):
@@ -136,8 +163,16 @@ def test_between_host_looks_the_fused_optimizer_skips_non_finite_steps(tiny_data
     for optimizer_class in (torch.optim.SGD, torch.optim.Adam):
         model = main.build_model(opts, description)
         optimizer = optimizer_class(model.parameters(), lr=1e30, fused=True)
-        stats, tag = main.train_epoch(model, optimizer, data, opts, torch.Generator().manual_seed(0),
-                                      watch.Link(), sync_every=main.SYNC_EVERY, verbose=0)
+        stats, tag = main.train_epoch(
+            model,
+            optimizer,
+            data,
+            opts,
+            torch.Generator().manual_seed(0),
+            watch.Link(),
+            sync_every=main.SYNC_EVERY,
+            verbose=0,
+        )
         assert tag in ("NaN loss", "Inf loss", "NaN gradient") and stats["train/batches"] < main.SYNC_EVERY
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -179,26 +214,34 @@ def test_an_epochs_statistics_are_its_batches_own(tiny_data, tmp_path, nan_at, p
     main.OUTPUTS_PER_ARGMAX, the last one short), and a NaN batch ends the epoch with itself, however
     late the host looks."""
     torch.manual_seed(0)
-    opts = vars(utils.get_arg_parser().parse_args(small_run(tiny_data, tmp_path, "--batch_size", "7",
-                                                            "--precision", precision)))
+    opts = vars(
+        utils.get_arg_parser().parse_args(small_run(tiny_data, tmp_path, "--batch_size", "7", "--precision", precision))
+    )
     description = main.load_data(opts)
     data = NaNAt(main.DeviceBatches(description.splits["train"], torch.device("cpu")), nan_at)
     model = main.build_model(opts, description)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0, fused=True)
-    stats, tag = main.train_epoch(model, optimizer, data, opts, torch.Generator().manual_seed(0),
-                                  watch.Link(), sync_every=sync_every, verbose=0)
+    stats, tag = main.train_epoch(
+        model, optimizer, data, opts, torch.Generator().manual_seed(0), watch.Link(), sync_every=sync_every, verbose=0
+    )
     losses, norms, accuracy = by_hand(model, data, opts, torch.Generator().manual_seed(0))
     assert len(data) == 600 and len(losses) == (86 if nan_at is None else nan_at + 1)
     assert tag == (None if nan_at is None else "NaN loss") and stats["train/batches"] == len(losses)
     assert stats["train/accuracy"] == pytest.approx(accuracy, abs=1e-6)
     if nan_at is None:
         sizes = [7] * 85 + [5]
-        assert stats["train/loss"] == pytest.approx(sum(v * s for v, s in zip(losses, sizes)) / 600, rel=1e-5)
+        assert stats["train/loss"] == pytest.approx(
+            sum(v * s for v, s in zip(losses, sizes, strict=True)) / 600, rel=1e-5
+        )
     else:
         assert math.isnan(stats["train/loss"])
     mean, std, low, high = utils.describe(norms)
-    assert (stats["train/grad_norm_mean"], stats["train/grad_norm_std"], stats["train/grad_norm_min"],
-            stats["train/grad_norm_max"]) == pytest.approx((mean, std, low, high), rel=1e-4)
+    assert (
+        stats["train/grad_norm_mean"],
+        stats["train/grad_norm_std"],
+        stats["train/grad_norm_min"],
+        stats["train/grad_norm_max"],
+    ) == pytest.approx((mean, std, low, high), rel=1e-4)
 
 
 def test_a_frozen_layer_is_left_out_of_the_norms_and_stays_as_it_was(tiny_data, tmp_path):
@@ -212,8 +255,9 @@ def test_a_frozen_layer_is_left_out_of_the_norms_and_stays_as_it_was(tiny_data, 
     before = frozen.clone()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     data = main.DeviceBatches(description.splits["train"], torch.device("cpu"))
-    stats, tag = main.train_epoch(model, optimizer, data, opts, torch.Generator().manual_seed(0), watch.Link(),
-                                  sync_every=1, verbose=0)
+    stats, tag = main.train_epoch(
+        model, optimizer, data, opts, torch.Generator().manual_seed(0), watch.Link(), sync_every=1, verbose=0
+    )
     assert tag is None and math.isfinite(stats["train/grad_norm_mean"]) and torch.equal(frozen, before)
 
 
@@ -229,8 +273,10 @@ def test_squared_gradient_norms_on_either_path(dtype):
     params[1].grad = torch.full((64,), 125.0, dtype=dtype)  # norm 1000
     squared = [float(s) for s in main.squared_gradient_norms(params)()]
     assert not params[0].grad.is_contiguous() and math.isfinite(squared[1])
-    assert squared == pytest.approx([p.grad.double().square().sum().item() for p in params],
-                                    rel=1e-5 if dtype in (torch.float32, torch.float64) else 1e-2)
+    assert squared == pytest.approx(
+        [p.grad.double().square().sum().item() for p in params],
+        rel=1e-5 if dtype in (torch.float32, torch.float64) else 1e-2,
+    )
 
 
 def test_irrelevant_combination_is_not_trained(tiny_data, wandb_dir, tmp_path):
@@ -253,8 +299,9 @@ def test_timeout_keeps_the_history_so_far(tiny_data, tmp_path):
     # One sample's gradient can be near zero (confidently right), and how many batches run before the
     # deadline depends on the machine's load: the vanishing-gradient detector is off, so that the tags
     # are the timeout's alone however far the epoch got.
-    code = run_main(*small_run(tiny_data, tmp_path, *demo.CRAWL, "--epoch_timeout", str(0.2 / 60),
-                               "--vanishing_threshold", "0"))
+    code = run_main(
+        *small_run(tiny_data, tmp_path, *demo.CRAWL, "--epoch_timeout", str(0.2 / 60), "--vanishing_threshold", "0")
+    )
     _, res = results(tmp_path)
     assert code == 1 and res["status"] == "failed" and res["tags"] == ["Timeout"]
     assert len(res["history"]) == 1 and 0 < res["history"][0]["train/batches"] < res["constants"]["data/train_size"]
@@ -269,10 +316,9 @@ def test_a_stop_before_the_run_begins_ends_the_process_at_once_or_after_what_it_
         os.kill(os.getpid(), signum)  # while the data loads, say: nothing to finish first
     assert at_once.value.code == status
     finished = []
-    with watch.Link() as link, pytest.raises(SystemExit) as deferred:
-        with link.deferred():  # a run folder being made, W&B starting: finished before the stop acts
-            os.kill(os.getpid(), signum)
-            finished.append(True)
+    with watch.Link() as link, pytest.raises(SystemExit) as deferred, link.deferred():
+        os.kill(os.getpid(), signum)  # a run folder being made, W&B starting: finished before the stop acts
+        finished.append(True)
     assert finished and deferred.value.code == status
 
 
@@ -283,8 +329,11 @@ def test_a_stop_as_the_run_begins_ends_it_at_the_first_batch(signum, tag, status
             super().start(constants)
             os.kill(os.getpid(), signum)  # heard while the run begins: the run exists, and stops at the first batch
 
-    opts = vars(utils.get_arg_parser().parse_args(small_run(tiny_data, tmp_path, "--save", "no",
-                                                            "--wandb_project", "boilerplate-tests")))
+    opts = vars(
+        utils.get_arg_parser().parse_args(
+            small_run(tiny_data, tmp_path, "--save", "no", "--wandb_project", "boilerplate-tests")
+        )
+    )
     record = StoppedAsItBegins(opts, {**opts, "group": "a-group"}, None, [])
     with watch.Link() as link:
         main.train(opts, None, False, record, link)
@@ -311,8 +360,9 @@ def wandb_server(monkeypatch):
     server.shutdown()
 
 
-def test_wandb_without_login_is_a_clear_error_before_training(tiny_data, wandb_dir, wandb_server, tmp_path,
-                                                              monkeypatch, capsys):
+def test_wandb_without_login_is_a_clear_error_before_training(
+    tiny_data, wandb_dir, wandb_server, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
@@ -332,8 +382,7 @@ def test_a_wandb_mode_wandb_rejects_is_a_clear_error_naming_it(tiny_data, wandb_
     assert not list((tmp_path / "out").glob("*/*"))  # nothing trained, nothing saved
 
 
-def test_an_unwritable_wandb_dir_is_a_clear_error_before_training(tiny_data, wandb_dir, tmp_path, monkeypatch,
-                                                                 capsys):
+def test_an_unwritable_wandb_dir_is_a_clear_error_before_training(tiny_data, wandb_dir, tmp_path, monkeypatch, capsys):
     # W&B itself would log into a temporary folder instead, which a reboot may empty.
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -407,8 +456,12 @@ def test_a_resumed_run_is_exact_with_a_forks_own_random_draws(precision, tiny_da
     preempt_at.append(len(calls) + 3)
     assert run_main(*small_run(tiny_data, tmp_path / "stopped", "--epochs", "4", "--precision", precision)) == 1
     assert results(tmp_path / "stopped")[1]["tags"] == ["Preempted"]
-    assert run_main(*small_run(tiny_data, tmp_path / "stopped", "--epochs", "4", "--precision", precision,
-                               "--resume", "yes")) == 0
+    assert (
+        run_main(
+            *small_run(tiny_data, tmp_path / "stopped", "--epochs", "4", "--precision", precision, "--resume", "yes")
+        )
+        == 0
+    )
     whole, resumed = (results(tmp_path / name)[1]["history"] for name in ("whole", "stopped"))
     assert without_times(resumed) == without_times(whole)
     assert len({row["train/loss"] for row in whole}) == 4
@@ -451,15 +504,29 @@ def test_bf16_learns_tags_stops_on_a_non_finite_loss_and_names_its_own_group(tin
     assert wandb_run(wandb_dir, folder.name).config["precision"] == "bf16"
     assert run_main(*small_run(tiny_data, tmp_path / "fp32", *args)) == 0
     assert results(tmp_path / "fp32")[1]["group"] != res["group"]  # it changes results: a group of its own
-    assert run_main(*small_run(tiny_data, tmp_path / "nan", "--precision", "bf16", "--optimizer", "sgd",
-                               "--lr", "1e30", "--epochs", "3")) == 1
+    assert (
+        run_main(
+            *small_run(
+                tiny_data,
+                tmp_path / "nan",
+                "--precision",
+                "bf16",
+                "--optimizer",
+                "sgd",
+                "--lr",
+                "1e30",
+                "--epochs",
+                "3",
+            )
+        )
+        == 1
+    )
     folder, res = results(tmp_path / "nan")
     assert {"NaN loss", "Inf loss", "NaN gradient"} & set(res["tags"]) and len(res["history"]) == 1
     assert all(torch.isfinite(t).all() and t.dtype == torch.float32 for t in torch.load(folder / "model.pt").values())
 
 
-def test_bf16_where_it_cannot_run_is_a_usage_error_and_where_slow_a_warning(tiny_data, tmp_path, capsys,
-                                                                            monkeypatch):
+def test_bf16_where_it_cannot_run_is_a_usage_error_and_where_slow_a_warning(tiny_data, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         run_main(*small_run(tiny_data, tmp_path, "--precision", "bf16", "--device", "meta"))
     assert exit_.value.code == 2 and "argument --precision: bf16 cannot run on meta" in capsys.readouterr().err

@@ -27,21 +27,41 @@ def test_both_flag_forms_and_every_boolean_spelling():
     assert parse("--hidden=")["hidden"] == ()
 
 
-@pytest.mark.parametrize("args, flag", [
-    (["--epochs", "0"], "--epochs"), (["--epochs", "2.5"], "--epochs"), (["--batch_size", "-1"], "--batch_size"),
-    (["--optimizer", "rmsprop"], "--optimizer"), (["--lr", "0"], "--lr"), (["--lr", "nan"], "--lr"),
-    (["--lr", "fast"], "--lr"), (["--momentum", "1"], "--momentum"), (["--momentum", "-0.1"], "--momentum"),
-    (["--weight_decay", "-1"], "--weight_decay"), (["--hidden", "512,x"], "--hidden"),
-    (["--hidden", "512,0"], "--hidden"), (["--dropout", "1"], "--dropout"),
-    (["--grad_clipping", "-1"], "--grad_clipping"), (["--seed", "-1"], "--seed"),
-    (["--val_size", "0"], "--val_size"), (["--seed", "one"], "--seed"), (["--save", "maybe"], "--save"),
-    (["--abort_irrelevant", "2"], "--abort_irrelevant"), (["--verbose", "3"], "--verbose"),
-    (["--epoch_timeout", "-1"], "--epoch_timeout"), (["--std_threshold", "-5"], "--std_threshold"),
-    (["--unknown", "1"], "--unknown"),
-    # accepted once, then a crash: the bounds torch and Python can take, no infinities, no abbreviations
-    (["--seed", str(2**63)], "--seed"), (["--epochs", str(2**63)], "--epochs"), (["--lr", "inf"], "--lr"),
-    (["--grad_clipping", "inf"], "--grad_clipping"), (["--hid", "32"], "--hid"), (["--epoch", "3"], "--epoch"),
-])
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--epochs", "2.5"], "--epochs"),
+        (["--batch_size", "-1"], "--batch_size"),
+        (["--optimizer", "rmsprop"], "--optimizer"),
+        (["--lr", "0"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "fast"], "--lr"),
+        (["--momentum", "1"], "--momentum"),
+        (["--momentum", "-0.1"], "--momentum"),
+        (["--weight_decay", "-1"], "--weight_decay"),
+        (["--hidden", "512,x"], "--hidden"),
+        (["--hidden", "512,0"], "--hidden"),
+        (["--dropout", "1"], "--dropout"),
+        (["--grad_clipping", "-1"], "--grad_clipping"),
+        (["--seed", "-1"], "--seed"),
+        (["--val_size", "0"], "--val_size"),
+        (["--seed", "one"], "--seed"),
+        (["--save", "maybe"], "--save"),
+        (["--abort_irrelevant", "2"], "--abort_irrelevant"),
+        (["--verbose", "3"], "--verbose"),
+        (["--epoch_timeout", "-1"], "--epoch_timeout"),
+        (["--std_threshold", "-5"], "--std_threshold"),
+        (["--unknown", "1"], "--unknown"),
+        # accepted once, then a crash: the bounds torch and Python can take, no infinities, no abbreviations
+        (["--seed", str(2**63)], "--seed"),
+        (["--epochs", str(2**63)], "--epochs"),
+        (["--lr", "inf"], "--lr"),
+        (["--grad_clipping", "inf"], "--grad_clipping"),
+        (["--hid", "32"], "--hid"),
+        (["--epoch", "3"], "--epoch"),
+    ],
+)
 def test_bad_values_end_with_a_usage_error_naming_the_flag(args, flag, capsys):
     with pytest.raises(SystemExit) as exit_:
         utils.get_arg_parser().parse_args(args)
@@ -69,8 +89,22 @@ def test_help_lists_every_option_with_its_default(capsys):
 
 def test_group_name_ignores_seed_and_housekeeping_and_flag_order():
     name = utils.generate_name(parse("--lr", "0.001", "--optimizer", "sgd"))
-    assert name == utils.generate_name(parse("--optimizer=sgd", "--lr=1e-3", "--seed", "7", "--save", "yes",
-                                             "--verbose", "0", "--std_threshold", "3", "--data_path", "x"))
+    assert name == utils.generate_name(
+        parse(
+            "--optimizer=sgd",
+            "--lr=1e-3",
+            "--seed",
+            "7",
+            "--save",
+            "yes",
+            "--verbose",
+            "0",
+            "--std_threshold",
+            "3",
+            "--data_path",
+            "x",
+        )
+    )
     assert name != utils.generate_name(parse("--lr", "0.002", "--optimizer", "sgd"))
 
 
@@ -140,15 +174,18 @@ def test_baselines_agree_with_torcheval():
     counts = torch.bincount(labels).tolist()
     constant = torch.full_like(labels, 1)
     assert utils.most_probable_accuracy(train_counts, counts) == pytest.approx(
-        multiclass_accuracy(constant, labels).item())
+        multiclass_accuracy(constant, labels).item()
+    )
     assert utils.most_probable_f1(train_counts, counts) == pytest.approx(
-        multiclass_f1_score(constant, labels, num_classes=3, average="macro").item())
+        multiclass_f1_score(constant, labels, num_classes=3, average="macro").item()
+    )
     # Uniform guessing, made exact: every sample of every class predicted as each class in turn.
     every = torch.arange(3).repeat(len(labels))
     repeated = labels.repeat_interleave(3)
     assert utils.random_accuracy(counts) == pytest.approx(multiclass_accuracy(every, repeated).item())
     assert utils.random_f1(counts) == pytest.approx(
-        multiclass_f1_score(every, repeated, num_classes=3, average="macro").item())
+        multiclass_f1_score(every, repeated, num_classes=3, average="macro").item()
+    )
 
 
 def test_failed_and_tag_bookkeeping():
@@ -158,11 +195,24 @@ def test_failed_and_tag_bookkeeping():
     assert tags == ["Vanishing gradient", "NaN loss"]
     assert utils.failed(tags) and not utils.failed(["Success", "Overfitting f1 (end)"])
     assert utils.resumable(["Vanishing gradient", "Crashed"]) and not utils.resumable(tags)
-    assert utils.RESUMABLE_TAGS == {"User abort", "Timeout", "Preempted", "Stopped", "Save failed",
-                                   "Crashed"} <= utils.ERROR_TAGS
+    assert (
+        utils.RESUMABLE_TAGS
+        == {"User abort", "Timeout", "Preempted", "Stopped", "Save failed", "Crashed"}
+        <= utils.ERROR_TAGS
+    )
     assert {t.template for t in utils.TAGS if t.error} == {
-        "Irrelevant hyperparameters", "User abort", "Timeout", "NaN loss", "Inf loss", "NaN gradient", "Preempted",
-        "Stopped", "Save failed", "Exception", "Crashed"}
+        "Irrelevant hyperparameters",
+        "User abort",
+        "Timeout",
+        "NaN loss",
+        "Inf loss",
+        "NaN gradient",
+        "Preempted",
+        "Stopped",
+        "Save failed",
+        "Exception",
+        "Crashed",
+    }
 
 
 def test_a_tag_longer_than_wandb_keeps_is_refused_as_the_table_is_built():
@@ -205,9 +255,10 @@ def test_validators_describe_themselves_through_public_attributes():
 
 
 def test_ci_runs_the_readme_test_command_and_installs_the_same_way_on_every_python():
-    install = ("pip install -r requirements.txt -r requirements-tools.txt && "
-               "pip install --no-deps -r requirements-sweeps.txt")
-    command = f"{install} && python -m pytest"
+    install = (
+        "pip install -r requirements.txt -r requirements-tools.txt && pip install --no-deps -r requirements-sweeps.txt"
+    )
+    command = f"{install} && ruff check . && ruff format --check . && python -m pytest"  # lint first
     assert f"    {command}\n" in (utils.HERE / "README.md").read_text()
     assert f"\n{command}\n" in (utils.HERE / ".ci" / "run").read_text()
     assert f"\nINSTALL='{install}'\n" in (utils.HERE / ".ci" / "every-python").read_text()

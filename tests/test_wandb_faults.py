@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import OFFLINE, Output, children, results, small_run, start_main, training_process, whole_epochs
 from wandb_file import find_runs
 from wandb_server import WandbServer
@@ -20,8 +21,9 @@ QUICK = {"WANDB_X_SERVICE_WAIT": "3", "WANDB_INIT_TIMEOUT": "3"}
 
 
 def launch(argv: list[str], wandb_dir: Path, env: dict) -> subprocess.Popen:
-    return start_main(argv, cwd=wandb_dir, env={"WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true", **env},
-                      stderr=subprocess.STDOUT)
+    return start_main(
+        argv, cwd=wandb_dir, env={"WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true", **env}, stderr=subprocess.STDOUT
+    )
 
 
 def new_cores(training: int, seen: set, proc: subprocess.Popen) -> list[int]:
@@ -35,16 +37,34 @@ def new_cores(training: int, seen: set, proc: subprocess.Popen) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("what, after, every", [
-    (signal.SIGKILL, 0.0, False), (signal.SIGKILL, 0.5, False), (signal.SIGKILL, 1.0, False),
-    (signal.SIGKILL, 0.0, True),  # every service W&B starts dies: no W&B at all
-    (signal.SIGSTOP, 0.0, False), (signal.SIGSTOP, 0.2, False), (signal.SIGSTOP, 1.0, False),  # frozen
-], ids=["killed-at-once", "killed-0.5s", "killed-1s", "killed-each-time", "frozen-at-once", "frozen-0.2s",
-        "frozen-1s"])
+@pytest.mark.parametrize(
+    "what, after, every",
+    [
+        (signal.SIGKILL, 0.0, False),
+        (signal.SIGKILL, 0.5, False),
+        (signal.SIGKILL, 1.0, False),
+        (signal.SIGKILL, 0.0, True),  # every service W&B starts dies: no W&B at all
+        (signal.SIGSTOP, 0.0, False),
+        (signal.SIGSTOP, 0.2, False),
+        (signal.SIGSTOP, 1.0, False),  # frozen
+    ],
+    ids=[
+        "killed-at-once",
+        "killed-0.5s",
+        "killed-1s",
+        "killed-each-time",
+        "frozen-at-once",
+        "frozen-0.2s",
+        "frozen-1s",
+    ],
+)
 def test_wandbs_service_failing_as_it_starts_never_hangs_the_run_nor_blames_it(what, after, every, tiny_data, tmp_path):
     out = tmp_path / "out"
-    proc = launch(small_run(tiny_data, out, "--verbose", "1", "--epochs", "3", "--wandb_project", "boilerplate-tests"),
-                  tmp_path, {**OFFLINE, **QUICK})
+    proc = launch(
+        small_run(tiny_data, out, "--verbose", "1", "--epochs", "3", "--wandb_project", "boilerplate-tests"),
+        tmp_path,
+        {**OFFLINE, **QUICK},
+    )
     hit = []
     try:
         output = Output(proc)
@@ -87,8 +107,11 @@ def test_the_guard_gives_wandbs_server_every_epoch_a_killed_run_had_logged(tiny_
     serves is killed (the out-of-memory killer's SIGKILL). The guard, taking the run over, logs what the
     server lacks before the end: the server holds each epoch once."""
     out = tmp_path / "out"
-    proc = launch(small_run(tiny_data, out, "--verbose", "1", "--epochs", "100000",
-                            "--wandb_project", "boilerplate-tests"), tmp_path, wandb_server.environment())
+    proc = launch(
+        small_run(tiny_data, out, "--verbose", "1", "--epochs", "100000", "--wandb_project", "boilerplate-tests"),
+        tmp_path,
+        wandb_server.environment(),
+    )
     try:
         output = Output(proc)
         output.wait_for(lambda line: line.startswith("epoch 2/"))  # epoch 2 is logged and saved

@@ -26,11 +26,11 @@ def records(path: Path):
         if left < HEADER:  # too small for a record header: the writer padded the block
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         if kind == 0:  # zero padding at the end of a block
             pos += left
             continue
-        chunk = data[pos + HEADER:pos + HEADER + length]
+        chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         payload = chunk if kind in (FULL, FIRST) else payload + chunk
         if kind in (FULL, LAST):
@@ -69,11 +69,13 @@ def read_run(path: Path) -> Run:
         elif kind == "config":
             run.config.update({u.key: json.loads(u.value_json) for u in record.config.update})
         elif kind == "history":
-            run.history.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
-                                for i in record.history.item})
+            run.history.append(
+                {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+            )
         elif kind == "summary":
-            run.summary.update({(u.key or "/".join(u.nested_key)): json.loads(u.value_json)
-                                for u in record.summary.update})
+            run.summary.update(
+                {(u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in record.summary.update}
+            )
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
         elif kind == "preempting":

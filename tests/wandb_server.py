@@ -45,15 +45,28 @@ class ServerRun:
         return [json.loads(self.lines[i]) for i in sorted(self.lines)]
 
     def bucket(self) -> dict:
-        return {"id": f"run-{self.name}", "name": self.name, "displayName": self.name, "description": "",
-                "config": json.dumps({k: {"value": v} for k, v in self.config.items()}),
-                "sweepName": self.sweep or None, "group": self.group, "tags": self.tags,
-                "historyLineCount": len(self.lines), "eventsLineCount": 0, "logLineCount": 0,
-                "historyTail": json.dumps([self.lines[i] for i in sorted(self.lines)[-1:]]),
-                "eventsTail": "[]", "summaryMetrics": json.dumps(self.summary),
-                "wandbConfig": json.dumps({"t": 1}),  # the client takes a run without it for one not yet begun
-                "project": {"id": f"project-{self.project}", "name": self.project,
-                            "entity": {"id": f"entity-{ENTITY}", "name": ENTITY}}}
+        return {
+            "id": f"run-{self.name}",
+            "name": self.name,
+            "displayName": self.name,
+            "description": "",
+            "config": json.dumps({k: {"value": v} for k, v in self.config.items()}),
+            "sweepName": self.sweep or None,
+            "group": self.group,
+            "tags": self.tags,
+            "historyLineCount": len(self.lines),
+            "eventsLineCount": 0,
+            "logLineCount": 0,
+            "historyTail": json.dumps([self.lines[i] for i in sorted(self.lines)[-1:]]),
+            "eventsTail": "[]",
+            "summaryMetrics": json.dumps(self.summary),
+            "wandbConfig": json.dumps({"t": 1}),  # the client takes a run without it for one not yet begun
+            "project": {
+                "id": f"project-{self.project}",
+                "name": self.project,
+                "entity": {"id": f"entity-{ENTITY}", "name": ENTITY},
+            },
+        }
 
 
 class WandbServer:
@@ -73,8 +86,7 @@ class WandbServer:
         self.thread.start()
 
     def environment(self) -> dict:
-        return {"WANDB_BASE_URL": self.url, "WANDB_API_KEY": "x" * 40, "WANDB_MODE": "online",
-                "WANDB_ENTITY": ENTITY}
+        return {"WANDB_BASE_URL": self.url, "WANDB_API_KEY": "x" * 40, "WANDB_MODE": "online", "WANDB_ENTITY": ENTITY}
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -91,30 +103,69 @@ class WandbServer:
         self.requests.append(operation)
         with self.lock:
             if operation == "Viewer":
-                return {"viewer": {"id": "user-1", "entity": ENTITY, "username": ENTITY, "email": "t@example.com",
-                                   "admin": False, "flags": "{}", "teams": {"edges": []}, "photoUrl": "",
-                                   "apiKeys": {"edges": []}, "userInfo": None}}
+                return {
+                    "viewer": {
+                        "id": "user-1",
+                        "entity": ENTITY,
+                        "username": ENTITY,
+                        "email": "t@example.com",
+                        "admin": False,
+                        "flags": "{}",
+                        "teams": {"edges": []},
+                        "photoUrl": "",
+                        "apiKeys": {"edges": []},
+                        "userInfo": None,
+                    }
+                }
             if operation == "ServerFeaturesQuery":
                 return {"serverInfo": {"features": []}}
             if operation == "RunResumeStatus":
                 self.sessions[variables.get("name")] += 1
                 run = self.runs.get(variables.get("name"))
-                return {"model": {"id": "project-1", "name": variables.get("project"),
-                                  "entity": {"id": f"entity-{ENTITY}", "name": ENTITY},
-                                  "bucket": run.bucket() if run else None}}
+                return {
+                    "model": {
+                        "id": "project-1",
+                        "name": variables.get("project"),
+                        "entity": {"id": f"entity-{ENTITY}", "name": ENTITY},
+                        "bucket": run.bucket() if run else None,
+                    }
+                }
             if operation == "UpsertBucket":
                 return {"upsertBucket": self.upsert(variables)}
             if operation == "CreateRunFiles":
-                return {"createRunFiles": {"runID": f"run-{variables['run']}", "uploadHeaders": [],
-                                           "files": [{"name": name, "uploadUrl": f"{self.url}/upload/{name}"}
-                                                     for name in variables["files"]]}}
+                return {
+                    "createRunFiles": {
+                        "runID": f"run-{variables['run']}",
+                        "uploadHeaders": [],
+                        "files": [
+                            {"name": name, "uploadUrl": f"{self.url}/upload/{name}"} for name in variables["files"]
+                        ],
+                    }
+                }
             if operation == "SweepWithRuns":
                 name = variables["sweep"]
-                return {"project": {"sweep": {
-                    "id": f"sweep-{name}", "name": name, "method": "grid", "state": "RUNNING", "description": "",
-                    "config": self.sweeps[name], "createdAt": "2026-01-01T00:00:00", "heartbeatAt": None,
-                    "updatedAt": None, "earlyStopJobRunning": False, "bestLoss": None, "controller": None,
-                    "scheduler": None, "runs": {"edges": []}}} if name in self.sweeps else None}
+                return {
+                    "project": {
+                        "sweep": {
+                            "id": f"sweep-{name}",
+                            "name": name,
+                            "method": "grid",
+                            "state": "RUNNING",
+                            "description": "",
+                            "config": self.sweeps[name],
+                            "createdAt": "2026-01-01T00:00:00",
+                            "heartbeatAt": None,
+                            "updatedAt": None,
+                            "earlyStopJobRunning": False,
+                            "bestLoss": None,
+                            "controller": None,
+                            "scheduler": None,
+                            "runs": {"edges": []},
+                        }
+                    }
+                    if name in self.sweeps
+                    else None
+                }
             if operation == "CreateAgent":
                 return {"createAgent": {"agent": {"id": "agent-1"}}}
             if operation == "Heartbeat":
@@ -135,8 +186,9 @@ class WandbServer:
         if variables.get("tags") is not None:
             run.tags = list(variables["tags"])
         if variables.get("config"):
-            run.config.update({k: v.get("value") if isinstance(v, dict) else v
-                               for k, v in json.loads(variables["config"]).items()})
+            run.config.update(
+                {k: v.get("value") if isinstance(v, dict) else v for k, v in json.loads(variables["config"]).items()}
+            )
         if variables.get("summaryMetrics"):
             run.summary.update(json.loads(variables["summaryMetrics"]))
         return {"bucket": run.bucket(), "inserted": inserted}
