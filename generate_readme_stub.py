@@ -3,11 +3,15 @@
     rm README.md && python generate_readme_stub.py  # then fill in what is marked TODO
     python generate_readme_stub.py --output docs/README.md
     python generate_readme_stub.py --force          # overwrite an existing file
+    python generate_readme_stub.py --tables         # only rewrite README.md's generated tables, in place
 
 The Requirements section lists what the project's code imports (found offline by the standard
 library, with the versions installed here); the Usage tables come from utils.get_arg_parser(), one row per
 option; the tags and thresholds tables from utils.TAGS, the table main.py tags runs with.
-Exit status: 0 written, 1 not written (the file exists), 2 bad command line.
+The generated tables are marked (HTML comments), so that --tables rewrites them alone after the code
+changes (a flag, a tag, a metric), in this README or your own.
+Exit status: 0 written, 1 not written (the file exists; with --tables, a file without marked tables), 2
+bad command line.
 """
 
 import argparse
@@ -127,6 +131,57 @@ def licence(root: Path) -> str:
     )
 
 
+# The tables made from the code, by the name that marks them in a Markdown file (see marked()).
+TABLES = {
+    "usage": usage_tables,
+    "metrics": lambda parser: utils.metrics_table(),
+    "tags": lambda parser: utils.tags_table(),
+    "thresholds": utils.thresholds_table,
+}
+MARK = re.compile(r"<!-- generated: (\w+) .*?-->\n.*?\n<!-- end generated -->", re.DOTALL)
+
+
+def marked(name: str, table: str) -> str:
+    """A generated table between the marks that --tables finds it by (HTML comments: unseen on GitHub)."""
+    start = f"<!-- generated: {name} (python generate_readme_stub.py --tables rewrites it) -->"
+    return f"{start}\n{table}\n<!-- end generated -->"
+
+
+def rewrite_tables(markdown: str, parser: argparse.ArgumentParser) -> tuple[str, list[str]]:
+    """The Markdown with each marked table made anew from the code; and the names marked that are not tables."""
+    unknown = []
+
+    def table(found: re.Match) -> str:
+        if found[1] not in TABLES:
+            unknown.append(found[1])
+            return found[0]
+        return marked(found[1], TABLES[found[1]](parser))
+
+    return MARK.sub(table, markdown), unknown
+
+
+def rewrite_files(paths: list[Path]) -> int:
+    """--tables: each file's marked tables rewritten in place; 1 if a file cannot be, else 0."""
+    status = 0
+    for path in paths:
+        try:
+            text = path.read_text()
+        except OSError as e:
+            print(f"Error: cannot read {path}: {e.strerror or e}", file=sys.stderr)
+            status = 1
+            continue
+        new, unknown = rewrite_tables(text, utils.get_arg_parser())
+        if unknown or not MARK.search(text):
+            why = f"unknown tables marked: {', '.join(unknown)}" if unknown else "no generated table is marked in it"
+            print(f"Error: {path}: {why} (known: {', '.join(TABLES)}).", file=sys.stderr)
+            status = 1
+            continue
+        if new != text:
+            utils.atomic_write(path, lambda f, new=new: f.write(new.encode()))
+        print(f"{path}: {len(MARK.findall(text))} tables, " + ("rewritten" if new != text else "already current"))
+    return status
+
+
 def render(parser: argparse.ArgumentParser, requirements: list[str], licence_line: str) -> str:
     packages = "\n".join("    " + r for r in requirements)
     return f"""# TODO: project title
@@ -151,14 +206,14 @@ Install them with `pip install -r requirements.txt`.
 Every option, from the parser in `utils.py`. Options in the `hyper-parameters` group name the W&B
 group, so runs that differ only by `--seed` land in one group.
 
-{usage_tables(parser)}
+{marked("usage", usage_tables(parser))}
 
 ## Metrics
 
 Measured on each split (`train`, `val`, `test`) every epoch, from `utils.METRICS`; a metric's
 guessing baselines are what the `Random guessing` and `Most probable guessing` tags compare it with.
 
-{utils.metrics_table()}
+{marked("metrics", utils.metrics_table())}
 
 ## Tags
 
@@ -166,11 +221,11 @@ Each run is tagged by what happened in training. METRIC is one of the metrics ab
 `train`, `val` or `test`; an **error** tag ends the run as Failed in W&B and with exit status 1, and
 a **resumable** one keeps the run's checkpoint, which `--resume yes` continues from.
 
-{utils.tags_table()}
+{marked("tags", utils.tags_table())}
 
 The detectors' thresholds:
 
-{utils.thresholds_table(parser)}
+{marked("thresholds", utils.thresholds_table(parser))}
 
 ## Results
 
@@ -188,7 +243,17 @@ def main(argv: list[str] | None = None) -> int:
         "--output", type=Path, default=HERE / "README.md", help="file to write (default: README.md beside this script)"
     )
     parser.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    parser.add_argument(
+        "--tables",
+        nargs="*",
+        type=Path,
+        metavar="FILE",
+        help="only rewrite the generated tables (options, metrics, tags, thresholds) of these Markdown files, "
+        "in place, where they are marked; no FILE: README.md beside this script",
+    )
     args = parser.parse_args(argv)
+    if args.tables is not None:
+        return rewrite_files(args.tables or [HERE / "README.md"])
 
     if args.output.exists() and not args.force:
         print(

@@ -86,6 +86,45 @@ def previous_runs(opts: dict, config: dict, any_seed: bool) -> list[tuple[Path, 
     return found
 
 
+def why_no_match(opts: dict, config: dict, any_seed: bool) -> str:
+    """What --resume yes would have continued but for this command's group or seed: stopped runs of this
+    group with other seeds, and the newest stopped run of another group with the hyper-parameters that
+    set it apart (a hyper-parameter added since it ran among them). Empty when there is none."""
+    output, seeds, others = Path(opts["output_path"]), set(), []
+    for path in output.glob("*/*/results.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            results = json.loads(path.read_text())
+            if not stopped(results):
+                continue
+            if results["group"] == config["group"]:
+                seeds.add(results["seed"])
+            else:
+                others.append(path.parent)
+    reasons = []
+    if seeds and not any_seed:
+        reasons.append(
+            f"The stopped runs of this group have other seeds ({', '.join(map(str, sorted(seeds)))}): "
+            "give one with --seed, or --seed random for any."
+        )
+    if others:
+        newest = max(others, key=lambda folder: folder.stat().st_mtime)
+        with contextlib.suppress(OSError, ValueError):
+            theirs = json.loads((newest / "config.json").read_text())
+            mine = utils.json_safe(config)
+            differences = [
+                f"--{name} {json.dumps(mine[name])} here, {json.dumps(theirs[name])} there"
+                if name in theirs
+                else f"--{name} (added since it ran: a new hyper-parameter renames every group)"
+                for name in utils.hyperparameter_names()
+                if theirs.get(name, object()) != mine[name]
+            ]
+            reasons.append(
+                f"{len(others)} stopped run(s) under {output} belong to other groups; the newest, in {newest}, "
+                f"differs by {'; '.join(differences) or 'its group name alone (the words files changed?)'}."
+            )
+    return "".join(f"\n  {reason}" for reason in reasons)
+
+
 def stopped(results: dict) -> bool:
     """Whether a run stopped before its end: it ended with a tag --resume can continue from, or it never
     ended (its guard was killed too)."""
@@ -155,7 +194,7 @@ def run_folder(opts: dict, config: dict, resume: bool, any_seed: bool = False) -
             which = "of this group" if any_seed else "of this group and seed"
             print(
                 f"--resume yes: no stopped run {which} under {Path(opts['output_path'], config['group'])}; "
-                "starting a new one.",
+                f"starting a new one.{why_no_match(opts, config, any_seed)}",
                 file=sys.stderr,
             )
     folder = Path(opts["output_path"], config["group"], os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))

@@ -524,3 +524,33 @@ def test_resume_yes_with_a_random_seed_continues_a_stopped_run_of_any_seed(tiny_
     assert folder_after == folder and after["seed"] == before["seed"] and len(after["history"]) > len(before["history"])
     config = json.loads((folder / "config.json").read_text())
     assert config["seed"] == before["seed"]
+
+
+def test_resume_yes_says_why_no_stopped_run_matched(tiny_data, tmp_path):
+    """A stopped run is there, but not of this command: another seed, another value of a hyper-parameter,
+    or a hyper-parameter added since it ran (which renames every group). --resume yes names which."""
+    argv = small_run(tiny_data, tmp_path / "out", "--epochs", "100000", "--verbose", "1")
+    preempted_at(argv, tmp_path, "epoch 1/")
+    folder, _ = results(tmp_path / "out")
+
+    def probe(*extra: str) -> str:  # each probe trains a run of its own, stopped: gone before the next
+        text = resumed_for_an_epoch([*argv, *extra], tmp_path)
+        for other in {path.parent for path in (tmp_path / "out").glob("*/*/results.json")} - {folder}:
+            shutil.rmtree(other)
+        return text
+
+    text = probe("--seed", "1")
+    assert "The stopped runs of this group have other seeds (0): give one with --seed" in text, text
+    text = probe("--lr", "0.01")
+    assert f"1 stopped run(s) under {tmp_path / 'out'} belong to other groups" in text, text
+    assert f"the newest, in {folder}, differs by --lr 0.01 here, 0.001 there." in text, text
+    # As if it ran before --dropout was a hyper-parameter: without it in its config, in a group of its own.
+    old = tmp_path / "out" / "older-group-0123abcd" / folder.name
+    old.parent.mkdir()
+    folder = folder.rename(old)
+    for name, change in (("config.json", lambda d: d.pop("dropout")), ("results.json", lambda d: d.pop("group"))):
+        data = json.loads((folder / name).read_text())
+        change(data)
+        (folder / name).write_text(json.dumps({**data, "group": old.parent.name}))
+    text = probe()
+    assert "differs by --dropout (added since it ran: a new hyper-parameter renames every group)" in text, text

@@ -141,3 +141,30 @@ def test_a_file_that_is_not_python_is_named_and_the_rest_still_found(project):
     assert "Warning: not read as Python" in done.stderr and "scratch.py (SyntaxError" in done.stderr
     readme = (project / "README.md").read_text()
     assert "torch==" in readme and "not_a_requirement" not in readme
+
+
+def test_tables_rewrites_the_generated_tables_alone_and_refuses_a_file_without_them(project):
+    """After a change to the code (here a new flag, and a tag's meaning), `--tables` brings a README's tables
+    up to date in place: what a person wrote there stays as it was."""
+    readme = project / "README.md"
+    assert generate(project).returncode == 0
+    written = readme.read_text().replace("**TODO**: figures, tables, links", "Our results: see the W&B project.")
+    assert "Our results" in written
+    readme.write_text(written)
+    source = (project / "utils.py").read_text()
+    anchor = '    exp = parser.add_argument_group("experiment")\n'
+    flag = '    hyper.add_argument("--warmup", type=Number(int, min=0), default=0, help="warm-up epochs")\n'
+    source = source.replace(anchor, flag + anchor)
+    meaning = next(tag.meaning for tag in utils.TAGS if tag.template == "Success")
+    (project / "utils.py").write_text(source.replace(f'"{meaning}"', '"it ended well"'))
+    done = generate(project, "--tables")
+    assert done.returncode == 0 and "4 tables, rewritten" in done.stdout, done.stderr
+    text = readme.read_text()
+    assert "warm-up epochs" in usage_rows(text)["--warmup"][1][3] and "| it ended well |" in text
+    assert text.split("## Results")[1] == written.split("## Results")[1]  # the person's words, kept
+    assert generate(project, "--tables").stdout.endswith("4 tables, already current\n")
+
+    (project / "NOTES.md").write_text("# notes\n")
+    done = generate(project, "--tables", "NOTES.md", "missing.md")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "NOTES.md: no generated table is marked in it" in done.stderr and "cannot read missing.md" in done.stderr

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torcheval.metrics.functional import multiclass_accuracy, multiclass_f1_score
 
+import generate_readme_stub
 import utils
 
 pytestmark = pytest.mark.every_python  # fast and pure: the subset .ci/run runs on each other Python
@@ -224,8 +225,9 @@ def test_a_tag_longer_than_wandb_keeps_is_refused_as_the_table_is_built():
 
 def test_readme_tables_are_the_code_tables():
     readme = (utils.HERE / "README.md").read_text()
-    assert utils.tags_table() in readme and utils.metrics_table() in readme
-    assert utils.thresholds_table() in readme
+    current, unknown = generate_readme_stub.rewrite_tables(readme, utils.get_arg_parser())
+    assert not unknown and current == readme, "stale tables: `python generate_readme_stub.py --tables` rewrites them"
+    assert sorted(generate_readme_stub.MARK.findall(readme)) == ["metrics", "tags", "thresholds"]
 
 
 # ---- files
