@@ -393,9 +393,8 @@ def load_checkpoint(path: Path, device: torch.device, model, optimizer, generato
             "then trains again from its start), and find out what wrote it."
         ) from None
     except Exception as e:  # noqa: BLE001 (truncated, empty, another model's: the message names it)
-        reason = str(e).strip().split(". ")[0] or type(e).__name__
         raise utils.StartError(
-            f"the checkpoint {path} could not be loaded ({reason}). It may be truncated, "
+            f"the checkpoint {path} could not be loaded ({utils.described(e)}). It may be truncated, "
             "written by another version of the code, or not a checkpoint at all; delete it "
             "to train this run again from its start."
         ) from None
@@ -428,13 +427,12 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
     generator = torch.Generator().manual_seed(opts["seed"])
     try:
         model = build_model(opts, description).to(device)
-    except (RuntimeError, MemoryError) as e:  # CPU and CUDA allocators both raise RuntimeError
-        asked = re.search(r"allocate ([0-9.]+ ?[A-Za-z]+)", str(e))
+    except (torch.OutOfMemoryError, MemoryError) as e:  # an accelerator's allocator, or Python's
         raise utils.StartError(
-            f"the model does not fit in the memory of {device}"
-            + (f" (one of its tensors needs {asked[1]})" if asked else "")
-            + "; make it smaller."
+            f"the model does not fit in the memory of {device} ({utils.described(e)}); make it smaller."
         ) from None
+    except RuntimeError as e:  # the CPU's allocator has no type of its own: its message says "can't allocate memory"
+        raise utils.StartError(f"the model could not be built on {device} ({utils.described(e)})") from None
     if opts["optimizer"] == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=opts["lr"], weight_decay=opts["weight_decay"], fused=True)
     else:
@@ -560,7 +558,7 @@ def device_error(device: str) -> str | None:
         else:
             torch.empty(0, device=d)
     except (RuntimeError, AssertionError) as e:
-        return str(e).splitlines()[0].split(". ")[0]
+        return utils.described(e)
     return None
 
 
@@ -574,7 +572,7 @@ def bf16_error(device: torch.device) -> str | None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             torch.mm(torch.ones(2, 2, device=device), torch.ones(2, 2, device=device))
     except (RuntimeError, AssertionError, ValueError) as e:
-        return str(e).splitlines()[0].split(". ")[0]
+        return utils.described(e)
     if device.type == "cpu":
         with contextlib.suppress(OSError):
             flags = "".join(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))

@@ -107,10 +107,6 @@ def unreachable(url: str) -> str | None:
     return None
 
 
-def described(e: BaseException) -> str:
-    return f"{type(e).__name__}: {' '.join(line.strip() for line in str(e).splitlines())[:300] or 'no message'}"
-
-
 def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run, **init: Any) -> "wandb.Run | None":
     """wandb.init(**init) then prepare(run), as described above: the run, or None when W&B failed by
     itself (it has said so). `prepare` is part of the start: W&B dying just after init fails there."""
@@ -169,7 +165,7 @@ def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run,
             return None
         except Exception as e:  # noqa: BLE001 (W&B's own fault: its service died, its connection broke)
             print(
-                f"Warning: W&B failed as it started ({described(e)})"
+                f"Warning: W&B failed as it started ({utils.described(e)})"
                 + (
                     "; the run goes on without W&B. Its results are on screen and in results.json (--save yes)."
                     if last
@@ -189,7 +185,8 @@ def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run,
 def setup_error(e: BaseException, wandb: Any) -> utils.StartError:
     login = "Log in with `wandb login`, or run" if isinstance(e, wandb.errors.AuthenticationError) else "Run"
     return utils.StartError(
-        f"W&B could not start ({described(e)}).\n{login} with WANDB_MODE=offline (upload later with `wandb sync`)."
+        f"W&B could not start ({utils.described(e)}).\n{login} with WANDB_MODE=offline "
+        "(upload later with `wandb sync`)."
     )
 
 
