@@ -470,7 +470,8 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
         if stats is None or stop_tag in (utils.PREEMPTED(), utils.STOPPED()):  # trained again on resume
             utils.add_tags(tags, [stop_tag])
             break
-        row = {"epoch": epoch, **stats}
+        # "evaluated": trained to its end and evaluated, as W&B's history holds it (and a resume counts it)
+        row = {"epoch": epoch, **stats, "evaluated": stop_tag is None}
         if stop_tag is None:  # a stopped epoch is not evaluated: its model is not the epoch's end
             for split in ("val", "test"):
                 row.update(evaluate(model, data[split], split, classes, opts))
@@ -489,8 +490,7 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
         record.log(row, tags)
         if opts["verbose"]:
             tqdm.write(summary_line(row, opts["epochs"]))
-        whole = "test/accuracy" in row  # trained to its end and evaluated
-        if checkpoint and opts["checkpoint_every"] and whole and epoch % opts["checkpoint_every"] == 0:
+        if checkpoint and opts["checkpoint_every"] and row["evaluated"] and epoch % opts["checkpoint_every"] == 0:
             unsaved = utils.write_failure(
                 checkpoint,
                 lambda: save_checkpoint(checkpoint, epoch, model, optimizer, generator, history, tags),  # noqa: B023 (called at once)
@@ -503,7 +503,7 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
     else:
         tags.insert(0, utils.SUCCESS())
 
-    evaluated = [row for row in history if "test/accuracy" in row]
+    evaluated = [row for row in history if row["evaluated"]]
     if evaluated:
         last = {**guesses, **evaluated[-1]}  # the guessing detectors compare with the baselines
         utils.add_tags(

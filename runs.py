@@ -86,6 +86,11 @@ def previous_runs(opts: dict, config: dict, any_seed: bool) -> list[tuple[Path, 
     return found
 
 
+def wandb_row(row: dict) -> dict:
+    """An epoch's row as W&B's history holds it: every row there is evaluated, so the flag is left out."""
+    return {key: value for key, value in row.items() if key != "evaluated"}
+
+
 def why_no_match(opts: dict, config: dict, any_seed: bool) -> str:
     """What --resume yes would have continued but for this command's group or seed: stopped runs of this
     group with other seeds, and the newest stopped run of another group with the hyper-parameters that
@@ -254,7 +259,7 @@ class Record:
         self.run, self.run_path, self.user_tags, self.constants = None, None, (), {}
         self.history, self.tags, self.status = history, [], None
         # Epochs W&B already has: a resumed run trains again those logged after its checkpoint.
-        self.logged = max([row["epoch"] for row in history if "test/accuracy" in row], default=0)
+        self.logged = max([row["epoch"] for row in history if row.get("evaluated")], default=0)
         self.tell_guard("starting", folder=str(folder) if folder else None)
 
     def start(self, constants: dict) -> None:
@@ -310,8 +315,8 @@ class Record:
         self.history = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
         # W&B's history holds each whole epoch once: one cut short (a stop, a non-finite loss) is
         # trained again whole on resume, and W&B cannot overwrite a row, so it goes to the summary.
-        if self.run and row["epoch"] > self.logged and "test/accuracy" in row:
-            self.use_wandb(f"logging epoch {row['epoch']}", lambda: self.run.log(row))
+        if self.run and row["epoch"] > self.logged and row["evaluated"]:
+            self.use_wandb(f"logging epoch {row['epoch']}", lambda: self.run.log(wandb_row(row)))
         elif self.run and row["epoch"] > self.logged:
             self.use_wandb("noting the epoch cut short", lambda: self.run.summary.update({"cut_short": row}))
         if self.run and tags != self.tags:  # set as they are raised: a live run can be filtered by them
@@ -446,5 +451,5 @@ class Record:
         dead process's run file holds them all: W&B flushes it every WANDB_FLUSH_INTERVAL.)"""
         last = self.run.summary.get("epoch") or 0
         for row in self.history:
-            if row["epoch"] > last and "test/accuracy" in row:
-                self.run.log(row)
+            if row["epoch"] > last and row.get("evaluated"):
+                self.run.log(wandb_row(row))

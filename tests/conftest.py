@@ -56,8 +56,13 @@ def results(out: Path) -> tuple[Path, dict]:
 
 
 def whole_epochs(history: list[dict]) -> list[int]:
-    """The epochs of a history trained to their end and evaluated: those W&B's history holds."""
-    return [row["epoch"] for row in history if "test/accuracy" in row]
+    """The epochs of results.json's history trained to their end and evaluated: those W&B's history holds."""
+    return [row["epoch"] for row in history if row["evaluated"]]
+
+
+def wandb_epochs(history: list[dict]) -> list[int]:
+    """The epochs W&B's history holds: its epoch rows (a fork's own rows, logged in the loop, have no epoch)."""
+    return [row["epoch"] for row in history if "epoch" in row]
 
 
 def without_times(history: list[dict]) -> list[dict]:
@@ -65,11 +70,11 @@ def without_times(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.endswith("/time")} for row in history]
 
 
-def start_main(args: list[str], **kwargs) -> subprocess.Popen:
-    """`python main.py ARGS` as a real process, in a session of its own like a shell job."""
+def start_main(args: list[str], script: Path = ROOT / "main.py", **kwargs) -> subprocess.Popen:
+    """`python main.py ARGS` (or a fork's `script`) as a real process, in a session of its own like a shell job."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "main.py"), *args],
+        [sys.executable, str(script), *args],
         cwd=kwargs.pop("cwd", ROOT),
         env=env,
         stdout=subprocess.PIPE,

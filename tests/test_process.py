@@ -12,7 +12,18 @@ from pathlib import Path
 import pytest
 
 import demo
-from conftest import OFFLINE, ROOT, Output, children, results, small_run, start_main, training_process, whole_epochs
+from conftest import (
+    OFFLINE,
+    ROOT,
+    Output,
+    children,
+    results,
+    small_run,
+    start_main,
+    training_process,
+    wandb_epochs,
+    whole_epochs,
+)
 from wandb_file import find_run, find_runs
 
 
@@ -37,7 +48,7 @@ def test_ctrl_c_stops_cleanly_keeps_history_and_fails_the_run(tiny_data, tmp_pat
     assert len(sessions) == 1, stdout + stderr  # one W&B session: the training process's own
     [run] = sessions
     assert run.exit_code == 1 and "User abort" in run.tags
-    assert whole_epochs(run.history) == whole_epochs(res["history"])
+    assert wandb_epochs(run.history) == whole_epochs(res["history"])
 
 
 def test_a_stop_signal_repeated_until_the_end_changes_nothing(tiny_data, tmp_path):
@@ -220,7 +231,7 @@ def test_a_forks_own_wandb_calls_land_in_the_run_and_each_epoch_stays_one_row(wa
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     folder, res = results(tmp_path / "out")
     run = find_run(tmp_path, folder.name)
-    assert run.exit_code == 0 and whole_epochs(run.history) == whole_epochs(res["history"]) == [1, 2]
+    assert run.exit_code == 0 and wandb_epochs(run.history) == whole_epochs(res["history"]) == [1, 2]
     assert run.step_metrics["test/*"] == "epoch"  # the epoch rows are plotted against the epoch
     assert len([row for row in run.history if "custom/batch_loss" in row]) == 2 * res["history"][0]["train/batches"]
     logged = {key.split("/")[0] + "/" + key.split("/")[1] for row in run.history for key in row if "/" in key}

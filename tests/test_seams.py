@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import OFFLINE, ROOT, Output, results, small_run, start_main, whole_epochs, without_times
-from wandb_file import find_run
+import utils
+from conftest import OFFLINE, ROOT, Output, results, small_run, start_main, wandb_epochs, whole_epochs, without_times
+from wandb_file import find_run, whole_run
 
 POINTS_DATA = '''
 def load_data(opts: dict) -> Data:
@@ -178,6 +179,36 @@ def test_a_metric_added_to_the_table_is_computed_and_one_without_baselines_is_sk
         [sys.executable, "generate_readme_stub.py"], cwd=folder, capture_output=True, text=True, timeout=120
     )
     assert stub.returncode == 0 and "`precision`" in (folder / "README.md").read_text()
+
+
+def test_a_metric_removed_from_the_table_leaves_logging_resume_and_the_detectors_working(tiny_data, tmp_path):
+    """Whether an epoch was evaluated is a fact of its row, not a metric's presence: a fork that keeps F1
+    alone logs each epoch to W&B once, checkpoints it, resumes after a preemption, and tags the run."""
+    accuracy = utils.METRICS[0]
+    assert accuracy.name == "accuracy"
+    source = (ROOT / "utils.py").read_text()
+    start = source.index('    Metric(\n        "accuracy",')
+    block = source[start : source.index("    Metric(", start + 1)]
+    folder = fork(tmp_path, edits={"utils.py": [(block, "")]})
+    argv = small_run(tiny_data, tmp_path / "out", "--batch_size", "4", "--epochs", "8", "--verbose", "1")
+    argv += ["--wandb_project", "boilerplate-tests"]
+    proc = start_main(argv, script=folder / "main.py", env={**OFFLINE, "WANDB_DIR": str(tmp_path)})
+    try:
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch 1/"))
+        os.killpg(proc.pid, signal.SIGTERM)  # a preemption: the run stops, resumable
+        _, stderr = output.finish(60)
+    finally:
+        proc.kill()
+    run_folder, res = results(tmp_path / "out")
+    assert res["tags"][-1] == "Preempted" and (run_folder / "checkpoint.pt").exists(), stderr
+    done = run_fork(folder, [*argv, "--resume", "yes"], tmp_path)
+    assert done.returncode == 0 and "Resuming the run in" in done.stderr, done.stderr
+    _, res = results(tmp_path / "out")
+    assert res["tags"][0] == "Success" and whole_epochs(res["history"]) == list(range(1, 9))
+    assert "test/accuracy" not in res["history"][-1] and "test/f1" in res["history"][-1]
+    wandb_run = whole_run(tmp_path, run_folder.name)
+    assert wandb_epochs(wandb_run.history) == list(range(1, 9)) and wandb_run.exit_code == 0
 
 
 @pytest.mark.parametrize("mistake", ["model", "metric"])

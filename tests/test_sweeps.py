@@ -18,7 +18,7 @@ from wandb.sdk.lib import config_util
 
 import demo
 import utils
-from conftest import OFFLINE, ROOT, WAIT, Output, results, small_run, start_main, whole_epochs
+from conftest import OFFLINE, ROOT, WAIT, Output, results, small_run, start_main, wandb_epochs, whole_epochs
 from wandb_file import find_run
 
 with warnings.catch_warnings():  # sweeps 0.3 still uses a pydantic v1 option name
@@ -175,7 +175,7 @@ def test_one_ctrl_c_ends_every_run_with_user_abort_and_stops_the_agents(tiny_dat
         assert res["status"] == "failed" and "User abort" in res["tags"] and len(res["history"]) >= 1
         run = find_run(tmp_path, run_id)
         assert run.exit_code == 1 and "User abort" in run.tags
-        assert whole_epochs(run.history) == whole_epochs(res["history"])
+        assert wandb_epochs(run.history) == whole_epochs(res["history"])
         assert run.sweep_id == "sweep123"
 
 

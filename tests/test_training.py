@@ -80,6 +80,7 @@ def test_success_with_wandb_and_save(tiny_data, wandb_dir, tmp_path):
     assert run.group == res["group"] and run.tags == ["Success"] and run.exit_code == 0
     assert run.config["seed"] == 3 and run.config["lr"] == 1e-3 and run.config["group"] == res["group"]
     assert [row["epoch"] for row in run.history] == [1, 2]
+    assert all(row["evaluated"] for row in res["history"]) and not any("evaluated" in row for row in run.history)
     assert all(run.config[key] == value for key, value in constants.items())  # in the config, not the history
     assert not any(key in row for row in run.history for key in constants)
     assert run.history[1]["test/accuracy"] == pytest.approx(res["history"][1]["test/accuracy"])
