@@ -103,7 +103,7 @@ def help_cell(action: argparse.Action) -> str:
     return text % {**vars(action), "default": action.default}
 
 
-def usage_tables(parser: argparse.ArgumentParser) -> str:
+def usage_tables(parser: utils.Parser) -> str:
     sections = []
     for title, group in utils.option_groups(parser).items():
         if group.actions:
@@ -147,7 +147,7 @@ def marked(name: str, table: str) -> str:
     return f"{start}\n{table}\n<!-- end generated -->"
 
 
-def rewrite_tables(markdown: str, parser: argparse.ArgumentParser) -> tuple[str, list[str]]:
+def rewrite_tables(markdown: str, parser: utils.Parser) -> tuple[str, list[str]]:
     """The Markdown with each marked table made anew from the code; and the names marked that are not tables."""
     unknown = []
 
@@ -182,7 +182,7 @@ def rewrite_files(paths: list[Path]) -> int:
     return status
 
 
-def render(parser: argparse.ArgumentParser, requirements: list[str], licence_line: str) -> str:
+def render(parser: utils.Parser, requirements: list[str], licence_line: str) -> str:
     packages = "\n".join("    " + r for r in requirements)
     return f"""# TODO: project title
 

@@ -314,7 +314,7 @@ def load_sweep(path: Path, parser: argparse.ArgumentParser) -> dict:
     return config
 
 
-def parameter_problems(parameters: dict, main_parser: argparse.ArgumentParser) -> list[str]:
+def parameter_problems(parameters: dict, main_parser: utils.Parser) -> list[str]:
     """What main.py would refuse in every run: an unknown option, a listed value its parser rejects."""
     actions = {a.dest: a for group in utils.option_groups(main_parser).values() for a in group.actions}
     problems = []

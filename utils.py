@@ -160,8 +160,44 @@ PRECISIONS = ("fp32", "bf16")
 THRESHOLDS = "detector thresholds"
 
 
-def get_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class OptionGroup(NamedTuple):
+    description: str | None
+    actions: list[argparse.Action]
+    group: Any = None  # argparse's group, whose add_argument adds one more (None for argparse's default groups)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, keeping each group's options as they are added, in `groups` by title: argparse
+    keeps them in private lists and has no public way to read them back. A group's add_argument, the
+    parser's own and add_argument_group are argparse's, unchanged but for the note they take."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.groups: dict[str, OptionGroup] = {}  # before argparse's own init, which adds two groups
+        super().__init__(*args, **kwargs)
+
+    def add_argument_group(self, title: str | None = None, description: str | None = None, **kwargs: Any) -> Any:
+        group = super().add_argument_group(title, description, **kwargs)
+        options = self.groups.setdefault(title, OptionGroup(description, [], group))
+        add = group.add_argument
+
+        def add_argument(*args: Any, **kwargs: Any) -> argparse.Action:
+            action = add(*args, **kwargs)
+            options.actions.append(action)
+            return action
+
+        group.add_argument = add_argument
+        return group
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)  # into argparse's default groups (--help too)
+        if action.dest != "help":
+            title = "options" if action.option_strings else "positional arguments"
+            self.groups.setdefault(title, OptionGroup(None, [])).actions.append(action)
+        return action
+
+
+def get_arg_parser() -> Parser:
+    parser = Parser(
         description="Train an MLP on MNIST with a hand-written loop; log, group and tag the run in W&B.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,  # a misspelt sweep key must fail, not set another flag (--hid is not --hidden)
@@ -325,21 +361,12 @@ def get_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class OptionGroup(NamedTuple):
-    description: str | None
-    actions: list[argparse.Action]
+def option_groups(parser: "Parser") -> dict[str, "OptionGroup"]:
+    """The parser's options by group title, in order (--help left out)."""
+    return parser.groups
 
 
-def option_groups(parser: argparse.ArgumentParser) -> dict[str, OptionGroup]:
-    """The parser's options by group title. argparse has no public API for groups, so this one
-    function reads its private lists; everything else goes through here."""
-    return {
-        group.title: OptionGroup(group.description, [a for a in group._group_actions if a.dest != "help"])
-        for group in parser._action_groups
-    }
-
-
-def hyperparameter_names(parser: argparse.ArgumentParser | None = None) -> list[str]:
+def hyperparameter_names(parser: Parser | None = None) -> list[str]:
     return [a.dest for a in option_groups(parser or get_arg_parser())[HYPERPARAMETERS].actions]
 
 
@@ -347,7 +374,7 @@ def hyperparameter_names(parser: argparse.ArgumentParser | None = None) -> list[
 # Pruning: combinations that would only repeat another run. Add a rule as one more `if`.
 
 
-def prune_hyperparameters(opts: dict, parser: argparse.ArgumentParser | None = None) -> list[str]:
+def prune_hyperparameters(opts: dict, parser: Parser | None = None) -> list[str]:
     """Why this combination is redundant; empty when it is not."""
     default = (parser or get_arg_parser()).get_default
     reasons = []
@@ -535,7 +562,7 @@ def tags_table() -> str:
     )
 
 
-def thresholds_table(parser: argparse.ArgumentParser | None = None) -> str:
+def thresholds_table(parser: Parser | None = None) -> str:
     actions = option_groups(parser or get_arg_parser())[THRESHOLDS].actions
     return markdown_table(
         ["flag", "default", "meaning"], [[f"`{a.option_strings[0]}`", f"{a.default:g}", a.help] for a in actions]

@@ -114,7 +114,7 @@ def test_a_hyperparameter_added_to_the_parser_joins_the_group_name(monkeypatch):
 
     def with_label_smoothing():
         parser = original()
-        group = next(g for g in parser._action_groups if g.title == utils.HYPERPARAMETERS)
+        group = utils.option_groups(parser)[utils.HYPERPARAMETERS].group
         group.add_argument("--label_smoothing", type=utils.Number(float, min=0), default=0.0)
         return parser
 
@@ -264,3 +264,22 @@ def test_ci_runs_the_readme_test_command_and_installs_the_same_way_on_every_pyth
     assert f"    {command}\n" in (utils.HERE / "README.md").read_text()
     assert f"\n{command}\n" in (utils.HERE / ".ci" / "run").read_text()
     assert f"\nINSTALL='{install}'\n" in (utils.HERE / ".ci" / "every-python").read_text()
+
+
+def test_the_parser_keeps_each_groups_options_in_order_with_public_argparse_alone():
+    parser = utils.Parser()
+    group = parser.add_argument_group("mine", "what it is for")
+    first = group.add_argument("--alpha", type=float, default=1.0)
+    second = group.add_argument("--beta", type=int, default=2)
+    loose = parser.add_argument("--gamma")  # straight on the parser: argparse's "options" group
+    assert parser.groups["mine"].actions == [first, second] and parser.groups["mine"].description == "what it is for"
+    assert parser.groups["options"].actions == [loose]  # --help is left out
+    assert vars(parser.parse_args(["--beta", "3"])) == {"alpha": 1.0, "beta": 3, "gamma": None}
+    assert list(utils.option_groups(utils.get_arg_parser())) == [
+        "positional arguments",
+        "options",
+        utils.HYPERPARAMETERS,
+        "experiment",
+        "output",
+        utils.THRESHOLDS,
+    ]
