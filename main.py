@@ -340,15 +340,27 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def save_checkpoint(path: Path, epoch, model, optimizer, generator, history, tags) -> None:
-    """Everything a resumed run needs to go on as if it had never stopped, written whole or not at all.
+def state_of(thing) -> object:
+    """What a checkpoint keeps of a piece of training state: its state_dict (a model, an optimizer, a
+    scheduler, a GradScaler), or a random generator's state."""
+    return thing.get_state() if isinstance(thing, torch.Generator) else thing.state_dict()
+
+
+def restore(thing, state: object) -> None:
+    if isinstance(thing, torch.Generator):
+        thing.set_state(state)
+    else:
+        thing.load_state_dict(state)
+
+
+def save_checkpoint(path: Path, epoch: int, stateful: dict, history: list, tags: list) -> None:
+    """Everything a resumed run needs to go on as if it had never stopped, written whole or not at all:
+    each piece of `stateful` (see train()), the process's random generators, the history and the tags.
     Only tensors and plain values, so that load_checkpoint can refuse anything else."""
     numpy_rng = np.random.get_state(legacy=False)
     state = {
         "epoch": epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(),
+        "stateful": {name: state_of(thing) for name, thing in stateful.items()},
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         "python_rng": random.getstate(),
@@ -365,14 +377,16 @@ def save_checkpoint(path: Path, epoch, model, optimizer, generator, history, tag
     utils.atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: Path, device: torch.device, model, optimizer, generator) -> tuple[int, list, list]:
-    """Restores what save_checkpoint wrote; returns the epoch it was written after, the history and the
-    tags. weights_only: a checkpoint found on shared storage is data, and must not run code as it loads."""
+def load_checkpoint(path: Path, device: torch.device, stateful: dict) -> tuple[int, list, list]:
+    """Restores what save_checkpoint wrote into each piece of `stateful`; returns the epoch it was written
+    after, the history and the tags. weights_only: a checkpoint found on shared storage is data, and must
+    not run code as it loads."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
+        if missing := set(stateful) - set(state["stateful"]):  # a piece added since the checkpoint was written
+            raise KeyError(f"it holds no {', '.join(sorted(missing))}")
+        for name, thing in stateful.items():
+            restore(thing, state["stateful"][name])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -439,10 +453,13 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
         optimizer = torch.optim.SGD(
             model.parameters(), lr=opts["lr"], momentum=opts["momentum"], weight_decay=opts["weight_decay"], fused=True
         )
+    # SEAM: the training state a checkpoint keeps and a resume restores (state_dict or a generator's state):
+    # a scheduler, a GradScaler or an EMA of the weights a fork adds goes here too, by a name of its own.
+    stateful = {"model": model, "optimizer": optimizer, "generator": generator}
     checkpoint = folder / "checkpoint.pt" if folder else None
     done, history, tags, unsaved = 0, [], [], None
     if resume and checkpoint and checkpoint.exists():
-        done, history, tags = load_checkpoint(checkpoint, device, model, optimizer, generator)
+        done, history, tags = load_checkpoint(checkpoint, device, stateful)
     check_one_batch(model, data["train"], opts, description, guesses)
     # What this data and model are, once: W&B's config and results.json keep it, not every epoch's row.
     with stop.deferred():  # the run begins whole (W&B, results.json) before a stop can end it
@@ -493,7 +510,7 @@ def train(opts: dict, folder: Path | None, resume: bool, record: runs.Record, st
         if checkpoint and opts["checkpoint_every"] and row["evaluated"] and epoch % opts["checkpoint_every"] == 0:
             unsaved = utils.write_failure(
                 checkpoint,
-                lambda: save_checkpoint(checkpoint, epoch, model, optimizer, generator, history, tags),  # noqa: B023 (called at once)
+                lambda: save_checkpoint(checkpoint, epoch, stateful, history, tags),  # noqa: B023 (called at once)
             )
             stop_tag = utils.SAVE_FAILED() if unsaved else stop_tag  # the previous checkpoint stays whole
         stop_tag = stop_tag or (None if final else stop.tag)  # a signal in evaluation or saving: the epoch is whole

@@ -219,8 +219,9 @@ def test_a_nan_in_the_weights_mid_run_is_caught_before_any_step(fault_data, tmp_
     preempted_after_an_epoch(args(fault_data, tmp_path / "out"), tmp_path)
     folder, before = results(tmp_path / "out")
     state = torch.load(folder / "checkpoint.pt", weights_only=False)
-    weight = next(key for key in state["model"] if key.endswith("weight"))
-    state["model"][weight].view(-1)[0] = float("nan")  # the fault: a NaN in the weights, mid-run
+    model = state["stateful"]["model"]
+    weight = next(key for key in model if key.endswith("weight"))
+    model[weight].view(-1)[0] = float("nan")  # the fault: a NaN in the weights, mid-run
     torch.save(state, folder / "checkpoint.pt")
     code, output = run(args(fault_data, tmp_path / "out", "--resume", "yes"), tmp_path)
     assert code == 1 and "Traceback" not in output
@@ -359,8 +360,10 @@ def test_a_checkpoint_not_plain_data_damaged_or_another_models_is_refused_and_no
     checkpoint, marker = folder / "checkpoint.pt", tmp_path / "the-payload-ran"
     good = checkpoint.read_bytes()
     state = torch.load(checkpoint)
-    weight = next(key for key in state["model"] if key.endswith("weight"))
-    torch.save({**state, "model": {**state["model"], weight: torch.zeros(3, 7)}}, checkpoint)  # another model's
+    model = state["stateful"]["model"]
+    weight = next(key for key in model if key.endswith("weight"))
+    another = {**state["stateful"], "model": {**model, weight: torch.zeros(3, 7)}}  # another model's weights
+    torch.save({**state, "stateful": another}, checkpoint)
     other_model = checkpoint.read_bytes()
     torch.save({**state, "history": Payload(marker)}, checkpoint)
     cases = [  # (the checkpoint's bytes, what the message must say)

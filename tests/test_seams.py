@@ -211,6 +211,38 @@ def test_a_metric_removed_from_the_table_leaves_logging_resume_and_the_detectors
     assert wandb_epochs(wandb_run.history) == list(range(1, 9)) and wandb_run.exit_code == 0
 
 
+SCHEDULER = [  # a learning-rate schedule stepped each epoch, added to the training state a checkpoint keeps
+    (
+        '    stateful = {"model": model, "optimizer": optimizer, "generator": generator}\n',
+        "    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=4)\n"
+        '    stateful = {"model": model, "optimizer": optimizer, "generator": generator, "scheduler": scheduler}\n',
+    ),
+    ('        final = epoch == opts["epochs"]', '        scheduler.step()\n        final = epoch == opts["epochs"]'),
+]
+
+
+def test_a_scheduler_added_to_the_training_state_resumes_exactly(tiny_data, tmp_path):
+    """One place names what a checkpoint keeps: a fork adds its scheduler there, and a run preempted mid-way
+    resumes to the very history of a run never stopped (its learning rate where the schedule had it)."""
+    folder = fork(tmp_path, edits={"main.py": SCHEDULER})
+    argv = small_run(tiny_data, tmp_path / "stopped", "--batch_size", "2", "--epochs", "4", "--verbose", "1")
+    proc = start_main(argv, script=folder / "main.py")
+    try:
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch 2/"))
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = output.finish(60)
+    finally:
+        proc.kill()
+    assert results(tmp_path / "stopped")[1]["tags"] == ["Preempted"], stderr
+    done = run_fork(folder, [*argv, "--resume", "yes"], tmp_path)
+    assert done.returncode == 0 and "Resuming the run in" in done.stderr, done.stderr
+    whole = small_run(tiny_data, tmp_path / "whole", "--batch_size", "2", "--epochs", "4")
+    assert run_fork(folder, whole, tmp_path).returncode == 0
+    resumed, expected = (results(tmp_path / name)[1]["history"] for name in ("stopped", "whole"))
+    assert len(expected) == 4 and without_times(resumed) == without_times(expected)
+
+
 @pytest.mark.parametrize("mistake", ["model", "metric"])
 def test_a_model_that_does_not_fit_the_data_or_a_broken_metric_fails_before_the_first_epoch(
     mistake, tiny_data, tmp_path
