@@ -60,9 +60,14 @@ def whole_epochs(history: list[dict]) -> list[int]:
     return [row["epoch"] for row in history if row["evaluated"]]
 
 
+def epoch_rows(history: list[dict]) -> list[dict]:
+    """W&B's history without the rows a fork logs of its own (in the loop, say): those have no epoch."""
+    return [row for row in history if "epoch" in row]
+
+
 def wandb_epochs(history: list[dict]) -> list[int]:
-    """The epochs W&B's history holds: its epoch rows (a fork's own rows, logged in the loop, have no epoch)."""
-    return [row["epoch"] for row in history if "epoch" in row]
+    """The epochs W&B's history holds."""
+    return [row["epoch"] for row in epoch_rows(history)]
 
 
 def without_times(history: list[dict]) -> list[dict]:

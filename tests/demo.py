@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SLOW = ["--batch_size", "8", "--hidden", "1024"]  # epochs long enough for a signal to land mid-epoch
 CRAWL = ["--batch_size", "1", "--hidden", "1024,1024"]  # each step a second's fraction: an epoch takes long
 HUGE_MODEL = ["--hidden", "99999999"]  # a model too large for any machine's memory
+# Whole-split batches through a wide model: a stop lands mid-batch, and the batch takes a while to end.
+HEAVY_BATCHES = ["--batch_size", "600", "--hidden", "4096,4096"]
 RANDOM_LAYERS = ["--dropout", "0.1"]  # a model that draws random numbers as it trains
 
 
@@ -95,6 +97,7 @@ def label_beyond_the_classes(folder: Path) -> None:
 
 
 CLASSES = 10
+INPUT_SHAPE = (1, 28, 28)  # one sample's, as load_data describes it
 DATA_FOLDER = "MNIST/raw"  # where a missing-data message must point, under --data_path
 
 

@@ -176,7 +176,7 @@ def test_after_a_stop_and_a_resume_wandb_holds_each_epoch_once(stop, fault_data,
     assert code == 0 and "Resuming the run in" in output, output
     folder, res = results(tmp_path / "out")
     wandb_run = whole_run(tmp_path, folder.name)  # every sitting of the run, as W&B's server joins them
-    assert [row["epoch"] for row in wandb_run.history] == [row["epoch"] for row in res["history"]] == [1, 2, 3, 4]
+    assert wandb_epochs(wandb_run.history) == [row["epoch"] for row in res["history"]] == [1, 2, 3, 4]
     assert wandb_run.step_metrics["train/*"] == wandb_run.step_metrics["test/*"] == "epoch"
 
 

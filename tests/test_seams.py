@@ -13,8 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import demo
 import utils
-from conftest import OFFLINE, ROOT, Output, results, small_run, start_main, wandb_epochs, whole_epochs, without_times
+from conftest import (
+    OFFLINE,
+    ROOT,
+    Output,
+    epoch_rows,
+    results,
+    small_run,
+    start_main,
+    wandb_epochs,
+    whole_epochs,
+    without_times,
+)
 from wandb_file import find_run, whole_run
 
 POINTS_DATA = '''
@@ -174,7 +186,7 @@ def test_a_metric_added_to_the_table_is_computed_and_one_without_baselines_is_sk
     run_folder, res = results(tmp_path / "out")
     assert res["tags"] == ["Success"] and all(f"{s}/precision" in res["history"][-1] for s in ("train", "val", "test"))
     assert "test/random_precision" not in res["constants"]
-    assert "test/precision" in find_run(tmp_path, run_folder.name).history[-1]
+    assert "test/precision" in epoch_rows(find_run(tmp_path, run_folder.name).history)[-1]
     stub = subprocess.run(
         [sys.executable, "generate_readme_stub.py"], cwd=folder, capture_output=True, text=True, timeout=120
     )
@@ -262,7 +274,8 @@ def build_model(opts: dict, data: Data) -> nn.Module:
         folder = fork(tmp_path, edits={"utils.py": [("METRICS = (\n", broken)]})
     done = run_fork(folder, small_run(tiny_data, tmp_path / "out", "--wandb_project", "boilerplate-tests"), tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    assert "failed before training" in done.stderr and "(1, 28, 28)" in done.stderr and "10 classes" in done.stderr
+    assert "failed before training" in done.stderr and str(demo.INPUT_SHAPE) in done.stderr
+    assert f"{demo.CLASSES} classes" in done.stderr
     assert "Crashed" not in done.stdout + done.stderr and "--resume" not in done.stdout + done.stderr
     assert not list((tmp_path / "out").rglob("*")) and not list(tmp_path.glob("wandb/*run-*"))  # nothing left
 

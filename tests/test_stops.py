@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import demo
 import watch
 from conftest import OFFLINE, ROOT, Output, children, results, small_run, start_main, training_process
 from wandb_file import find_runs, whole_run
@@ -167,9 +168,7 @@ def test_one_ctrl_c_is_one_stop_whichever_process_hears_it_first(tiny_data, tmp_
     until the training process has reported its stop: the guard's own copy of the same Ctrl+C, acted on
     after that report, is not a second one. Batches take a while, so the run is still training then."""
     out = tmp_path / "out"
-    proc = launch(
-        logged(tiny_data, out, "--epochs", "100000", "--batch_size", "600", "--hidden", "4096,4096"), tmp_path
-    )
+    proc = launch(logged(tiny_data, out, "--epochs", "100000", *demo.HEAVY_BATCHES), tmp_path)
     try:
         output = Output(proc)
         output.wait_for(lambda text: text.startswith("epoch 1/"))

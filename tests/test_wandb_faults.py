@@ -12,7 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OFFLINE, Output, children, results, small_run, start_main, training_process, whole_epochs
+from conftest import (
+    OFFLINE,
+    Output,
+    children,
+    results,
+    small_run,
+    start_main,
+    training_process,
+    wandb_epochs,
+    whole_epochs,
+)
 from wandb_file import find_runs
 from wandb_server import WandbServer
 
@@ -123,6 +133,6 @@ def test_the_guard_gives_wandbs_server_every_epoch_a_killed_run_had_logged(tiny_
     folder, res = results(out)
     assert res["status"] == "failed" and res["tags"][-1] == "Crashed" and len(whole_epochs(res["history"])) >= 2
     run = wandb_server.runs[folder.name]
-    assert [row["epoch"] for row in run.history] == whole_epochs(res["history"])  # each once, none missing
+    assert wandb_epochs(run.history) == whole_epochs(res["history"])  # each once, none missing
     assert run.exit_code == 1 and run.tags[-1] == "Crashed" and wandb_server.sessions[folder.name] == 2
     assert "killed by SIGKILL" in run.summary["end"]
