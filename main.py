@@ -170,7 +170,7 @@ def squared_gradient_norms(params: list[nn.Parameter]):
         return lambda: [torch.dot(g, g) for g in (p.grad.reshape(-1) for p in params)]
     wide = torch.float32 if any(p.dtype == torch.float16 for p in params) else None
 
-    def fused():
+    def fused():  # private, kept for speed: one launch for every norm; pinned by test_squared_gradient_norms
         norms = torch._foreach_norm([p.grad for p in params], dtype=wide)
         return torch._foreach_mul(norms, norms)
 
@@ -190,6 +190,8 @@ def train_epoch(model, optimizer, data, opts, generator, stop, sync_every, verbo
     rows, outputs, predictions, targets = [], [], [], []  # device tensors, read once at the end
     # On an accelerator, 1 from the first non-finite loss or gradient norm on. Between the host's looks,
     # the fused optimizers read it as GradScaler's found_inf and skip their step on the device themselves.
+    # A private attribute (GradScaler's way to talk to the fused optimizers), kept for speed: the public way
+    # waits for the device every batch. test_training's test_the_private_apis_kept_for_speed pins it.
     nonfinite = torch.zeros((), device=params[0].device)
     optimizer.found_inf = nonfinite if sync_every > 1 else None
 

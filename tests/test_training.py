@@ -281,6 +281,19 @@ def test_squared_gradient_norms_on_either_path(dtype):
     )
 
 
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_the_private_apis_kept_for_speed_still_work_as_the_loop_uses_them(name):
+    """The fused optimizers skip their step when `found_inf` (GradScaler's attribute) holds 1, and step when
+    it holds 0: the loop sets it so that a non-finite batch takes no step without the host waiting for it."""
+    for flag, moved in ((1.0, False), (0.0, True)):
+        param = torch.nn.Parameter(torch.ones(4))
+        optimizer = (torch.optim.Adam if name == "adam" else torch.optim.SGD)([param], lr=0.1, fused=True)
+        param.grad = torch.ones(4)
+        optimizer.found_inf = torch.tensor(flag)
+        optimizer.step()
+        assert (not torch.equal(param.detach(), torch.ones(4))) == moved
+
+
 def test_irrelevant_combination_is_not_trained(tiny_data, wandb_dir, tmp_path):
     code = run_main(*small_run(tiny_data, tmp_path, "--momentum", "0.9", "--wandb_project", "boilerplate-tests"))
     folder, res = results(tmp_path)
