@@ -28,7 +28,6 @@ import math
 import os
 import pickle
 import random
-import re
 import sys
 import threading
 import time
@@ -400,9 +399,11 @@ def load_checkpoint(path: Path, device: torch.device, stateful: dict) -> tuple[i
                 "state": {"key": numpy_rng["state"]["key"].numpy().astype(np.uint32), "pos": numpy_rng["state"]["pos"]},
             }
         )
-    except pickle.UnpicklingError as e:  # what weights_only refuses: the file would run code as it loads
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f"it calls {found[1]}" if found else "objects that run code on loading"
+    except pickle.UnpicklingError:  # what weights_only refuses: the file would run code as it loads
+        unsafe = []
+        with contextlib.suppress(Exception):  # torch's own list of what it would call; a damaged file has none
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        what = f"it calls {', '.join(unsafe)}" if unsafe else "objects that run code on loading"
         raise utils.StartError(
             f"the checkpoint {path} holds more than tensors and plain values ({what}), so it "
             "was not loaded. A checkpoint this code wrote never does: delete the file (the run "
