@@ -117,7 +117,7 @@ def load_data(opts: dict) -> Data:
         try:
             ds = MNIST(opts["data_path"], train=train, download=bool(missing))
         except (RuntimeError, OSError, ValueError) as e:
-            reason = str(e).strip().splitlines()[-1]
+            reason = utils.described(e)
             if missing:
                 raise utils.StartError(
                     f"MNIST is not in {raw} ({', '.join(missing)} missing) and could not "
@@ -313,10 +313,9 @@ def check_one_batch(model, data, opts: dict, description: Data, guesses: dict) -
             for baseline, tag in (("random", utils.RANDOM_GUESSING), ("most_probable", utils.MOST_PROBABLE_GUESSING)):
                 utils.guessing_tags(row, baseline, 0.0, tag)
         except Exception as e:  # noqa: BLE001 (whatever a fork's model, loss or data raise: named to the user)
-            first = " ".join(str(e).split())[:300] or "no message"
             raise utils.StartError(
                 f"one batch through the model, the loss, the metrics and the detectors failed before training "
-                f"({type(e).__name__}: {first}). Check build_model against the data's description (one sample's "
+                f"({utils.described(e)}). Check build_model against the data's description (one sample's "
                 f"shape {description.input_shape}, {len(description.classes)} classes) and the metrics table "
                 "(utils.METRICS); nothing was trained."
             ) from None
