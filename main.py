@@ -144,6 +144,19 @@ def build_model(opts: dict, data: Data) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(width, len(data.classes)))
 
 
+# SEAM: the loss, and the predictions the metrics score. Training, evaluation and the check before the
+# first epoch all use these two.
+
+
+def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+def predictions_of(logits: torch.Tensor) -> torch.Tensor:
+    """The predicted class of each row of outputs."""
+    return logits.argmax(1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 
@@ -207,7 +220,7 @@ def train_epoch(model, optimizer, data, opts, generator, stop, sync_every, verbo
             break
         with mixed_precision(opts, x.device):
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            loss = loss_of(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # The loss and each parameter's squared gradient norm (the true one, before clipping), in one tensor.
@@ -216,7 +229,7 @@ def train_epoch(model, optimizer, data, opts, generator, stop, sync_every, verbo
         outputs.append(logits.detach())
         targets.append(y)
         if len(outputs) == OUTPUTS_PER_ARGMAX:  # one argmax for many batches: 10 us a batch less on the CPU
-            predictions.append(torch.cat(outputs).argmax(1))
+            predictions.append(predictions_of(torch.cat(outputs)))
             outputs.clear()
         # Never step with a non-finite loss or gradient. On the CPU the host reads the row (a
         # microsecond; a flag on the device would cost four small ops, 3% of a bf16 step).
@@ -234,7 +247,7 @@ def train_epoch(model, optimizer, data, opts, generator, stop, sync_every, verbo
     if not rows:
         return None, stop_tag
     if outputs:
-        predictions.append(torch.cat(outputs).argmax(1))
+        predictions.append(predictions_of(torch.cat(outputs)))
     # Sync point, once per epoch: the epoch's statistics, read to the host together. In float64 the
     # total gradient norm is finite whenever each parameter's is, as the look in the loop judged it.
     rows = torch.stack(rows).cpu().double()
@@ -283,7 +296,7 @@ def evaluate(model, data, split: str, classes: int, opts: dict) -> dict[str, flo
     predictions, targets = [], []
     for x, y in data.batches(EVAL_BATCH):
         with mixed_precision(opts, x.device):  # the precision the model is trained in
-            predictions.append(model(x).argmax(1))
+            predictions.append(predictions_of(model(x)))
         targets.append(y)
     return {
         **metric_values(torch.cat(predictions), torch.cat(targets), split, classes),
@@ -302,10 +315,10 @@ def check_one_batch(model, data, opts: dict, description: Data, guesses: dict) -
             x, y = next(data.batches(opts["batch_size"]))
             with mixed_precision(opts, device):
                 logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                loss = loss_of(logits, y)
             loss.backward()
             model.zero_grad(set_to_none=True)
-            values = metric_values(logits.detach().argmax(1), y, "train", len(description.classes))
+            values = metric_values(predictions_of(logits.detach()), y, "train", len(description.classes))
             row = {f"{split}/{key.split('/')[1]}": v for split in utils.SPLITS for key, v in values.items()}
             row.update({f"gap/{m}": 0.0 for m in utils.METRIC_NAMES}, **guesses)
             utils.gradient_tags(1.0, 1.0, 0.0, opts)
