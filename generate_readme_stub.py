@@ -3,7 +3,8 @@
     rm README.md && python generate_readme_stub.py  # then fill in what is marked TODO
     python generate_readme_stub.py --output docs/README.md
     python generate_readme_stub.py --force          # overwrite an existing file
-    python generate_readme_stub.py --tables         # only rewrite README.md's generated tables, in place
+    python generate_readme_stub.py --tables         # only rewrite the generated tables, in place, of
+                                                    # README.md and docs/*.md, where they are marked
 
 The Requirements section lists what the project's code imports (found offline by the standard
 library, with the versions installed here); the Usage tables come from utils.get_arg_parser(), one row per
@@ -160,6 +161,13 @@ def rewrite_tables(markdown: str, parser: utils.Parser) -> tuple[str, list[str]]
     return MARK.sub(table, markdown), unknown
 
 
+def default_tables_files(root: Path) -> list[Path]:
+    """Those of README.md and the documents under docs/ that hold generated tables (README.md alone when none
+    does, to say so)."""
+    candidates = [root / "README.md", *sorted(root.glob("docs/*.md"))]
+    return [path for path in candidates if path.is_file() and MARK.search(path.read_text())] or [root / "README.md"]
+
+
 def rewrite_files(paths: list[Path]) -> int:
     """--tables: each file's marked tables rewritten in place; 1 if a file cannot be, else 0."""
     status = 0
@@ -249,11 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         metavar="FILE",
         help="only rewrite the generated tables (options, metrics, tags, thresholds) of these Markdown files, "
-        "in place, where they are marked; no FILE: README.md beside this script",
+        "in place, where they are marked; no FILE: those of README.md and docs/*.md beside this script that mark some",
     )
     args = parser.parse_args(argv)
     if args.tables is not None:
-        return rewrite_files(args.tables or [HERE / "README.md"])
+        return rewrite_files(args.tables or default_tables_files(HERE))
 
     if args.output.exists() and not args.force:
         print(

@@ -78,7 +78,7 @@ logging.getLogger().addFilter(lambda record: "Some classes do not exist in the t
 SYNC_EVERY = 50  # batches between the host's looks at the non-finite flag on an accelerator
 OUTPUTS_PER_ARGMAX = 32  # batches of the model's outputs kept for one argmax (their predictions)
 EVAL_BATCH = 4096
-# Measured with benchmarks/throughput.py (see the README's Performance section).
+# Measured with benchmarks/throughput.py (see docs/performance.md).
 BF16_EMULATED_COST = (
     "an epoch of the default model took 1.2 times as long as in fp32 on a CPU whose bf16 "
     "instructions were turned off (ONEDNN_MAX_CPU_ISA=AVX512_CORE), and half as long with them"
@@ -243,6 +243,9 @@ def train_epoch(model, optimizer, data, opts, generator, stop, sync_every, verbo
         if opts["grad_clipping"]:
             nn.utils.clip_grads_with_norm_(params, opts["grad_clipping"], row[1:].sum().sqrt())
         optimizer.step()
+        # SEAM: your own per-batch logging goes here, as in any W&B script, and lands in this run:
+        #     if i % 100 == 0: wandb.log({"batch/loss": loss.item()})
+        # Every .item() waits for the device; log every N batches, not each one.
 
     if not rows:
         return None, stop_tag

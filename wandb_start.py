@@ -13,7 +13,7 @@ Errors of the user's setup (no login, a WANDB_MODE W&B rejects, a WANDB_DIR that
 are a StartError before any epoch, naming W&B's own message.
 
 wandb.setup() is never called: in wandb 0.31, when wandb-core dies before it has said where it listens,
-setup() deadlocks on its own lock (see the README's fault section). wandb.init() alone does not.
+setup() deadlocks on its own lock (see docs/robustness.md, its fault table). wandb.init() alone does not.
 """
 
 import contextlib
