@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 
 import pytest
 import torch
@@ -223,11 +224,24 @@ def test_a_tag_longer_than_wandb_keeps_is_refused_as_the_table_is_built():
     utils.check_tag_lengths(utils.TAGS)
 
 
-def test_readme_tables_are_the_code_tables():
+def test_the_documents_tables_are_the_code_tables():
+    marked = []
+    for path in generate_readme_stub.default_tables_files(utils.HERE):
+        text = path.read_text()
+        current, unknown = generate_readme_stub.rewrite_tables(text, utils.get_arg_parser())
+        assert not unknown and current == text, f"stale tables in {path}: `python generate_readme_stub.py --tables`"
+        marked += generate_readme_stub.MARK.findall(text)
+    assert sorted(marked) == ["metrics", "tags", "thresholds"]
+
+
+def test_the_readme_is_short_and_its_links_lead_somewhere():
+    """The README is for the person who forks (200 lines at most); the rest is in docs/, linked."""
     readme = (utils.HERE / "README.md").read_text()
-    current, unknown = generate_readme_stub.rewrite_tables(readme, utils.get_arg_parser())
-    assert not unknown and current == readme, "stale tables: `python generate_readme_stub.py --tables` rewrites them"
-    assert sorted(generate_readme_stub.MARK.findall(readme)) == ["metrics", "tags", "thresholds"]
+    assert len(readme.splitlines()) <= 200
+    for path in [utils.HERE / "README.md", *(utils.HERE / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", path.read_text()):
+            if "://" not in target:
+                assert (path.parent / target).exists(), f"{path.name} links to {target}, which is not there"
 
 
 # ---- files
