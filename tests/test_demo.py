@@ -40,6 +40,18 @@ def test_defaults_match_the_design():
     ] == [0.5, 1e-5, 1e7, 200.0, 0.1, 0.1]
 
 
+def test_the_models_flags(capsys):
+    assert parse("--hidden=256,128,64")["hidden"] == (256, 128, 64) and parse("--hidden=")["hidden"] == ()
+    for args in (["--hidden", "512,x"], ["--hidden", "512,0"], ["--dropout", "1"]):
+        with pytest.raises(SystemExit) as exit_:
+            parse(*args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "usage:" in err and args[0] in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        parse("--help")
+    assert "(default: 512,512)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_group_name_is_the_same_on_any_machine():
     # Pinned: a change here regroups every user's existing runs (--precision joining the hyper-parameters
     # did: the default run's group was wise-swan-5a9944d9 before).

@@ -39,9 +39,8 @@ def load_data(opts: dict) -> Data:
 '''
 SECOND_MODEL = '''
 def build_model(opts: dict, data: Data) -> nn.Module:
-    """One tanh layer of --hidden's first width."""
-    width = opts["hidden"][0] if opts["hidden"] else 8
-    return nn.Sequential(nn.Linear(data.input_shape[0], width), nn.Tanh(), nn.Linear(width, len(data.classes)))
+    """One tanh layer, 16 wide: no flag of the demo's model is needed."""
+    return nn.Sequential(nn.Linear(data.input_shape[0], 16), nn.Tanh(), nn.Linear(16, len(data.classes)))
 '''
 
 
@@ -93,8 +92,6 @@ def points_run(data: Path, out: Path, *extra: str) -> list[str]:
         "8",
         "--epochs",
         "4",
-        "--hidden",
-        "16",
         "--device",
         "cpu",
         "--verbose",

@@ -193,15 +193,11 @@ def wandb_server():
     server.close()
 
 
-AGENT_ARGS = {
-    "data_path": None,
-    "val_size": 100,
-    "batch_size": 32,
-    "hidden": "64",
-    "epochs": 100000,
-    "device": "cpu",
-    "save": True,
-}
+def agent_args(data: Path, out: Path) -> dict:
+    """The agent's `--key=value` form of the small run's data and model (tests/demo.py), trained until stopped."""
+    flags = demo.data_and_model(data)
+    args = {flag.removeprefix("--"): value for flag, value in zip(flags[::2], flags[1::2], strict=True)}
+    return {**args, "epochs": 100000, "device": "cpu", "save": True, "output_path": str(out)}
 
 
 def test_ctrl_c_three_times_to_the_real_wandb_agent_stops_the_run_as_stopped(tiny_data, wandb_server, tmp_path):
@@ -209,7 +205,7 @@ def test_ctrl_c_three_times_to_the_real_wandb_agent_stops_the_run_as_stopped(tin
     the terminal's Ctrl+C reaches the agent alone. Its second terminates the run (SIGTERM to main.py), its
     third kills it: W&B must not re-queue a run the user stopped."""
     wandb_server.sweeps["sweep1"] = "program: main.py\nmethod: grid\nparameters:\n  lr: {values: [0.001]}\n"
-    args = {**AGENT_ARGS, "data_path": str(tiny_data), "output_path": str(tmp_path / "out")}
+    args = agent_args(tiny_data, tmp_path / "out")
     wandb_server.commands.append(
         {
             "type": "run",
