@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import main as experiment
 import utils
+import wandb_start
 import watch
 
 
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=utils.PRECISIONS, default="bf16")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
+    wandb_start.disabled_run()  # train_epoch runs as in main.py without W&B: a fork's own wandb.log works
     opts = vars(
         utils.get_arg_parser().parse_args(
             ["--device", "cpu", "--data_path", args.data_path, "--precision", args.precision]

@@ -18,6 +18,18 @@ OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}  # real W&B, writing
 WAIT = 120  # seconds a test waits for a line of a process's output before it fails with what it read
 
 
+@pytest.fixture
+def in_a_run():
+    """Training code called straight from a test runs as in `python main.py` without W&B: inside W&B's
+    disabled run (wandb_start.disabled_run), so a fork's own wandb.log there works, and what it reads from
+    the device is seen (a fork that skips its call when there is no run would hide it from test_syncs)."""
+    import wandb_start
+
+    run = wandb_start.disabled_run()
+    yield run
+    run.finish()
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """600 training and 200 test images that an MLP learns in an epoch or two."""

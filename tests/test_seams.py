@@ -299,3 +299,39 @@ def test_the_dataloader_path_with_workers_learns_stops_on_ctrl_c_and_resumes_exa
     assert expected["tags"] == res["tags"] == ["Success"] and expected["history"][-1]["test/accuracy"] > 0.9
     assert without_times(res["history"]) == without_times(expected["history"])
     assert whole_epochs(res["history"]) == list(range(1, 7))
+
+
+def test_a_forks_own_wandb_log_in_the_batch_loop_leaves_its_tests_and_its_run_working(tiny_data, tmp_path):
+    """The README's invitation taken: a wandb.log at the batch loop's SEAM, of a value already on the host
+    (no read of the device). The fork's own copy of the tests that call train_epoch straight pass, and its
+    real run logs the fork's rows and each epoch once."""
+    per_batch = '        optimizer.step()\n        wandb.log({"batch/lr": optimizer.param_groups[0]["lr"]})\n'
+    folder = fork(
+        tmp_path,
+        edits={
+            "main.py": [
+                ("import numpy as np\n", "import numpy as np\nimport wandb\n"),
+                ("        optimizer.step()\n", per_batch),
+            ]
+        },
+    )
+    shutil.copytree(ROOT / "tests", folder / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pytest.ini", folder / "pytest.ini")
+    straight = "batch_loop or witness or host_looks or statistics_are or frozen_layer"
+    tests = ["tests/test_syncs.py", "tests/test_training.py", "-k", straight]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-4000:]
+
+    argv = small_run(tiny_data, tmp_path / "out", "--wandb_project", "boilerplate-tests")
+    done = run_fork(folder, argv, tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    run_folder, res = results(tmp_path / "out")
+    wandb_run = whole_run(tmp_path, run_folder.name)
+    assert wandb_epochs(wandb_run.history) == whole_epochs(res["history"]) == [1, 2]
+    assert sum("batch/lr" in row for row in wandb_run.history) == 2 * res["history"][0]["train/batches"]

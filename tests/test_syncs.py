@@ -21,6 +21,8 @@ import main
 import utils
 import watch
 
+pytestmark = pytest.mark.usefixtures("in_a_run")  # a fork's wandb.log in train_epoch works, as in main.py
+
 BATCHES = 125  # with SYNC_EVERY = 50, two marked looks in the loop (after batches 50 and 100)
 
 # Tensor methods and functions that hand a value to the host, or must wait for one to size their output.

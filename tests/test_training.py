@@ -156,6 +156,7 @@ def test_guessing_when_nothing_is_learnt(tiny_data, tmp_path):
     } <= set(tags)
 
 
+@pytest.mark.usefixtures("in_a_run")  # train_epoch called straight: as in main.py
 def test_between_host_looks_the_fused_optimizer_skips_non_finite_steps(tiny_data, tmp_path):
     # What an accelerator does (main.py looks at the flag every SYNC_EVERY batches there), on the CPU.
     torch.manual_seed(0)
@@ -207,6 +208,7 @@ def by_hand(model, data, opts, generator) -> tuple[list[float], list[float], flo
     return losses, norms, right / seen
 
 
+@pytest.mark.usefixtures("in_a_run")  # train_epoch called straight: as in main.py
 @pytest.mark.parametrize("sync_every", [1, main.SYNC_EVERY], ids=["cpu-every-batch", "accelerator-every-50"])
 @pytest.mark.parametrize("precision", utils.PRECISIONS)
 @pytest.mark.parametrize("nan_at", [None, 40], ids=["whole-epoch", "nan-batch-40"])
@@ -246,6 +248,7 @@ def test_an_epochs_statistics_are_its_batches_own(tiny_data, tmp_path, nan_at, p
     ) == pytest.approx((mean, std, low, high), rel=1e-4)
 
 
+@pytest.mark.usefixtures("in_a_run")  # train_epoch called straight: as in main.py
 def test_a_frozen_layer_is_left_out_of_the_norms_and_stays_as_it_was(tiny_data, tmp_path):
     """Fine-tuning freezes parameters: they have no gradient, and the loop must not need one."""
     torch.manual_seed(0)
