@@ -244,8 +244,8 @@ def train_epoch(model, optimizer, data, opts, generator, stop, sync_every, verbo
             nn.utils.clip_grads_with_norm_(params, opts["grad_clipping"], row[1:].sum().sqrt())
         optimizer.step()
         # SEAM: your own per-batch logging goes here, as in any W&B script, and lands in this run:
-        #     if i % 100 == 0: wandb.log({"batch/loss": loss.item()})
-        # Every .item() waits for the device; log every N batches, not each one.
+        #     wandb.log({"batch/lr": optimizer.param_groups[0]["lr"]})
+        # A device value (loss.item()) makes the host wait: test_syncs names any such line in this loop.
 
     if not rows:
         return None, stop_tag
