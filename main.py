@@ -563,7 +563,11 @@ def train_reporting_bugs(opts: dict, folder: Path | None, resume: bool, record: 
         train(opts, folder, resume, record, stop)
     except (utils.StartError, utils.RunEnded):  # the run could not start, or its end is written
         raise
-    except Exception:  # noqa: BLE001 (a bug in the training code: shown whole, and the run's end written)
+    except Exception as e:  # noqa: BLE001 (a bug in the training code: shown whole, and the run's end written)
+        if record.run and wandb_start.lost_under(e):  # W&B's fault, under a call of the fork's own: not a bug
+            record.lost_wandb("your training code called it", e, "The run stops here, resumable")
+            record.finish(record.tags + [utils.WANDB_LOST()])
+            return
         traceback.print_exc()
         record.finish(
             record.tags + [utils.EXCEPTION()],

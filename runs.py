@@ -351,16 +351,21 @@ class Record:
             )
             self.run = None
         except Exception as e:  # noqa: BLE001 (W&B's own fault, whatever it raises: the run goes on)
-            print(
-                f"Warning: W&B failed while {what} ({type(e).__name__}: {str(e).strip()[:200]}): its service has "
-                "probably died, and what it had not written yet is lost from W&B. The run goes on without it; "
-                "results.json holds every epoch and the run's end.",
-                file=sys.stderr,
-                flush=True,
-            )
-            self.run = None
-            wandb_start.teardown()  # now, or W&B's exit hook prints the broken link's traceback
-            wandb_start.disabled_run()  # a fork's own wandb.log calls go on, into nothing
+            self.lost_wandb(what, e, "The run goes on without it")
+
+    def lost_wandb(self, what: str, e: BaseException, then: str) -> None:
+        """W&B failed while `what` (its service has died, most likely): say so and what `then` happens,
+        and go on without it."""
+        print(
+            f"Warning: W&B failed while {what} ({type(e).__name__}: {str(e).strip()[:200]}): its service has "
+            f"probably died, and what it had not written yet is lost from W&B. {then}; results.json holds every "
+            "epoch and the run's end.",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.run = None
+        wandb_start.teardown()  # now, or W&B's exit hook prints the broken link's traceback
+        wandb_start.disabled_run()  # a fork's own wandb.log calls go on, into nothing
 
     def save(self, status: str) -> None:
         """Write results.json; when it cannot be written (a full disk), the run ends here with that reason,

@@ -495,6 +495,13 @@ EXCEPTION = Tag(
     "the training code raised an exception (a bug): its traceback is printed, and in W&B's Logs tab; "
     "not resumable, it would only raise again",
 )
+WANDB_LOST = Tag(
+    "W&B lost",
+    True,
+    "W&B's service died under a W&B call of the training code's own (a wandb.log in the loop): the run stopped "
+    "there, keeping every epoch it finished; --resume yes goes on from the last checkpoint, with W&B anew",
+    resumable=True,
+)
 CRASHED = Tag(
     "Crashed",
     True,
@@ -521,6 +528,7 @@ TAGS = (
     STOPPED,
     SAVE_FAILED,
     EXCEPTION,
+    WANDB_LOST,
     CRASHED,
 )
 ERROR_TAGS = frozenset(tag.template for tag in TAGS if tag.error)

@@ -21,7 +21,9 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import utils
@@ -190,6 +192,17 @@ def setup_error(e: BaseException, wandb: Any) -> utils.StartError:
     )
 
 
+def lost_under(e: BaseException) -> bool:
+    """Whether `e` is W&B's connection to its service, lost under a W&B call (the service died): a
+    ConnectionError raised through W&B's own code. The run's own W&B calls are guarded (runs.use_wandb);
+    one that escapes the training code came from a call of the fork's own (wandb.log in the loop, say)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None or not isinstance(e, ConnectionError):
+        return False
+    package = Path(wandb.__file__).parent
+    return any(Path(frame.filename).is_relative_to(package) for frame in traceback.extract_tb(e.__traceback__))
+
+
 def disabled_run() -> "wandb.Run | None":
     """W&B's own way to log nothing (mode "disabled"), so that a fork's wandb.log calls work without W&B
     too; None where W&B has hung in this process (starting one would wait on W&B's lock for good)."""
@@ -224,7 +237,6 @@ def teardown(wandb: Any = None, seconds: float | None = None) -> bool:
 def check_writable(path: str, what: str = "--output_path") -> None:
     """Fail before training, not after it, when results could not be saved."""
     import tempfile
-    from pathlib import Path
 
     try:
         Path(path).mkdir(parents=True, exist_ok=True)

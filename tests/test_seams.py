@@ -301,20 +301,23 @@ def test_the_dataloader_path_with_workers_learns_stops_on_ctrl_c_and_resumes_exa
     assert whole_epochs(res["history"]) == list(range(1, 7))
 
 
+# The README's invitation taken: the fork's own wandb.log at the batch loop's SEAM, every batch.
+OWN_WANDB_LOG = {
+    "main.py": [
+        ("import numpy as np\n", "import numpy as np\nimport wandb\n"),
+        (
+            "        optimizer.step()\n",
+            '        optimizer.step()\n        wandb.log({"batch/lr": optimizer.param_groups[0]["lr"]})\n',
+        ),
+    ]
+}
+
+
 def test_a_forks_own_wandb_log_in_the_batch_loop_leaves_its_tests_and_its_run_working(tiny_data, tmp_path):
     """The README's invitation taken: a wandb.log at the batch loop's SEAM, of a value already on the host
     (no read of the device). The fork's own copy of the tests that call train_epoch straight pass, and its
     real run logs the fork's rows and each epoch once."""
-    per_batch = '        optimizer.step()\n        wandb.log({"batch/lr": optimizer.param_groups[0]["lr"]})\n'
-    folder = fork(
-        tmp_path,
-        edits={
-            "main.py": [
-                ("import numpy as np\n", "import numpy as np\nimport wandb\n"),
-                ("        optimizer.step()\n", per_batch),
-            ]
-        },
-    )
+    folder = fork(tmp_path, edits=OWN_WANDB_LOG)
     shutil.copytree(ROOT / "tests", folder / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pytest.ini", folder / "pytest.ini")
     straight = "batch_loop or witness or host_looks or statistics_are or frozen_layer"

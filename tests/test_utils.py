@@ -194,7 +194,7 @@ def test_failed_and_tag_bookkeeping():
     assert utils.resumable(["Vanishing gradient", "Crashed"]) and not utils.resumable(tags)
     assert (
         utils.RESUMABLE_TAGS
-        == {"User abort", "Timeout", "Preempted", "Stopped", "Save failed", "Crashed"}
+        == {"User abort", "Timeout", "Preempted", "Stopped", "Save failed", "W&B lost", "Crashed"}
         <= utils.ERROR_TAGS
     )
     assert {t.template for t in utils.TAGS if t.error} == {
@@ -208,6 +208,7 @@ def test_failed_and_tag_bookkeeping():
         "Stopped",
         "Save failed",
         "Exception",
+        "W&B lost",
         "Crashed",
     }
 

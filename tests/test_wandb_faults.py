@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from test_seams import OWN_WANDB_LOG, fork
 
 from conftest import (
     OFFLINE,
+    ROOT,
     Output,
     children,
     results,
@@ -23,16 +25,20 @@ from conftest import (
     wandb_epochs,
     whole_epochs,
 )
-from wandb_file import find_runs
+from wandb_file import find_runs, whole_run
 from wandb_server import WandbServer
 
 # W&B's own limits, short, so that a frozen service costs the test seconds, not minutes.
 QUICK = {"WANDB_X_SERVICE_WAIT": "3", "WANDB_INIT_TIMEOUT": "3"}
 
 
-def launch(argv: list[str], wandb_dir: Path, env: dict) -> subprocess.Popen:
+def launch(argv: list[str], wandb_dir: Path, env: dict, script: Path = ROOT / "main.py") -> subprocess.Popen:
     return start_main(
-        argv, cwd=wandb_dir, env={"WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true", **env}, stderr=subprocess.STDOUT
+        argv,
+        script=script,
+        cwd=wandb_dir,
+        env={"WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true", **env},
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -117,6 +123,43 @@ def test_wandbs_service_failing_as_it_starts_never_hangs_the_run_nor_blames_it(w
         assert "the run goes on without W&B" in text
     if runs and runs[-1].exit_code is not None:  # W&B started after all (a second try): it holds every epoch
         assert sum(len(wandb_epochs(run.history)) for run in runs) == len(epochs) and runs[-1].tags == res["tags"]
+
+
+def test_wandbs_service_dying_under_a_forks_own_wandb_log_stops_the_run_resumable_never_as_a_bug(tiny_data, tmp_path):
+    """The run's own W&B calls outlive W&B's service (a warning, and on without it); a call of the fork's
+    own meets the dead service first and raises in the training code. That is W&B's fault, not a bug:
+    the run stops there, tagged `W&B lost`, and `--resume yes` goes on from the last checkpoint, W&B anew.
+    The training process is held (SIGSTOP) while its service is killed, between two of its epochs."""
+    folder = fork(tmp_path, edits=OWN_WANDB_LOG)
+    out = tmp_path / "out"
+    argv = small_run(tiny_data, out, "--verbose", "1", "--epochs", "4", "--wandb_project", "boilerplate-tests")
+    proc = launch(argv, tmp_path, OFFLINE, script=folder / "main.py")
+    try:
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch 1/"))
+        training = training_process(proc.pid)
+        os.kill(training, signal.SIGSTOP)
+        cores = children(training, b"wandb-core")
+        for core in cores:
+            os.kill(core, signal.SIGKILL)
+        os.kill(training, signal.SIGCONT)
+        text, _ = output.finish()
+    finally:
+        proc.kill()
+    assert cores and proc.returncode == 1 and "Traceback" not in text, text
+    assert "Warning: W&B failed while your training code called it (ConnectionResetError" in text
+    assert "continue it with --resume yes" in text
+    run_folder, res = results(out)
+    assert res["tags"][-1] == "W&B lost" and "Exception" not in res["tags"] and res["status"] == "failed"
+    assert whole_epochs(res["history"]) == [1] and (run_folder / "checkpoint.pt").exists()
+
+    proc = launch([*argv, "--resume", "yes"], tmp_path, OFFLINE, script=folder / "main.py")
+    text, _ = Output(proc).finish()
+    assert proc.returncode == 0 and "Traceback" not in text, text
+    _, res = results(out)
+    assert res["tags"][0] == "Success" and whole_epochs(res["history"]) == [1, 2, 3, 4]
+    epochs = wandb_epochs(whole_run(tmp_path, run_folder.name).history)  # epoch 1 if W&B wrote it before it died
+    assert epochs[-3:] == [2, 3, 4] and len(epochs) == len(set(epochs)), epochs
 
 
 @pytest.fixture
