@@ -18,6 +18,17 @@ OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}  # real W&B, writing
 WAIT = 120  # seconds a test waits for a line of a process's output before it fails with what it read
 
 
+def in_memory(dataset, count: int | None = None):
+    """The first `count` samples (all by default) of any map-style dataset, as a TensorDataset: the tests
+    that drive train_epoch's device-resident path straight take a fork's data this way, whether its
+    load_data gives tensors or a Dataset that reads from disk."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    xs, ys = zip(*(dataset[i] for i in range(len(dataset) if count is None else count)), strict=True)
+    return TensorDataset(torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys))
+
+
 @pytest.fixture
 def in_a_run():
     """Training code called straight from a test runs as in `python main.py` without W&B: inside W&B's
@@ -28,6 +39,7 @@ def in_a_run():
     run = wandb_start.disabled_run()
     yield run
     run.finish()
+    wandb_start.teardown()  # W&B reads its settings once a process: the next test's are read afresh
 
 
 @pytest.fixture(scope="session")

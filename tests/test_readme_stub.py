@@ -16,9 +16,10 @@ pytestmark = pytest.mark.every_python  # fast and pure: the subset .ci/run runs 
 
 # Any connection through these fails at once: the generator must not need the network.
 NO_NETWORK = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+# A flag of the tests' own, named so that no fork's flag takes its name.
 NEW_FLAG = (
-    '    hyper.add_argument("--label_smoothing", type=Number(float, min=0, max=1), default=0.1,\n'
-    '                       help="label smoothing of the cross-entropy")\n'
+    '    hyper.add_argument("--test_only_share", type=Number(float, min=0, max=1), default=0.1,\n'
+    '                       help="a share the tests add")\n'
 )
 
 
@@ -68,14 +69,14 @@ def test_usage_has_one_row_per_option_with_type_and_default_even_for_a_new_flag(
     assert done.returncode == 0, done.stderr
     rows = usage_rows((project / "README.md").read_text())
     ours = [a.option_strings[0] for g in utils.option_groups(utils.get_arg_parser()).values() for a in g.actions]
-    assert sorted(rows) == sorted(ours + ["--label_smoothing"])
+    assert sorted(rows) == sorted(ours + ["--test_only_share"])
     # The new flag's row, rendered from its validator (the demo's own rows: test_demo.py).
-    assert (rows["--label_smoothing"][0], *rows["--label_smoothing"][1][1:3]) == (
+    assert (rows["--test_only_share"][0], *rows["--test_only_share"][1][1:3]) == (
         "hyper-parameters",
         "float >= 0 and <= 1",
         "`0.1`",
     )
-    assert rows["--label_smoothing"][1][3] == "label smoothing of the cross-entropy"
+    assert rows["--test_only_share"][1][3] == "a share the tests add"
     assert not any("(default" in row[3] for _, row in rows.values())
 
 
@@ -153,14 +154,14 @@ def test_tables_rewrites_the_generated_tables_alone_and_refuses_a_file_without_t
     readme.write_text(written)
     source = (project / "utils.py").read_text()
     anchor = '    exp = parser.add_argument_group("experiment")\n'
-    flag = '    hyper.add_argument("--warmup", type=Number(int, min=0), default=0, help="warm-up epochs")\n'
+    flag = '    hyper.add_argument("--test_only_count", type=Number(int, min=0), default=0, help="a count")\n'
     source = source.replace(anchor, flag + anchor)
     meaning = next(tag.meaning for tag in utils.TAGS if tag.template == "Success")
     (project / "utils.py").write_text(source.replace(f'"{meaning}"', '"it ended well"'))
     done = generate(project, "--tables")
     assert done.returncode == 0 and "4 tables, rewritten" in done.stdout, done.stderr
     text = readme.read_text()
-    assert "warm-up epochs" in usage_rows(text)["--warmup"][1][3] and "| it ended well |" in text
+    assert "a count" in usage_rows(text)["--test_only_count"][1][3] and "| it ended well |" in text
     assert text.split("## Results")[1] == written.split("## Results")[1]  # the person's words, kept
     assert generate(project, "--tables").stdout.endswith("4 tables, already current\n")
 

@@ -14,12 +14,12 @@ import warnings
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils.data import TensorDataset
 
 import demo
 import main
 import utils
 import watch
+from conftest import in_memory
 
 pytestmark = pytest.mark.usefixtures("in_a_run")  # a fork's wandb.log in train_epoch works, as in main.py
 
@@ -82,8 +82,7 @@ def epoch_setup(data_path, device: str, optimizer: str, precision: str = "fp32")
         )
     )
     data = main.load_data(opts)
-    x, y = data.splits["train"].tensors
-    batches = main.DeviceBatches(TensorDataset(x[: 4 * BATCHES], y[: 4 * BATCHES]), torch.device(device))
+    batches = main.DeviceBatches(in_memory(data.splits["train"], 4 * BATCHES), torch.device(device))
     model = main.build_model(opts, data).to(device)
     optim_class = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
     optim = optim_class(model.parameters(), lr=1e-3, fused=True)

@@ -22,7 +22,7 @@ import main
 import runs
 import utils
 import watch
-from conftest import epoch_rows, results, small_run, without_times
+from conftest import epoch_rows, in_memory, results, small_run, without_times
 from wandb_file import find_run
 
 
@@ -162,7 +162,7 @@ def test_between_host_looks_the_fused_optimizer_skips_non_finite_steps(tiny_data
     torch.manual_seed(0)
     opts = vars(utils.get_arg_parser().parse_args(small_run(tiny_data, tmp_path, "--batch_size", "8")))
     description = main.load_data(opts)
-    data = main.DeviceBatches(description.splits["train"], torch.device("cpu"))
+    data = main.DeviceBatches(in_memory(description.splits["train"]), torch.device("cpu"))
     for optimizer_class in (torch.optim.SGD, torch.optim.Adam):
         model = main.build_model(opts, description)
         optimizer = optimizer_class(model.parameters(), lr=1e30, fused=True)
@@ -198,11 +198,11 @@ def by_hand(model, data, opts, generator) -> tuple[list[float], list[float], flo
         model.zero_grad(set_to_none=True)
         with main.mixed_precision(opts, x.device):
             logits = model(x)
-            loss = torch.nn.functional.cross_entropy(logits, y)
+            loss = main.loss_of(logits, y)  # the fork's own loss and predictions, through the seams
         loss.backward()
         losses.append(loss.item())
         norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item())
-        right, seen = right + (logits.argmax(1) == y).sum().item(), seen + len(y)
+        right, seen = right + (main.predictions_of(logits) == y).sum().item(), seen + len(y)
         if math.isnan(losses[-1]):
             break
     return losses, norms, right / seen
@@ -222,7 +222,7 @@ def test_an_epochs_statistics_are_its_batches_own(tiny_data, tmp_path, nan_at, p
         utils.get_arg_parser().parse_args(small_run(tiny_data, tmp_path, "--batch_size", "7", "--precision", precision))
     )
     description = main.load_data(opts)
-    data = NaNAt(main.DeviceBatches(description.splits["train"], torch.device("cpu")), nan_at)
+    data = NaNAt(main.DeviceBatches(in_memory(description.splits["train"]), torch.device("cpu")), nan_at)
     model = main.build_model(opts, description)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0, fused=True)
     stats, tag = main.train_epoch(
@@ -259,7 +259,7 @@ def test_a_frozen_layer_is_left_out_of_the_norms_and_stays_as_it_was(tiny_data, 
     frozen.requires_grad_(False)
     before = frozen.clone()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    data = main.DeviceBatches(description.splits["train"], torch.device("cpu"))
+    data = main.DeviceBatches(in_memory(description.splits["train"]), torch.device("cpu"))
     stats, tag = main.train_epoch(
         model, optimizer, data, opts, torch.Generator().manual_seed(0), watch.Link(), sync_every=1, verbose=0
     )

@@ -108,16 +108,16 @@ def test_group_name_ignores_seed_and_housekeeping_and_flag_order():
 def test_a_hyperparameter_added_to_the_parser_joins_the_group_name(monkeypatch):
     original = utils.get_arg_parser
 
-    def with_label_smoothing():
+    def with_a_new_flag():
         parser = original()
         group = utils.option_groups(parser)[utils.HYPERPARAMETERS].group
-        group.add_argument("--label_smoothing", type=utils.Number(float, min=0), default=0.0)
+        group.add_argument("--test_only_share", type=utils.Number(float, min=0), default=0.0)  # no fork's name
         return parser
 
-    monkeypatch.setattr(utils, "get_arg_parser", with_label_smoothing)
-    assert "label_smoothing" in utils.hyperparameter_names()
-    plain = vars(with_label_smoothing().parse_args([]))
-    smooth = vars(with_label_smoothing().parse_args(["--label_smoothing", "0.1"]))
+    monkeypatch.setattr(utils, "get_arg_parser", with_a_new_flag)
+    assert "test_only_share" in utils.hyperparameter_names()
+    plain = vars(with_a_new_flag().parse_args([]))
+    smooth = vars(with_a_new_flag().parse_args(["--test_only_share", "0.1"]))
     assert utils.generate_name(plain) != utils.generate_name(smooth)
 
 
