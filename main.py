@@ -148,7 +148,8 @@ def build_model(opts: dict, data: Data) -> nn.Module:
 # first epoch all use these two.
 
 
-def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def loss_of(logits: torch.Tensor, labels: torch.Tensor, opts: dict) -> torch.Tensor:
+    """The loss of a batch; `opts` carries the flags a fork's loss may take (a label smoothing, say)."""
     return F.cross_entropy(logits, labels)
 
 
@@ -220,7 +221,7 @@ def train_epoch(model, optimizer, data, opts, generator, stop, sync_every, verbo
             break
         with mixed_precision(opts, x.device):
             logits = model(x)
-            loss = loss_of(logits, y)
+            loss = loss_of(logits, y, opts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # The loss and each parameter's squared gradient norm (the true one, before clipping), in one tensor.
@@ -318,7 +319,7 @@ def check_one_batch(model, data, opts: dict, description: Data, guesses: dict) -
             x, y = next(data.batches(opts["batch_size"]))
             with mixed_precision(opts, device):
                 logits = model(x)
-                loss = loss_of(logits, y)
+                loss = loss_of(logits, y, opts)
             loss.backward()
             model.zero_grad(set_to_none=True)
             values = metric_values(predictions_of(logits.detach()), y, "train", len(description.classes))

@@ -198,7 +198,7 @@ def by_hand(model, data, opts, generator) -> tuple[list[float], list[float], flo
         model.zero_grad(set_to_none=True)
         with main.mixed_precision(opts, x.device):
             logits = model(x)
-            loss = main.loss_of(logits, y)  # the fork's own loss and predictions, through the seams
+            loss = main.loss_of(logits, y, opts)  # the fork's own loss and predictions, through the seams
         loss.backward()
         losses.append(loss.item())
         norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item())
