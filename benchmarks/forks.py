@@ -1,0 +1,285 @@
+"""What forking costs: seven forks a researcher makes first, each applied to a clean copy of the committed
+project, counted (the places changed, the lines added and removed) and tested (the whole suite, and which
+tests broke outside tests/test_demo.py and tests/demo.py, the two files a fork edits by design).
+
+    python benchmarks/forks.py                 # every fork: about 12 minutes each on 2 CPU cores
+    python benchmarks/forks.py --only cnn flag --no-tests   # count only
+
+The figures and what they showed are in docs/forking.md.
+"""
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_FILES = ("tests/test_demo.py", "tests/demo.py")
+
+# Each fork: (what a researcher does, {file: [(old, new), ...]}); each old text stands once in its file.
+PARSER_ANCHOR = '    exp = parser.add_argument_group("experiment")\n'
+STEP = "        optimizer.step()\n"
+STATEFUL = '    stateful = {"model": model, "optimizer": optimizer, "generator": generator}\n'
+
+FORKS = {
+    "flag": (
+        "a hyper-parameter: label smoothing in the loss",
+        {
+            "utils.py": [
+                (
+                    PARSER_ANCHOR,
+                    '    hyper.add_argument("--label_smoothing", type=Number(float, min=0, max=1), default=0.0,\n'
+                    '                       help="label smoothing of the cross-entropy")\n\n' + PARSER_ANCHOR,
+                )
+            ],
+            "main.py": [
+                (
+                    "    return F.cross_entropy(logits, labels)\n",
+                    '    return F.cross_entropy(logits, labels, label_smoothing=opts["label_smoothing"])\n',
+                )
+            ],
+        },
+    ),
+    "cnn": (
+        "a CNN: two convolutions before the --hidden layers, and their --channels",
+        {
+            "utils.py": [
+                (
+                    PARSER_ANCHOR,
+                    '    hyper.add_argument("--channels", type=Widths(), default="16,32", help="channels of the '
+                    'convolutions")\n\n' + PARSER_ANCHOR,
+                )
+            ],
+            "main.py": [
+                (
+                    "    layers, width = [nn.Flatten()], math.prod(data.input_shape)\n",
+                    "    layers, channels = [], data.input_shape[0]\n"
+                    '    for c in opts["channels"]:\n'
+                    "        layers += [nn.Conv2d(channels, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]\n"
+                    "        channels = c\n"
+                    "    layers += [nn.AdaptiveAvgPool2d(4), nn.Flatten()]\n"
+                    "    width = channels * 16\n",
+                )
+            ],
+        },
+    ),
+    "metric": (
+        "a metric (macro precision), a confusion matrix at the end, and a per-batch wandb.log",
+        {
+            "utils.py": [
+                (
+                    "METRIC_NAMES = tuple(",
+                    'METRICS += (Metric("precision", "multiclass_precision", (("average", "macro"),), '
+                    '"macro precision"),)\nMETRIC_NAMES = tuple(',
+                )
+            ],
+            "main.py": [
+                ("import numpy as np\n", "import numpy as np\nimport wandb\n"),
+                (STEP, STEP + '        wandb.log({"batch/lr": optimizer.param_groups[0]["lr"]})\n'),
+                (
+                    "    record.finish(tags, unsaved)\n",
+                    "    with torch.inference_mode():\n"
+                    '        x, y = next(data["test"].batches(len(data["test"])))\n'
+                    "        predicted = predictions_of(model(x))\n"
+                    '    wandb.log({"test/confusion": wandb.plot.confusion_matrix(y_true=y.tolist(), '
+                    "preds=predicted.tolist(), class_names=description.classes)})\n"
+                    "    record.finish(tags, unsaved)\n",
+                ),
+            ],
+        },
+    ),
+    "disk": (
+        "a Dataset that reads each sample from disk as it is asked for (the DataLoader path)",
+        {
+            "main.py": [
+                (
+                    "def load_data(opts: dict) -> Data:\n",
+                    "class FromDisk(Dataset):\n"
+                    '    """MNIST read one sample at a time from its files, as a dataset too large for memory is."""\n\n'
+                    "    def __init__(self, images: Path, labels: Path):\n"
+                    "        self.images = np.memmap(images, np.uint8, 'r', offset=16).reshape(-1, 1, 28, 28)\n"
+                    "        self.targets = torch.from_numpy(np.fromfile(labels, np.uint8, offset=8).astype(np.int64))\n\n"
+                    "    def __len__(self) -> int:\n"
+                    "        return len(self.targets)\n\n"
+                    "    def __getitem__(self, i: int) -> tuple:\n"
+                    "        x = torch.from_numpy(np.array(self.images[i], np.float32)).div_(255).sub_(MNIST_MEAN)\n"
+                    "        return x.div_(MNIST_STD), self.targets[i]\n\n\n"
+                    "def load_data(opts: dict) -> Data:\n",
+                ),
+                (
+                    "        splits[name] = TensorDataset(x, ds.targets)\n",
+                    "        prefix = 'train' if train else 't10k'\n"
+                    "        splits[name] = FromDisk(raw / f'{prefix}-images-idx3-ubyte', raw / f'{prefix}-labels-idx1-ubyte')\n",
+                ),
+            ],
+        },
+    ),
+    "schedule": (
+        "linear warm-up then cosine decay of the learning rate, stepped each epoch, resumed exactly",
+        {
+            "utils.py": [
+                (
+                    PARSER_ANCHOR,
+                    '    hyper.add_argument("--warmup", type=Number(int, min=0), default=0, help="warm-up epochs")\n\n'
+                    + PARSER_ANCHOR,
+                )
+            ],
+            "main.py": [
+                (
+                    STATEFUL,
+                    "    warmup = opts['warmup']\n"
+                    "    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (e + 1) / (warmup + 1) if e < warmup\n"
+                    "        else 0.5 * (1 + math.cos(math.pi * (e - warmup) / max(1, opts['epochs'] - warmup))))\n"
+                    '    stateful = {"model": model, "optimizer": optimizer, "generator": generator, "scheduler": scheduler}\n',
+                ),
+                (
+                    "        history.append(row)\n",
+                    "        scheduler.step()\n        history.append(row)\n",
+                ),
+            ],
+        },
+    ),
+    "best": (
+        "the best model (best.pt, by val/accuracy) and early stopping after --patience epochs",
+        {
+            "utils.py": [
+                (
+                    PARSER_ANCHOR,
+                    '    hyper.add_argument("--patience", type=Number(int, min=0), default=0, help="epochs without a '
+                    'better val/accuracy before stopping, 0 = never")\n\n' + PARSER_ANCHOR,
+                )
+            ],
+            "main.py": [
+                (
+                    "        record.log(row, tags)\n",
+                    "        record.log(row, tags)\n"
+                    '        scores = [r["val/accuracy"] for r in history if r["evaluated"]]\n'
+                    '        if folder and row["evaluated"] and scores and row["val/accuracy"] >= max(scores):\n'
+                    '            utils.atomic_write(folder / "best.pt", lambda f: torch.save(model.state_dict(), f))\n'
+                    "        best = scores.index(max(scores)) if scores else 0\n"
+                    '        if opts["patience"] and len(scores) - 1 - best >= opts["patience"]:\n'
+                    "            tags.insert(0, utils.SUCCESS())\n"
+                    "            break\n",
+                )
+            ],
+        },
+    ),
+    "csv": (
+        "a 3-class tabular dataset read from CSV files (and the tests' data writer for it)",
+        {
+            "main.py": [
+                (
+                    "def load_data(opts: dict) -> Data:\n",
+                    "def load_data(opts: dict) -> Data:\n"
+                    '    """Points in 5 dimensions, 3 classes: train.csv and test.csv under --data_path."""\n'
+                    "    splits = {}\n"
+                    '    for split in ("train", "test"):\n'
+                    "        try:\n"
+                    '            rows = np.loadtxt(Path(opts["data_path"]) / f"{split}.csv", delimiter=",", dtype=np.float32, ndmin=2)\n'
+                    "        except (OSError, ValueError) as e:\n"
+                    '            path = Path(opts["data_path"]) / f"{split}.csv"\n'
+                    '            raise utils.StartError(f"{path} could not be read ({utils.described(e)}); pass --data_path "\n'
+                    '                                   "to the folder that holds train.csv and test.csv") from None\n'
+                    "        splits[split] = TensorDataset(torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, -1]).long())\n"
+                    '    return Data(splits, classes=["low", "mid", "high"], input_shape=(5,))\n\n\n'
+                    "def load_mnist(opts: dict) -> Data:\n",
+                )
+            ],
+            "tests/demo.py": [
+                (
+                    'def write_dataset(folder: Path, train: int = TINY_TRAIN, test: int = 200, shuffle: str = "", seed: int = 0) -> Path:\n',
+                    'def write_dataset(folder: Path, train: int = TINY_TRAIN, test: int = 200, shuffle: str = "", seed: int = 0) -> Path:\n'
+                    "    rng = np.random.default_rng(seed)\n"
+                    "    folder.mkdir(parents=True, exist_ok=True)\n"
+                    '    for split, n in (("train", train), ("test", test)):\n'
+                    "        labels = np.arange(n) % 3\n"
+                    "        points = rng.normal(0, 0.3, (n, 5)) + np.eye(3, 5)[labels] * 3\n"
+                    "        labels = rng.permutation(labels) if shuffle == split else labels\n"
+                    '        np.savetxt(folder / f"{split}.csv", np.column_stack([points, labels]), delimiter=",")\n'
+                    "    return folder\n\n\n"
+                    'def write_mnist(folder: Path, train: int = TINY_TRAIN, test: int = 200, shuffle: str = "", seed: int = 0) -> Path:\n',
+                ),
+                (
+                    "    path = folder / \"MNIST\" / \"raw\" / f\"{'train' if split == 'train' else 't10k'}-images-idx3-ubyte\"\n"
+                    "    path.write_bytes(path.read_bytes()[:1000])\n",
+                    '    path = folder / f"{split}.csv"\n    path.write_text(path.read_text()[:1000] + "x")\n',
+                ),
+                (
+                    '    path = folder / "MNIST" / "raw" / "train-labels-idx1-ubyte"\n'
+                    "    path.write_bytes(path.read_bytes()[:-1] + bytes([12]))\n",
+                    '    path = folder / "train.csv"\n    path.write_text(path.read_text().rstrip("\\n").rsplit(",", 1)[0] + ",12\\n")\n',
+                ),
+                ("CLASSES = 10\n", "CLASSES = 3\n"),
+                ("INPUT_SHAPE = (1, 28, 28)", "INPUT_SHAPE = (5,)"),
+                ('DATA_FOLDER = "MNIST/raw"', 'DATA_FOLDER = "train.csv"'),
+            ],
+        },
+    ),
+}
+
+
+def apply(folder: Path, edits: dict[str, list[tuple[str, str]]]) -> None:
+    for name, pairs in edits.items():
+        path = folder / name
+        text = path.read_text()
+        for old, new in pairs:
+            if text.count(old) != 1:
+                raise SystemExit(f"{name}: the fork's anchor stands {text.count(old)} times, not once: {old[:60]!r}")
+            text = text.replace(old, new)
+        path.write_text(text)
+
+
+def counted(folder: Path) -> tuple[int, int, int]:
+    """The places (hunks), lines added and lines removed, outside the demo's two test files and the
+    generated tables in docs/."""
+    diff = subprocess.run(
+        ["git", "diff", "-U0", "--", ".", ":!docs", *(f":!{name}" for name in DEMO_FILES)],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    hunks = sum(line.startswith("@@") for line in diff)
+    added = sum(line.startswith("+") and not line.startswith("+++") for line in diff)
+    removed = sum(line.startswith("-") and not line.startswith("---") for line in diff)
+    return hunks, added, removed
+
+
+def broken(folder: Path) -> tuple[list[str], str]:
+    """The tests that failed or errored, and pytest's last line."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts="],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+    )
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", done.stdout, re.MULTILINE)
+    return failed, (done.stdout.strip().splitlines() or [""])[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=list(FORKS), default=list(FORKS))
+    parser.add_argument("--no-tests", action="store_true", help="count the changes, run no tests")
+    args = parser.parse_args(argv)
+    print("| fork | places | lines +/- | tests broken outside test_demo.py | suite |")
+    print("|---|---|---|---|---|")
+    for name in args.only:
+        what, edits = FORKS[name]
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "fork"
+            subprocess.run(["git", "clone", "-q", str(ROOT), str(folder)], check=True)
+            apply(folder, edits)
+            # As the README asks after a change to a flag, a tag or a metric: the generated tables rewritten.
+            subprocess.run([sys.executable, "generate_readme_stub.py", "--tables"], cwd=folder, capture_output=True)
+            hunks, added, removed = counted(folder)
+            failed, last = ([], "not run") if args.no_tests else broken(folder)
+            outside = [test for test in failed if not test.startswith(DEMO_FILES)]
+            print(f"| {name}: {what} | {hunks} | +{added}/-{removed} | {len(outside)} {outside} | {last} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
