@@ -247,16 +247,17 @@ def counted(folder: Path) -> tuple[int, int, int]:
     return hunks, added, removed
 
 
-def broken(folder: Path) -> tuple[list[str], str]:
-    """The tests that failed or errored, and pytest's last line."""
+def broken(folder: Path) -> tuple[list[str], str, list[str]]:
+    """The tests that failed or errored, pytest's last line, and its summary line of each (the reason)."""
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts="],
         cwd=folder,
         capture_output=True,
         text=True,
     )
-    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", done.stdout, re.MULTILINE)
-    return failed, (done.stdout.strip().splitlines() or [""])[-1]
+    reasons = re.findall(r"^(?:FAILED|ERROR) .*$", done.stdout, re.MULTILINE)
+    failed = [reason.split()[1] for reason in reasons]
+    return failed, (done.stdout.strip().splitlines() or [""])[-1], reasons
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print("| fork | places | lines +/- | tests broken outside test_demo.py | suite |")
     print("|---|---|---|---|---|")
+    reasons = []
     for name in args.only:
         what, edits = FORKS[name]
         with tempfile.TemporaryDirectory() as tmp:
@@ -275,9 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             # As the README asks after a change to a flag, a tag or a metric: the generated tables rewritten.
             subprocess.run([sys.executable, "generate_readme_stub.py", "--tables"], cwd=folder, capture_output=True)
             hunks, added, removed = counted(folder)
-            failed, last = ([], "not run") if args.no_tests else broken(folder)
+            failed, last, why = ([], "not run", []) if args.no_tests else broken(folder)
             outside = [test for test in failed if not test.startswith(DEMO_FILES)]
             print(f"| {name}: {what} | {hunks} | +{added}/-{removed} | {len(outside)} {outside} | {last} |", flush=True)
+            reasons += [f"{name}: {line}" for line in why]
+    print("\n".join(["", "Why each broke:", *reasons]) if reasons else "")
     return 0
 
 
