@@ -235,7 +235,8 @@ def test_a_forks_own_wandb_calls_land_in_the_run_and_each_epoch_stays_one_row(wa
     assert run.step_metrics["test/*"] == "epoch"  # the epoch rows are plotted against the epoch
     assert len([row for row in run.history if "custom/batch_loss" in row]) == 2 * res["history"][0]["train/batches"]
     logged = {key.split("/")[0] + "/" + key.split("/")[1] for row in run.history for key in row if "/" in key}
-    assert "custom/table" in logged and "gradients/1.weight" in logged  # wandb.Table; wandb.watch's histograms
+    # wandb.Table; wandb.watch's histograms, named after the model's parameters, whatever the model
+    assert "custom/table" in logged and any(key.startswith("gradients/") for key in logged), logged
     # The Logs tab holds the training process's output, and the system metrics describe it (torch loaded).
     assert "epoch 2/2" in run.output and "Run finished" not in run.output  # printed after finish
     assert max(sample.get("proc.memory.rssMB", 0) for sample in run.stats) > 150
