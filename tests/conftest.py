@@ -85,8 +85,10 @@ def whole_epochs(history: list[dict]) -> list[int]:
 
 
 def epoch_rows(history: list[dict]) -> list[dict]:
-    """W&B's history without the rows a fork logs of its own (in the loop, say): those have no epoch."""
-    return [row for row in history if "epoch" in row]
+    """W&B's history without the rows a fork logs of its own (in the loop, say). Not "epoch" alone: W&B
+    adds the epoch to a fork's row whose key matches a split's define_metric (test/confusion, say). The
+    loop's own count of an epoch's batches is in the epoch's row alone."""
+    return [row for row in history if "epoch" in row and "train/batches" in row]
 
 
 def wandb_epochs(history: list[dict]) -> list[int]:
