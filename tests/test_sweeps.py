@@ -18,7 +18,7 @@ from wandb.sdk.lib import config_util
 
 import demo
 import utils
-from conftest import OFFLINE, ROOT, WAIT, Output, results, small_run, start_main, wandb_epochs, whole_epochs
+from conftest import OFFLINE, ROOT, WAIT, Output, epoch_rows, results, small_run, start_main, wandb_epochs, whole_epochs
 from wandb_file import find_run
 
 with warnings.catch_warnings():  # sweeps 0.3 still uses a pydantic v1 option name
@@ -101,7 +101,7 @@ def test_main_as_the_agent_starts_it_joins_the_sweep_grouped_and_tagged(tiny_dat
     run = find_run(tmp_path, "run123")
     assert run.sweep_id == "sweep123" and run.group == res["group"] and run.tags == ["Success"] and run.exit_code == 0
     assert run.config["lr"] == 0.01 and run.config["seed"] == 4 and run.config["group"] == res["group"]
-    assert len(run.history) == 2
+    assert len(epoch_rows(run.history)) == 2
 
 
 # ----------------------------------------------------------------------------------------------
