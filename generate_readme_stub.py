@@ -7,7 +7,7 @@
                                                     # README.md and docs/*.md, where they are marked
 
 The Requirements section lists what the project's code imports (found offline by the standard
-library, with the versions installed here); the Usage tables come from utils.get_arg_parser(), one row per
+library, with the versions installed here); the Usage tables come from main.get_parser(), one row per
 option; the tags and thresholds tables from utils.TAGS, the table main.py tags runs with.
 The generated tables are marked (HTML comments), so that --tables rewrites them alone after the code
 changes (a flag, a tag, a metric), in this README or your own.
@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 
 import utils
+from boilerplate import options
+from boilerplate.files import atomic_write
 
 HERE = Path(__file__).resolve().parent
 # Not part of the project's code: tests and benchmarks have their own tools, the rest is output.
@@ -81,7 +83,46 @@ def requirements(names: set[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Usage: one table per argument group, one row per option
+# The tables: usage (one per argument group, one row per option), metrics, tags, thresholds
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def tags_table() -> str:
+    """utils.TAGS, one row a tag."""
+    return markdown_table(
+        ["tag", "kind", "meaning"],
+        [
+            [f"`{t.pattern}`", ("error" if t.error else "info") + (", resumable" if t.resumable else ""), t.meaning]
+            for t in utils.TAGS
+        ],
+    )
+
+
+def thresholds_table(parser: options.Parser) -> str:
+    actions = options.option_groups(parser)[options.THRESHOLDS].actions
+    return markdown_table(
+        ["flag", "default", "meaning"], [[f"`{a.option_strings[0]}`", f"{a.default:g}", a.help] for a in actions]
+    )
+
+
+def metrics_table() -> str:
+    return markdown_table(
+        ["metric", "computed by (torcheval)", "guessing baselines", "meaning"],
+        [
+            [
+                f"`{m.name}`",
+                f"`{m.torcheval}`" + "".join(f", {k}={v}" for k, v in m.options),
+                ", ".join(kind for kind in utils.BASELINES if getattr(m, kind)) or "none",
+                m.meaning,
+            ]
+            for m in utils.METRICS
+        ],
+    )
 
 
 def type_cell(action: argparse.Action) -> str:
@@ -89,7 +130,7 @@ def type_cell(action: argparse.Action) -> str:
     if action.choices:
         values = ", ".join(f"`{c}`" for c in action.choices)
         return f"one of {values}" if kind is str else f"{kind.__name__}, one of {values}"
-    return action.type.describe() if isinstance(action.type, utils.Validator) else kind.__name__
+    return action.type.describe() if isinstance(action.type, options.Validator) else kind.__name__
 
 
 def default_cell(action: argparse.Action) -> str:
@@ -104,20 +145,25 @@ def help_cell(action: argparse.Action) -> str:
     return text % {**vars(action), "default": action.default}
 
 
-def usage_tables(parser: utils.Parser) -> str:
+def usage_tables(parser: options.Parser) -> str:
     sections = []
-    for title, group in utils.option_groups(parser).items():
+    for title, group in options.option_groups(parser).items():
         if group.actions:
             rows = [[f"`{a.option_strings[0]}`", type_cell(a), default_cell(a), help_cell(a)] for a in group.actions]
             intro = f"{group.description[0].upper()}{group.description[1:]}.\n\n" if group.description else ""
             sections.append(
-                f"### {title}\n\n{intro}" + utils.markdown_table(["option", "type", "default", "description"], rows)
+                f"### {title}\n\n{intro}" + markdown_table(["option", "type", "default", "description"], rows)
             )
     return "\n\n".join(sections)
 
 
 # ----------------------------------------------------------------------------------------------
 # The stub
+
+
+def project_parser() -> options.Parser:
+    """main.py's parser, without torch (options.parser_of): the generator needs only the standard library."""
+    return options.parser_of(HERE / "main.py")
 
 
 def licence(root: Path) -> str:
@@ -135,9 +181,9 @@ def licence(root: Path) -> str:
 # The tables made from the code, by the name that marks them in a Markdown file (see marked()).
 TABLES = {
     "usage": usage_tables,
-    "metrics": lambda parser: utils.metrics_table(),
-    "tags": lambda parser: utils.tags_table(),
-    "thresholds": utils.thresholds_table,
+    "metrics": lambda parser: metrics_table(),
+    "tags": lambda parser: tags_table(),
+    "thresholds": thresholds_table,
 }
 MARK = re.compile(r"<!-- generated: (\w+) .*?-->\n.*?\n<!-- end generated -->", re.DOTALL)
 
@@ -148,7 +194,7 @@ def marked(name: str, table: str) -> str:
     return f"{start}\n{table}\n<!-- end generated -->"
 
 
-def rewrite_tables(markdown: str, parser: utils.Parser) -> tuple[str, list[str]]:
+def rewrite_tables(markdown: str, parser: options.Parser) -> tuple[str, list[str]]:
     """The Markdown with each marked table made anew from the code; and the names marked that are not tables."""
     unknown = []
 
@@ -178,19 +224,19 @@ def rewrite_files(paths: list[Path]) -> int:
             print(f"Error: cannot read {path}: {e.strerror or e}", file=sys.stderr)
             status = 1
             continue
-        new, unknown = rewrite_tables(text, utils.get_arg_parser())
+        new, unknown = rewrite_tables(text, project_parser())
         if unknown or not MARK.search(text):
             why = f"unknown tables marked: {', '.join(unknown)}" if unknown else "no generated table is marked in it"
             print(f"Error: {path}: {why} (known: {', '.join(TABLES)}).", file=sys.stderr)
             status = 1
             continue
         if new != text:
-            utils.atomic_write(path, lambda f, new=new: f.write(new.encode()))
+            atomic_write(path, lambda f, new=new: f.write(new.encode()))
         print(f"{path}: {len(MARK.findall(text))} tables, " + ("rewritten" if new != text else "already current"))
     return status
 
 
-def render(parser: utils.Parser, requirements: list[str], licence_line: str) -> str:
+def render(parser: options.Parser, requirements: list[str], licence_line: str) -> str:
     packages = "\n".join("    " + r for r in requirements)
     return f"""# TODO: project title
 
@@ -211,7 +257,8 @@ Install them with `pip install -r requirements.txt`.
 
 {TODO}: the commands that reproduce your results, and what they print.
 
-Every option, from the parser in `utils.py`. Options in the `hyper-parameters` group name the W&B
+Every option, from `main.get_parser()`: the hyper-parameters in `main.py`, the rest in
+`boilerplate/options.py`. Options in the `hyper-parameters` group name the W&B
 group, so runs that differ only by `--seed` land in one group.
 
 {marked("usage", usage_tables(parser))}
@@ -221,7 +268,7 @@ group, so runs that differ only by `--seed` land in one group.
 Measured on each split (`train`, `val`, `test`) every epoch, from `utils.METRICS`; a metric's
 guessing baselines are what the `Random guessing` and `Most probable guessing` tags compare it with.
 
-{marked("metrics", utils.metrics_table())}
+{marked("metrics", metrics_table())}
 
 ## Tags
 
@@ -229,11 +276,11 @@ Each run is tagged by what happened in training. METRIC is one of the metrics ab
 `train`, `val` or `test`; an **error** tag ends the run as Failed in W&B and with exit status 1, and
 a **resumable** one keeps the run's checkpoint, which `--resume yes` continues from.
 
-{marked("tags", utils.tags_table())}
+{marked("tags", tags_table())}
 
 The detectors' thresholds:
 
-{marked("thresholds", utils.thresholds_table(parser))}
+{marked("thresholds", thresholds_table(parser))}
 
 ## Results
 
@@ -275,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Warning: not read as Python, its imports are not in Requirements: {problem}", file=sys.stderr)
     found = requirements(names)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    utils.atomic_write(args.output, lambda f: f.write(render(utils.get_arg_parser(), found, licence(HERE)).encode()))
+    atomic_write(args.output, lambda f: f.write(render(project_parser(), found, licence(HERE)).encode()))
     print(f"Wrote {args.output}: fill in what is marked TODO.")
     return 0
 

@@ -42,6 +42,9 @@ from pathlib import Path
 import yaml
 
 import utils
+from boilerplate import options, watch
+from boilerplate.files import remove_partial_writes, write_json
+from generate_readme_stub import markdown_table
 
 POLL_SECONDS = 0.5
 
@@ -59,7 +62,7 @@ def locked_state(path: Path):
     """The sweep's state, locked against the other local_sweep processes until the block ends."""
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        utils.remove_partial_writes(path.parent, path.name)  # a write a kill cut short
+        remove_partial_writes(path.parent, path.name)  # a write a kill cut short
         try:
             state = json.loads(path.read_text()) if path.exists() else {"runs": []}
             if not isinstance(state.get("runs"), list):
@@ -71,7 +74,7 @@ def locked_state(path: Path):
                 "again)."
             ) from None
         yield state
-        utils.write_json(path, state)
+        write_json(path, state)
 
 
 def alive(pid: int | None) -> bool:
@@ -217,7 +220,7 @@ def own_group_stopped_with(parent: int) -> None:
     on it (a SIGINT as Python starts would be a KeyboardInterrupt traceback)."""
     os.setpgid(0, 0)
     signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
-    utils.stop_with_parent(parent, signal.SIGINT)
+    watch.stop_with_parent(parent, signal.SIGINT)
 
 
 def start(name: str, params: dict, argv: list[str], runs_dir: Path, env: dict, state_path: Path) -> subprocess.Popen:
@@ -284,7 +287,7 @@ def summary(config: dict, runs: list[dict]) -> str:
         for k, p in config["parameters"].items()
         if k != "seed" and k not in varied
     ]
-    return ("Every run: " + ", ".join(constant) + "\n\n" if constant else "") + utils.markdown_table(header, rows)
+    return ("Every run: " + ", ".join(constant) + "\n\n" if constant else "") + markdown_table(header, rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,15 +311,20 @@ def load_sweep(path: Path, parser: argparse.ArgumentParser) -> dict:
     if config["method"] == "random" and "run_cap" not in config:
         parser.error(f"{path}: a random search never ends by itself; set run_cap")
     if Path(config["program"]).name == "main.py" and (
-        problems := parameter_problems(config["parameters"], utils.get_arg_parser())
+        problems := parameter_problems(config["parameters"], main_parser())
     ):
         parser.error(f"{path}: " + "; ".join(problems))
     return config
 
 
-def parameter_problems(parameters: dict, main_parser: utils.Parser) -> list[str]:
+def main_parser() -> options.Parser:
+    """main.py's parser, read without loading torch (options.parser_of)."""
+    return options.parser_of(Path(__file__).resolve().parent / "main.py")
+
+
+def parameter_problems(parameters: dict, main_parser: options.Parser) -> list[str]:
     """What main.py would refuse in every run: an unknown option, a listed value its parser rejects."""
-    actions = {a.dest: a for group in utils.option_groups(main_parser).values() for a in group.actions}
+    actions = {a.dest: a for group in options.option_groups(main_parser).values() for a in group.actions}
     problems = []
     for name, spec in parameters.items():
         if name not in actions:
@@ -341,7 +349,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict, list[str]]:
         usage="%(prog)s SWEEP.yaml [options] [-- main.py options]",
     )
     parser.add_argument("sweep", type=Path, help="a W&B sweep file, e.g. sweep.yaml")
-    parser.add_argument("--workers", type=utils.Number(int, min=1), default=1, help="runs at the same time")
+    parser.add_argument("--workers", type=options.Number(int, min=1), default=1, help="runs at the same time")
     parser.add_argument(
         "--wandb",
         choices=("offline", "disabled"),

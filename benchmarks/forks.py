@@ -19,54 +19,50 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_FILES = ("tests/test_demo.py", "tests/demo.py")
 
 # Each fork: (what a researcher does, {file: [(old, new), ...]}); each old text stands once in its file.
-PARSER_ANCHOR = '    exp = parser.add_argument_group("experiment")\n'
+FLAGS_END = "\n\ndef get_parser("  # the end of main.py's add_hyperparameters: a new flag goes before it
 STEP = "        optimizer.step()\n"
-STATEFUL = '    stateful = {"model": model, "optimizer": optimizer, "generator": generator}\n'
+
+
+def flag(line: str) -> tuple[str, str]:
+    """A hyper-parameter added at the end of main.py's add_hyperparameters."""
+    return FLAGS_END, f"    hyper.add_argument({line})\n" + FLAGS_END
+
 
 FORKS = {
     "flag": (
         "a hyper-parameter: label smoothing in the loss",
         {
-            "utils.py": [
-                (
-                    PARSER_ANCHOR,
-                    '    hyper.add_argument("--label_smoothing", type=Number(float, min=0, max=1), default=0.0,\n'
-                    '                       help="label smoothing of the cross-entropy")\n\n' + PARSER_ANCHOR,
-                )
-            ],
             "main.py": [
+                flag(
+                    '"--label_smoothing", type=Number(float, min=0, max=1), default=0.0, '
+                    'help="label smoothing of the cross-entropy"'
+                ),
                 (
                     "    return F.cross_entropy(logits, labels)\n",
-                    '    return F.cross_entropy(logits, labels, label_smoothing=opts["label_smoothing"])\n',
-                )
+                    "    return F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)\n",
+                ),
             ],
         },
     ),
     "cnn": (
         "a CNN: two convolutions before the --hidden layers, and their --channels",
         {
-            "utils.py": [
-                (
-                    PARSER_ANCHOR,
-                    '    hyper.add_argument("--channels", type=Widths(), default="16,32", help="channels of the '
-                    'convolutions")\n\n' + PARSER_ANCHOR,
-                )
-            ],
             "main.py": [
+                flag('"--channels", type=Widths(), default="16,32", help="channels of the convolutions"'),
                 (
                     "    layers, width = [nn.Flatten()], math.prod(data.input_shape)\n",
                     "    layers, channels = [], data.input_shape[0]\n"
-                    '    for c in opts["channels"]:\n'
+                    "    for c in args.channels:\n"
                     "        layers += [nn.Conv2d(channels, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]\n"
                     "        channels = c\n"
                     "    layers += [nn.AdaptiveAvgPool2d(4), nn.Flatten()]\n"
                     "    width = channels * 16\n",
-                )
+                ),
             ],
         },
     ),
     "metric": (
-        "a metric (macro precision), a confusion matrix at the end, and a per-batch wandb.log",
+        "a metric (macro precision), a confusion matrix of the test split, and a per-batch wandb.log",
         {
             "utils.py": [
                 (
@@ -76,16 +72,15 @@ FORKS = {
                 )
             ],
             "main.py": [
-                ("import numpy as np\n", "import numpy as np\nimport wandb\n"),
+                ("import torch\n", "import torch\nimport wandb\n"),
                 (STEP, STEP + '        wandb.log({"batch/lr": optimizer.param_groups[0]["lr"]})\n'),
                 (
-                    "    record.finish(tags, unsaved)\n",
-                    "    with torch.inference_mode():\n"
-                    '        x, y = next(data["test"].batches(len(data["test"])))\n'
-                    "        predicted = predictions_of(model(x))\n"
-                    '    wandb.log({"test/confusion": wandb.plot.confusion_matrix(y_true=y.tolist(), '
-                    "preds=predicted.tolist(), class_names=description.classes)})\n"
-                    "    record.finish(tags, unsaved)\n",
+                    "    return torch.cat(predictions), torch.cat(labels)\n",
+                    "    predictions, labels = torch.cat(predictions), torch.cat(labels)\n"
+                    '    if split == "test":  # each epoch\'s: W&B shows the last\n'
+                    '        wandb.log({"test/confusion": wandb.plot.confusion_matrix(y_true=labels.tolist(), '
+                    "preds=predictions.tolist())})\n"
+                    "    return predictions, labels\n",
                 ),
             ],
         },
@@ -94,8 +89,13 @@ FORKS = {
         "a Dataset that reads each sample from disk as it is asked for (the DataLoader path)",
         {
             "main.py": [
+                ("import torch\n", "import numpy as np\nimport torch\n"),
                 (
-                    "def load_data(opts: dict) -> Data:\n",
+                    "from torch.utils.data import TensorDataset\n",
+                    "from torch.utils.data import Dataset, TensorDataset\n",
+                ),
+                (
+                    "def load_data(args: Namespace) -> Data:\n",
                     "class FromDisk(Dataset):\n"
                     '    """MNIST read one sample at a time from its files, as a dataset too large for memory is."""\n\n'
                     "    def __init__(self, images: Path, labels: Path):\n"
@@ -106,7 +106,7 @@ FORKS = {
                     "    def __getitem__(self, i: int) -> tuple:\n"
                     "        x = torch.from_numpy(np.array(self.images[i], np.float32)).div_(255).sub_(MNIST_MEAN)\n"
                     "        return x.div_(MNIST_STD), self.targets[i]\n\n\n"
-                    "def load_data(opts: dict) -> Data:\n",
+                    "def load_data(args: Namespace) -> Data:\n",
                 ),
                 (
                     "        splits[name] = TensorDataset(x, ds.targets)\n",
@@ -117,26 +117,16 @@ FORKS = {
         },
     ),
     "schedule": (
-        "linear warm-up then cosine decay of the learning rate, stepped each epoch, resumed exactly",
+        "linear warm-up then cosine decay of the learning rate, stepped each batch, resumed exactly",
         {
-            "utils.py": [
-                (
-                    PARSER_ANCHOR,
-                    '    hyper.add_argument("--warmup", type=Number(int, min=0), default=0, help="warm-up epochs")\n\n'
-                    + PARSER_ANCHOR,
-                )
-            ],
             "main.py": [
+                flag('"--warmup", type=Number(int, min=0), default=0, help="warm-up epochs"'),
                 (
-                    STATEFUL,
-                    "    warmup = opts['warmup']\n"
-                    "    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (e + 1) / (warmup + 1) if e < warmup\n"
-                    "        else 0.5 * (1 + math.cos(math.pi * (e - warmup) / max(1, opts['epochs'] - warmup))))\n"
-                    '    stateful = {"model": model, "optimizer": optimizer, "generator": generator, "scheduler": scheduler}\n',
-                ),
-                (
-                    "        history.append(row)\n",
-                    "        scheduler.step()\n        history.append(row)\n",
+                    "    return optimizer, None\n",
+                    "    warmup, total = args.warmup * steps_per_epoch, args.epochs * steps_per_epoch\n"
+                    "    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup\n"
+                    "        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))\n"
+                    "    return optimizer, schedule\n",
                 ),
             ],
         },
@@ -144,22 +134,21 @@ FORKS = {
     "best": (
         "the best model (best.pt, by val/accuracy) and early stopping after --patience epochs",
         {
-            "utils.py": [
-                (
-                    PARSER_ANCHOR,
-                    '    hyper.add_argument("--patience", type=Number(int, min=0), default=0, help="epochs without a '
-                    'better val/accuracy before stopping, 0 = never")\n\n' + PARSER_ANCHOR,
+            "main.py": [
+                flag(
+                    '"--patience", type=Number(int, min=0), default=0, '
+                    'help="epochs without a better val/accuracy before stopping, 0 = never"'
                 )
             ],
-            "main.py": [
+            "boilerplate/session.py": [
                 (
                     "        record.log(row, tags)\n",
                     "        record.log(row, tags)\n"
                     '        scores = [r["val/accuracy"] for r in history if r["evaluated"]]\n'
                     '        if folder and row["evaluated"] and scores and row["val/accuracy"] >= max(scores):\n'
-                    '            utils.atomic_write(folder / "best.pt", lambda f: torch.save(model.state_dict(), f))\n'
+                    '            atomic_write(folder / "best.pt", lambda f: torch.save(model.state_dict(), f))\n'
                     "        best = scores.index(max(scores)) if scores else 0\n"
-                    '        if opts["patience"] and len(scores) - 1 - best >= opts["patience"]:\n'
+                    "        if args.patience and len(scores) - 1 - best >= args.patience:\n"
                     "            tags.insert(0, utils.SUCCESS())\n"
                     "            break\n",
                 )
@@ -170,22 +159,23 @@ FORKS = {
         "a 3-class tabular dataset read from CSV files (and the tests' data writer for it)",
         {
             "main.py": [
+                ("import torch\n", "import numpy as np\nimport torch\n"),
                 (
-                    "def load_data(opts: dict) -> Data:\n",
-                    "def load_data(opts: dict) -> Data:\n"
+                    "def load_data(args: Namespace) -> Data:\n",
+                    "def load_data(args: Namespace) -> Data:\n"
                     '    """Points in 5 dimensions, 3 classes: train.csv and test.csv under --data_path."""\n'
                     "    splits = {}\n"
                     '    for split in ("train", "test"):\n'
                     "        try:\n"
-                    '            rows = np.loadtxt(Path(opts["data_path"]) / f"{split}.csv", delimiter=",", dtype=np.float32, ndmin=2)\n'
+                    '            rows = np.loadtxt(Path(args.data_path) / f"{split}.csv", delimiter=",", dtype=np.float32, ndmin=2)\n'
                     "        except (OSError, ValueError) as e:\n"
-                    '            path = Path(opts["data_path"]) / f"{split}.csv"\n'
-                    '            raise utils.StartError(f"{path} could not be read ({utils.described(e)}); pass --data_path "\n'
+                    '            path = Path(args.data_path) / f"{split}.csv"\n'
+                    '            raise StartError(f"{path} could not be read ({described(e)}); pass --data_path "\n'
                     '                                   "to the folder that holds train.csv and test.csv") from None\n'
                     "        splits[split] = TensorDataset(torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, -1]).long())\n"
                     '    return Data(splits, classes=["low", "mid", "high"], input_shape=(5,))\n\n\n'
-                    "def load_mnist(opts: dict) -> Data:\n",
-                )
+                    "def load_mnist(args: Namespace) -> Data:\n",
+                ),
             ],
             "tests/demo.py": [
                 (

@@ -4,8 +4,8 @@
 
 In one process, on the same data, model, optimizer, batch size and device, it times
   (a) a bare hand loop: forward, loss, backward, step, nothing else;
-  (b) experiment.train_epoch with every statistic and detector input on, plus the epoch's W&B log in
-      offline mode;
+  (b) main.train_epoch handing each step to the bookkeeping (boilerplate.steps), with every statistic
+      and detector input on, plus the epoch's W&B log in offline mode;
 each in fp32 and in bf16 (forward and loss under torch.autocast, as --precision bf16 runs them), in a
 shuffled order in each of `--repeats` rounds, after one warm-up round. It prints the median samples/s
 of each, its ratio to the bare loop of the same precision, and its ratio to the bare fp32 loop (the
@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 
 import main as experiment
-import utils
-import watch
+from boilerplate import devices, watch
+from boilerplate.batches import DeviceBatches, hold_out
+from boilerplate.steps import Steps
+from generate_readme_stub import markdown_table
 
 
 def bare_epoch(model, optimizer, x, y, batch_size, generator, bf16: bool) -> None:
@@ -63,15 +65,11 @@ def main(argv=None) -> int:
     parser.add_argument("--accuracy", action="store_true", help="also train the default run in each precision")
     args = parser.parse_args(argv)
 
-    opts = vars(
-        utils.get_arg_parser().parse_args(["--device", args.device, "--verbose", "0", "--data_path", args.data_path])
-    )
+    opts = experiment.get_parser().parse_args(["--device", args.device, "--data_path", args.data_path])
     description = experiment.load_data(opts)
-    data = experiment.DeviceBatches(
-        experiment.hold_out(description.splits["train"], opts["val_size"])[0], torch.device(args.device)
-    )
+    data = DeviceBatches(hold_out(description.splits["train"], opts.val_size)[0], torch.device(args.device))
     x, y = data.x, data.y
-    sync_every = experiment.sync_interval(torch.device(args.device))
+    sync_every = devices.sync_interval(torch.device(args.device))
     os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=tempfile.mkdtemp())
     import wandb
 
@@ -80,29 +78,33 @@ def main(argv=None) -> int:
     def fresh(fused=True):
         torch.manual_seed(0)
         model = experiment.build_model(opts, description).to(args.device)
-        return model, torch.optim.Adam(model.parameters(), lr=opts["lr"], fused=fused or None)
+        return model, torch.optim.Adam(model.parameters(), lr=opts.lr, fused=fused or None)
 
     # Each loop is set up (fresh model and optimizer) outside the timing, then timed for one epoch.
     def bare(precision="fp32", fused=True):
         model, optimizer = fresh(fused)
         return lambda: bare_epoch(
-            model, optimizer, x, y, opts["batch_size"], torch.Generator().manual_seed(0), precision == "bf16"
+            model, optimizer, x, y, opts.batch_size, torch.Generator().manual_seed(0), precision == "bf16"
         )
 
     def ours(precision="fp32"):
         model, optimizer = fresh()
 
-        def epoch():
-            stats, _ = experiment.train_epoch(
+        def epoch():  # as the run calls it: the bookkeeping made, the experiment's epoch, its statistics
+            generator = torch.Generator().manual_seed(0)
+            steps = Steps(
+                data,
+                opts.batch_size,
+                generator,
                 model,
                 optimizer,
-                data,
-                {**opts, "precision": precision},
-                torch.Generator().manual_seed(0),
                 watch.Link(),
-                sync_every,
-                verbose=0,
+                precision=precision,
+                sync_every=sync_every,
+                predictions_of=experiment.predictions_of,
             )
+            experiment.train_epoch(model, optimizer, None, steps, opts)
+            stats, _ = steps.end()
             run.log(stats)
 
         return epoch
@@ -130,12 +132,12 @@ def main(argv=None) -> int:
         return statistics.median(a / b for a, b in zip(rates[name], rates[base], strict=True))
 
     print(
-        f"MNIST train split {len(y)} samples, MLP 784-{'-'.join(map(str, opts['hidden']))}-10, "
-        f"Adam, batch {opts['batch_size']}, {args.device}, {torch.get_num_threads()} threads, "
+        f"MNIST train split {len(y)} samples, MLP 784-{'-'.join(map(str, opts.hidden))}-10, "
+        f"Adam, batch {opts.batch_size}, {args.device}, {torch.get_num_threads()} threads, "
         f"median of {args.repeats} epochs\n"
     )
     print(
-        utils.markdown_table(
+        markdown_table(
             [
                 "loop",
                 "samples/s (median)",

@@ -3,6 +3,7 @@
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -29,12 +30,69 @@ def in_memory(dataset, count: int | None = None):
     return TensorDataset(torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys))
 
 
+def copy_project(folder: Path) -> Path:
+    """A copy of the project's code (main.py, utils.py, the tools, the boilerplate package), as a fork starts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in [*ROOT.glob("*.py"), ROOT / "adjectives.txt", ROOT / "nouns.txt", ROOT / "LICENSE"]:
+        shutil.copy(path, folder / path.name)
+    shutil.copytree(ROOT / "boilerplate", folder / "boilerplate", ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
+
+
+def parse(*args: str):
+    """main.py's options for this command line, as main.py's functions take them (args.lr)."""
+    import main
+
+    return main.get_parser().parse_args(list(args))
+
+
+def group_of(opts: dict) -> str:
+    """The W&B group of a run with these options (a dict: vars(args))."""
+    import main
+    import utils
+    from boilerplate import options
+
+    return utils.generate_name(opts, options.hyperparameter_names(main.get_parser()))
+
+
+def experiment():
+    """main.py's parts as its main() hands them to the run (read now: a test may have replaced one)."""
+    import main
+    from boilerplate import session
+
+    return session.Experiment(*(getattr(main, name) for name in session.Experiment._fields))
+
+
+def one_epoch(model, optimizer, batches, args, generator=None, stop=None, sync_every: int = 1, schedule=None):
+    """main.train_epoch over `batches`, as the run calls it: its statistics and the tag that stopped it early."""
+    import torch
+
+    import main
+    from boilerplate import watch
+    from boilerplate.steps import Steps
+
+    generator = generator or torch.Generator().manual_seed(0)
+    steps = Steps(
+        batches,
+        args.batch_size,
+        generator,
+        model,
+        optimizer,
+        stop or watch.Link(),
+        precision=args.precision,
+        sync_every=sync_every,
+        predictions_of=main.predictions_of,
+    )
+    main.train_epoch(model, optimizer, schedule, steps, args)
+    return steps.end()
+
+
 @pytest.fixture
 def in_a_run():
     """Training code called straight from a test runs as in `python main.py` without W&B: inside W&B's
     disabled run (wandb_start.disabled_run), so a fork's own wandb.log there works, and what it reads from
     the device is seen (a fork that skips its call when there is no run would hide it from test_syncs)."""
-    import wandb_start
+    from boilerplate import wandb_start
 
     run = wandb_start.disabled_run()
     yield run

@@ -11,12 +11,13 @@ from test_training import run_main, wandb_run
 
 import main
 import utils
-from conftest import results, small_run
+from boilerplate import options
+from conftest import group_of, results, small_run
 from demo import find_real_mnist
 
 
 def parse(*args: str) -> dict:
-    return vars(utils.get_arg_parser().parse_args(list(args)))
+    return vars(main.get_parser().parse_args(list(args)))
 
 
 def test_defaults_match_the_design():
@@ -55,13 +56,13 @@ def test_the_models_flags(capsys):
 def test_group_name_is_the_same_on_any_machine():
     # Pinned: a change here regroups every user's existing runs (--precision joining the hyper-parameters
     # did: the default run's group was wise-swan-5a9944d9 before).
-    assert utils.generate_name(parse()) == "royal-glacier-3174a957"
-    word, noun, digest = utils.generate_name(parse("--epochs", "3")).split("-")
+    assert group_of(parse()) == "royal-glacier-3174a957"
+    word, noun, digest = group_of(parse("--epochs", "3")).split("-")
     assert word in utils._words("adjectives.txt") and noun in utils._words("nouns.txt") and len(digest) == 8
 
 
 def test_housekeeping_is_not_a_hyperparameter():
-    names = utils.hyperparameter_names()
+    names = options.hyperparameter_names(main.get_parser())
     assert set(names) == {
         "epochs",
         "batch_size",
@@ -78,8 +79,8 @@ def test_housekeeping_is_not_a_hyperparameter():
 
 
 def test_the_models_weights(tiny_data, tmp_path):
-    opts = parse(*small_run(tiny_data, tmp_path))
-    model = main.build_model(opts, main.load_data(opts))
+    args = main.get_parser().parse_args(small_run(tiny_data, tmp_path))
+    model = main.build_model(args, main.load_data(args))
     assert [tuple(t.shape) for t in model.state_dict().values()] == [(64, 784), (64,), (10, 64), (10,)]
 
 

@@ -15,7 +15,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,12 +23,12 @@ import torch
 
 import demo
 import main
-import utils
 from conftest import (
     OFFLINE,
-    ROOT,
     Output,
     epoch_rows,
+    group_of,
+    parse,
     results,
     small_run,
     start_main,
@@ -296,8 +295,8 @@ def full_disk(tmp_path):
 
 def weights_kib(data: Path) -> float:
     """The size of the small run's weights (its model.pt), from the seams: a fork's model sizes the disks."""
-    opts = vars(utils.get_arg_parser().parse_args(small_run(data, Path("unused"))))
-    model = main.build_model(opts, main.load_data(opts))
+    args = parse(*small_run(data, Path("unused")))
+    model = main.build_model(args, main.load_data(args))
     return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1024
 
 
@@ -334,21 +333,7 @@ def test_a_full_disk_ends_the_run_with_its_cause_and_keeps_what_was_saved(
 
 def test_a_run_folder_that_cannot_be_made_is_a_clear_start_error(tiny_data, tmp_path):
     out = tmp_path / "out"
-    group = out / json.loads(
-        subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "import json, sys, utils; o = vars(utils.get_arg_parser().parse_args(sys.argv[1:])); "
-                "print(json.dumps(utils.generate_name(o)))",
-                *small_run(tiny_data, out),
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout
-    )
+    group = out / group_of(vars(parse(*small_run(tiny_data, out))))
     out.mkdir()
     group.write_text("not a folder")  # where the run's group folder must go
     code, output = run(small_run(tiny_data, out, "--verbose", "1"), tmp_path)

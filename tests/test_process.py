@@ -2,7 +2,6 @@
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from conftest import (
     ROOT,
     Output,
     children,
+    copy_project,
     results,
     small_run,
     start_main,
@@ -180,10 +180,7 @@ def test_wandb_service_dying_mid_run_costs_nothing_but_wandb_logging(tiny_data, 
 
 def fork(tmp_path: Path, *changes: tuple[str, str]) -> Path:
     """A copy of the project whose main.py has each (anchor, code) change: code inserted before the anchor."""
-    folder = tmp_path / "fork"
-    folder.mkdir()
-    for path in [*ROOT.glob("*.py"), ROOT / "adjectives.txt", ROOT / "nouns.txt"]:
-        shutil.copy(path, folder / path.name)
+    folder = copy_project(tmp_path / "fork")
     source = (folder / "main.py").read_text()
     for anchor, code in changes:
         assert source.count(anchor) == 1, anchor
@@ -192,29 +189,20 @@ def fork(tmp_path: Path, *changes: tuple[str, str]) -> Path:
     return folder
 
 
-def fork_with_a_bug(tmp_path: Path) -> Path:
-    """A copy of the project whose training code raises in its second epoch, as a user's bug would."""
-    return fork(
-        tmp_path,
-        (
-            "        stats, stop_tag = train_epoch(",
-            "        if epoch == 2:\n            raise ValueError('a bug in the training code')\n",
-        ),
-    )
-
-
 @pytest.mark.every_python
 @pytest.mark.parametrize("watchdog", ["yes", "no"])
 def test_a_forks_own_wandb_calls_land_in_the_run_and_each_epoch_stays_one_row(watchdog, tiny_data, tmp_path):
     """wandb.log in the batch loop, wandb.watch, a wandb.Table at the end: plain W&B, no project API."""
     folder = fork(
         tmp_path,
-        ("import numpy as np\n", "import wandb\n"),
+        ("import torch\n", "import wandb\n"),
         ("        optimizer.zero_grad(set_to_none=True)\n", "        wandb.log({'custom/batch_loss': loss.item()})\n"),
-        ("    sync_every = sync_interval(device)\n", "    wandb.watch(model, log='gradients', log_freq=4)\n"),
+        ("    model.train()\n", "    if steps.epoch == 1:\n        wandb.watch(model, log='gradients', log_freq=4)\n"),
         (
-            "    record.finish(tags, unsaved)\n",
-            "    wandb.log({'custom/table': wandb.Table(columns=['epochs'], data=[[len(history)]])})\n",
+            "\n\n# ====================================================================="
+            "=========================\n# EVALUATION",
+            "    if steps.epoch == args.epochs:\n"
+            "        wandb.log({'custom/table': wandb.Table(columns=['epochs'], data=[[steps.epoch]])})\n",
         ),
     )
     args = small_run(tiny_data, tmp_path / "out", "--verbose", "1", "--watchdog", watchdog)

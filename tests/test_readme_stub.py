@@ -3,14 +3,16 @@
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
 
+import generate_readme_stub
+import main
 import utils
-from conftest import ROOT
+from boilerplate import options
+from conftest import copy_project
 
 pytestmark = pytest.mark.every_python  # fast and pure: the subset .ci/run runs on each other Python
 
@@ -23,15 +25,16 @@ NEW_FLAG = (
 )
 
 
+ANCHOR = "\n\ndef get_parser("  # the end of main.py's add_hyperparameters: a new flag goes before it
+
+
 @pytest.fixture
 def project(tmp_path):
     """A fork of the boilerplate whose parser has one more hyper-parameter than ours."""
-    for path in [*ROOT.glob("*.py"), ROOT / "adjectives.txt", ROOT / "nouns.txt", ROOT / "LICENSE"]:
-        shutil.copy(path, tmp_path / path.name)
-    source = (tmp_path / "utils.py").read_text()
-    anchor = '    exp = parser.add_argument_group("experiment")\n'
-    assert anchor in source
-    (tmp_path / "utils.py").write_text(source.replace(anchor, NEW_FLAG + "\n" + anchor))
+    copy_project(tmp_path)
+    source = (tmp_path / "main.py").read_text()
+    assert source.count(ANCHOR) == 1
+    (tmp_path / "main.py").write_text(source.replace(ANCHOR, NEW_FLAG + ANCHOR))
     return tmp_path
 
 
@@ -68,7 +71,7 @@ def test_usage_has_one_row_per_option_with_type_and_default_even_for_a_new_flag(
     done = generate(project)
     assert done.returncode == 0, done.stderr
     rows = usage_rows((project / "README.md").read_text())
-    ours = [a.option_strings[0] for g in utils.option_groups(utils.get_arg_parser()).values() for a in g.actions]
+    ours = [a.option_strings[0] for g in options.option_groups(main.get_parser()).values() for a in g.actions]
     assert sorted(rows) == sorted(ours + ["--test_only_share"])
     # The new flag's row, rendered from its validator (the demo's own rows: test_demo.py).
     assert (rows["--test_only_share"][0], *rows["--test_only_share"][1][1:3]) == (
@@ -83,7 +86,8 @@ def test_usage_has_one_row_per_option_with_type_and_default_even_for_a_new_flag(
 def test_tables_are_the_codes_and_well_formed(project):
     assert generate(project).returncode == 0
     readme = (project / "README.md").read_text()
-    assert utils.tags_table() in readme and utils.thresholds_table() in readme and utils.metrics_table() in readme
+    tables = generate_readme_stub.tags_table(), generate_readme_stub.metrics_table()
+    assert all(t in readme for t in tables) and generate_readme_stub.thresholds_table(main.get_parser()) in readme
     tables, block = [], []
     for line in readme.splitlines() + [""]:
         if line.startswith("|"):
@@ -152,10 +156,9 @@ def test_tables_rewrites_the_generated_tables_alone_and_refuses_a_file_without_t
     written = readme.read_text().replace("**TODO**: figures, tables, links", "Our results: see the W&B project.")
     assert "Our results" in written
     readme.write_text(written)
-    source = (project / "utils.py").read_text()
-    anchor = '    exp = parser.add_argument_group("experiment")\n'
     flag = '    hyper.add_argument("--test_only_count", type=Number(int, min=0), default=0, help="a count")\n'
-    source = source.replace(anchor, flag + anchor)
+    (project / "main.py").write_text((project / "main.py").read_text().replace(ANCHOR, flag + ANCHOR))
+    source = (project / "utils.py").read_text()
     meaning = next(tag.meaning for tag in utils.TAGS if tag.template == "Success")
     (project / "utils.py").write_text(source.replace(f'"{meaning}"', '"it ended well"'))
     done = generate(project, "--tables")

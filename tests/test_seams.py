@@ -19,6 +19,7 @@ from conftest import (
     OFFLINE,
     ROOT,
     Output,
+    copy_project,
     epoch_rows,
     results,
     small_run,
@@ -30,15 +31,18 @@ from conftest import (
 from wandb_file import find_run, whole_run
 
 POINTS_DATA = '''
-def load_data(opts: dict) -> Data:
+def load_data(args: Namespace) -> Data:
     """Points in 5 dimensions, 3 classes, from points.csv under --data_path; no official test split."""
-    rows = np.loadtxt(Path(opts["data_path"]) / "points.csv", delimiter=",", dtype=np.float32)
+    rows = np.loadtxt(Path(args.data_path) / "points.csv", delimiter=",", dtype=np.float32)
     splits = {"train": TensorDataset(torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, -1]).long())}
     splits["train"], splits["test"] = hold_out(splits["train"], 60)
     return Data(splits, classes=["low", "mid", "high"], input_shape=(5,))
 '''
+POINTS_IMPORTS = [
+    ("from boilerplate.batches import Data\n", "import numpy as np\n\nfrom boilerplate.batches import Data, hold_out\n")
+]
 SECOND_MODEL = '''
-def build_model(opts: dict, data: Data) -> nn.Module:
+def build_model(args: Namespace, data: Data) -> nn.Module:
     """One tanh layer, 16 wide: no flag of the demo's model is needed."""
     return nn.Sequential(nn.Linear(data.input_shape[0], 16), nn.Tanh(), nn.Linear(16, len(data.classes)))
 '''
@@ -47,10 +51,7 @@ def build_model(opts: dict, data: Data) -> nn.Module:
 def fork(tmp_path: Path, functions: dict[str, str] = (), edits: dict[str, list[tuple[str, str]]] = ()) -> Path:
     """A copy of the project: main.py's `functions` replaced by new source, and in each file of `edits`
     each (old, new) text replaced."""
-    folder = tmp_path / "fork"
-    folder.mkdir()
-    for path in [*ROOT.glob("*.py"), ROOT / "adjectives.txt", ROOT / "nouns.txt", ROOT / "LICENSE"]:
-        shutil.copy(path, folder / path.name)
+    folder = copy_project(tmp_path / "fork")
     lines = (folder / "main.py").read_text().splitlines(keepends=True)
     spans = {
         node.name: (node.lineno - 1 - len(node.decorator_list), node.end_lineno)
@@ -116,7 +117,7 @@ def run_fork(folder: Path, args: list[str], tmp_path: Path) -> subprocess.Comple
 
 
 def test_a_3_class_tabular_dataset_and_another_model_through_the_seams_only(tmp_path):
-    folder = fork(tmp_path, {"load_data": POINTS_DATA, "build_model": SECOND_MODEL})
+    folder = fork(tmp_path, {"load_data": POINTS_DATA, "build_model": SECOND_MODEL}, {"main.py": POINTS_IMPORTS})
     learnable, noise = write_points(tmp_path / "points", True), write_points(tmp_path / "noise", False)
 
     done = run_fork(folder, points_run(learnable, tmp_path / "out", "--wandb_project", "boilerplate-tests"), tmp_path)
@@ -220,18 +221,17 @@ def test_a_metric_removed_from_the_table_leaves_logging_resume_and_the_detectors
     assert wandb_epochs(wandb_run.history) == list(range(1, 9)) and wandb_run.exit_code == 0
 
 
-SCHEDULER = [  # a learning-rate schedule stepped each epoch, added to the training state a checkpoint keeps
+SCHEDULER = [  # a learning-rate schedule over the run, stepped each batch: returned where the optimizer is built
     (
-        '    stateful = {"model": model, "optimizer": optimizer, "generator": generator}\n',
-        "    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=4)\n"
-        '    stateful = {"model": model, "optimizer": optimizer, "generator": generator, "scheduler": scheduler}\n',
+        "    return optimizer, None\n",
+        "    total = args.epochs * steps_per_epoch\n"
+        "    return optimizer, torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=total)\n",
     ),
-    ('        final = epoch == opts["epochs"]', '        scheduler.step()\n        final = epoch == opts["epochs"]'),
 ]
 
 
 def test_a_scheduler_added_to_the_training_state_resumes_exactly(tiny_data, tmp_path):
-    """One place names what a checkpoint keeps: a fork adds its scheduler there, and a run preempted mid-way
+    """One place makes the schedule (build_optimizer): the checkpoint keeps it, and a run preempted mid-way
     resumes to the very history of a run never stopped (its learning rate where the schedule had it)."""
     folder = fork(tmp_path, edits={"main.py": SCHEDULER})
     argv = small_run(tiny_data, tmp_path / "stopped", "--batch_size", "2", "--epochs", "4", "--verbose", "1")
@@ -261,7 +261,7 @@ def test_a_model_that_does_not_fit_the_data_or_a_broken_metric_fails_before_the_
             tmp_path,
             {
                 "build_model": """
-def build_model(opts: dict, data: Data) -> nn.Module:
+def build_model(args: Namespace, data: Data) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(10, len(data.classes)))
 """
             },
@@ -301,10 +301,10 @@ def test_the_dataloader_path_with_workers_learns_stops_on_ctrl_c_and_resumes_exa
     assert whole_epochs(res["history"]) == list(range(1, 7))
 
 
-# The README's invitation taken: the fork's own wandb.log at the batch loop's SEAM, every batch.
+# The README's invitation taken: the fork's own wandb.log at the batch loop's marked spot (YOUR LOGGING), every batch.
 OWN_WANDB_LOG = {
     "main.py": [
-        ("import numpy as np\n", "import numpy as np\nimport wandb\n"),
+        ("import torch\n", "import torch\nimport wandb\n"),
         (
             "        optimizer.step()\n",
             '        optimizer.step()\n        wandb.log({"batch/lr": optimizer.param_groups[0]["lr"]})\n',
@@ -314,9 +314,9 @@ OWN_WANDB_LOG = {
 
 
 def test_a_forks_own_wandb_log_in_the_batch_loop_leaves_its_tests_and_its_run_working(tiny_data, tmp_path):
-    """The README's invitation taken: a wandb.log at the batch loop's SEAM, of a value already on the host
-    (no read of the device). The fork's own copy of the tests that call train_epoch straight pass, and its
-    real run logs the fork's rows and each epoch once."""
+    """The README's invitation taken: a wandb.log at the batch loop's marked spot (YOUR LOGGING), of a value
+    already on the host (no read of the device). The fork's own copy of the tests that call train_epoch
+    straight pass, and its real run logs the fork's rows and each epoch once."""
     folder = fork(tmp_path, edits=OWN_WANDB_LOG)
     shutil.copytree(ROOT / "tests", folder / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pytest.ini", folder / "pytest.ini")

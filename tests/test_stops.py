@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import demo
-import watch
+from boilerplate import watch
 from conftest import OFFLINE, ROOT, Output, children, results, small_run, start_main, training_process
 from wandb_file import find_runs, whole_run
 from wandb_server import WandbServer

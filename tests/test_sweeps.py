@@ -17,8 +17,22 @@ from wandb.sdk.launch.sweeps import utils as sweep_utils
 from wandb.sdk.lib import config_util
 
 import demo
+import main
 import utils
-from conftest import OFFLINE, ROOT, WAIT, Output, epoch_rows, results, small_run, start_main, wandb_epochs, whole_epochs
+from boilerplate import options
+from conftest import (
+    OFFLINE,
+    ROOT,
+    WAIT,
+    Output,
+    epoch_rows,
+    group_of,
+    results,
+    small_run,
+    start_main,
+    wandb_epochs,
+    whole_epochs,
+)
 from wandb_file import find_run
 
 with warnings.catch_warnings():  # sweeps 0.3 still uses a pydantic v1 option name
@@ -54,8 +68,8 @@ def test_sweep_yaml_is_a_valid_wandb_sweep_of_main_py():
 
 def test_every_sweep_value_reaches_main_py_as_the_intended_number():
     assert yaml.safe_load("lr: 1e-3")["lr"] == "1e-3"  # the pitfall: PyYAML reads this as a string
-    parser = utils.get_arg_parser()
-    kinds = {a.dest: getattr(a.type, "kind", str) for g in utils.option_groups(parser).values() for a in g.actions}
+    parser = main.get_parser()
+    kinds = {a.dest: getattr(a.type, "kind", str) for g in options.option_groups(parser).values() for a in g.actions}
     groups = {}
     for params in grid(SWEEP):
         assert set(params) <= set(kinds), "a sweep parameter main.py does not accept"
@@ -63,7 +77,7 @@ def test_every_sweep_value_reaches_main_py_as_the_intended_number():
         for name, value in params.items():
             assert type(value) is kinds[name] or (kinds[name] is float and type(value) is int), (name, value)
             assert opts[name] == value
-        groups.setdefault(utils.generate_name(opts), []).append(params["seed"])
+        groups.setdefault(group_of(opts), []).append(params["seed"])
     assert len(grid(SWEEP)) == 24 and all(sorted(s) == [0, 1, 2] for s in groups.values())  # replicates share
     pruned = [p for p in grid(SWEEP) if utils.prune_hyperparameters(vars(parser.parse_args(agent_flags(p))), parser)]
     assert pruned and all(p["optimizer"] == "adam" and p["momentum"] > 0 for p in pruned)

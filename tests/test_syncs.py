@@ -1,4 +1,5 @@
-"""The batch loop makes the host wait for the device only where main.py marks it.
+"""The batch loop makes the host wait for the device only where main.py marks it (the step handed to the
+bookkeeping, steps.keep).
 
 Two witnesses, one question: which line of train_epoch was running when the host read the device?
 - On any machine: every host read that torch routes through a TorchFunctionMode (item, tolist,
@@ -17,9 +18,9 @@ from torch.overrides import TorchFunctionMode
 
 import demo
 import main
-import utils
-import watch
-from conftest import in_memory
+from boilerplate import devices, options
+from boilerplate.batches import DeviceBatches
+from conftest import in_memory, one_epoch, parse
 
 pytestmark = pytest.mark.usefixtures("in_a_run")  # a fork's wandb.log in train_epoch works, as in main.py
 
@@ -48,50 +49,40 @@ HOST_READS = {
 }
 
 
-def loop_lines(sync_every: int) -> tuple[int, int, int]:
-    """First and last line of train_epoch's batch loop, and the line of its marked sync: each batch's on
-    the CPU, the per-interval one on an accelerator."""
+def loop_lines() -> tuple[int, int, int]:
+    """First and last line of train_epoch's batch loop, and the line of its marked sync: the call that hands
+    each step to the bookkeeping, whose look at the device is each batch's on the CPU, one every
+    devices.SYNC_EVERY on an accelerator."""
     source, first = inspect.getsourcelines(main.train_epoch)
-    start = first + next(i for i, line in enumerate(source) if line.lstrip().startswith("for i, "))
-    end = first + next(i for i, line in enumerate(source) if line.lstrip().startswith("if not rows"))
-    mark = "sync point, every batch" if sync_every == 1 else "sync point, every sync_every batches"
-    check = first + next(i for i, line in enumerate(source) if mark in line)
+    start = first + next(i for i, line in enumerate(source) if line.lstrip().startswith("for x, y in steps"))
+    end = first + len(source)
+    check = first + next(i for i, line in enumerate(source) if "# sync point" in line)
     return start, end, check
 
 
-def train_epoch_line() -> int:
-    """The line of train_epoch on the current stack: the caller of whatever synchronises."""
-    return [f.lineno for f in traceback.extract_stack() if f.filename == main.__file__ and f.name == "train_epoch"][-1]
+def train_epoch_line() -> int | None:
+    """The line of train_epoch on the current stack: the caller of whatever synchronises (None: outside it,
+    as the epoch's statistics are read at its end)."""
+    lines = [f.lineno for f in traceback.extract_stack() if f.filename == main.__file__ and f.name == "train_epoch"]
+    return lines[-1] if lines else None
 
 
 def epoch_setup(data_path, device: str, optimizer: str, precision: str = "fp32") -> tuple:
-    """train_epoch's arguments: the tiny MNIST through torchvision's loader, dropout and clipping on."""
+    """one_epoch's arguments: the tiny MNIST through torchvision's loader, dropout and clipping on."""
     torch.manual_seed(0)
-    opts = vars(
-        utils.get_arg_parser().parse_args(
-            [
-                *demo.data_and_model(data_path),
-                *demo.RANDOM_LAYERS,
-                "--batch_size",
-                "4",
-                "--grad_clipping",
-                "1",
-                "--precision",
-                precision,
-            ]
-        )
-    )
-    data = main.load_data(opts)
-    batches = main.DeviceBatches(in_memory(data.splits["train"], 4 * BATCHES), torch.device(device))
-    model = main.build_model(opts, data).to(device)
+    args = parse(*demo.data_and_model(data_path), *demo.RANDOM_LAYERS, "--batch_size", "4", "--grad_clipping", "1")
+    args.precision = precision
+    data = main.load_data(args)
+    batches = DeviceBatches(in_memory(data.splits["train"], 4 * BATCHES), torch.device(device))
+    model = main.build_model(args, data).to(device)
     optim_class = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
     optim = optim_class(model.parameters(), lr=1e-3, fused=True)
-    return model, optim, batches, opts, torch.Generator().manual_seed(0), watch.Link()
+    return model, optim, batches, args
 
 
 def in_loop(lines: list[int]) -> list[int]:
-    start, end, _ = loop_lines(1)
-    return [line for line in lines if start <= line < end]
+    start, end, _ = loop_lines()
+    return [line for line in lines if line is not None and start <= line < end]
 
 
 class HostReads(TorchFunctionMode):
@@ -109,15 +100,15 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("precision", utils.PRECISIONS)  # autocast must add no host read
+@pytest.mark.parametrize("precision", options.PRECISIONS)  # autocast must add no host read
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-@pytest.mark.parametrize("sync_every", [1, main.SYNC_EVERY], ids=["cpu-every-batch", "accelerator-every-50"])
+@pytest.mark.parametrize("sync_every", [1, devices.SYNC_EVERY], ids=["cpu-every-batch", "accelerator-every-50"])
 def test_batch_loop_reads_the_host_only_at_the_marked_look(tiny_data, optimizer, sync_every, precision):
     args = epoch_setup(tiny_data, "cpu", optimizer, precision)
     with HostReads() as reads:
-        stats, tag = main.train_epoch(*args, sync_every=sync_every, verbose=0)
+        stats, tag = one_epoch(*args, sync_every=sync_every)
     assert tag is None and stats["train/batches"] == BATCHES
-    _, _, check = loop_lines(sync_every)
+    _, _, check = loop_lines()
     assert in_loop(reads.lines) == [check] * (BATCHES // sync_every), in_loop(reads.lines)
     assert len(reads.lines) > len(in_loop(reads.lines)), "no read seen at the epoch's end: the test sees nothing"
 
@@ -127,16 +118,16 @@ def test_the_witness_sees_an_unmarked_read(tiny_data):
     model, optim, *rest = epoch_setup(tiny_data, "cpu", "sgd")
     optim.register_step_post_hook(lambda optimizer, args, kwargs: float(next(model.parameters()).detach().sum()))
     with HostReads() as reads:
-        main.train_epoch(model, optim, *rest, sync_every=main.SYNC_EVERY, verbose=0)
-    assert len(in_loop(reads.lines)) == BATCHES + BATCHES // main.SYNC_EVERY
+        one_epoch(model, optim, *rest, sync_every=devices.SYNC_EVERY)
+    assert len(in_loop(reads.lines)) == BATCHES + BATCHES // devices.SYNC_EVERY
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
-@pytest.mark.parametrize("precision", utils.PRECISIONS)
+@pytest.mark.parametrize("precision", options.PRECISIONS)
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_on_cuda_the_batch_loop_syncs_once_per_interval_and_nowhere_else(tiny_data, optimizer, precision):
     args = epoch_setup(tiny_data, "cuda", optimizer, precision)
-    main.train_epoch(*args, sync_every=main.SYNC_EVERY, verbose=0)  # warm-up: lazy CUDA initialisation
+    one_epoch(*args, sync_every=devices.SYNC_EVERY)  # warm-up: lazy CUDA initialisation
     torch.cuda.synchronize()
     syncs = []
 
@@ -149,10 +140,10 @@ def test_on_cuda_the_batch_loop_syncs_once_per_interval_and_nowhere_else(tiny_da
         warnings.showwarning = record  # called within the synchronising call, so the stack is the caller's
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            stats, tag = main.train_epoch(*args, sync_every=main.SYNC_EVERY, verbose=0)
+            stats, tag = one_epoch(*args, sync_every=devices.SYNC_EVERY)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert tag is None and stats["train/batches"] == BATCHES
-    _, _, check = loop_lines(main.SYNC_EVERY)
-    assert in_loop(syncs) == [check] * (BATCHES // main.SYNC_EVERY), in_loop(syncs)
+    _, _, check = loop_lines()
+    assert in_loop(syncs) == [check] * (BATCHES // devices.SYNC_EVERY), in_loop(syncs)
     assert len(syncs) > len(in_loop(syncs)), "no sync seen at the epoch's end either: the test cannot see syncs"

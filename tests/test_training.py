@@ -19,10 +19,10 @@ import wandb
 
 import demo
 import main
-import runs
 import utils
-import watch
-from conftest import epoch_rows, in_memory, results, small_run, without_times
+from boilerplate import devices, metrics, options, runs, session, steps, watch
+from boilerplate.batches import DeviceBatches
+from conftest import epoch_rows, experiment, in_memory, one_epoch, parse, results, small_run, without_times
 from wandb_file import find_run
 
 
@@ -160,30 +160,21 @@ def test_guessing_when_nothing_is_learnt(tiny_data, tmp_path):
 def test_between_host_looks_the_fused_optimizer_skips_non_finite_steps(tiny_data, tmp_path):
     # What an accelerator does (main.py looks at the flag every SYNC_EVERY batches there), on the CPU.
     torch.manual_seed(0)
-    opts = vars(utils.get_arg_parser().parse_args(small_run(tiny_data, tmp_path, "--batch_size", "8")))
-    description = main.load_data(opts)
-    data = main.DeviceBatches(in_memory(description.splits["train"]), torch.device("cpu"))
+    args = parse(*small_run(tiny_data, tmp_path, "--batch_size", "8"))
+    description = main.load_data(args)
+    data = DeviceBatches(in_memory(description.splits["train"]), torch.device("cpu"))
     for optimizer_class in (torch.optim.SGD, torch.optim.Adam):
-        model = main.build_model(opts, description)
+        model = main.build_model(args, description)
         optimizer = optimizer_class(model.parameters(), lr=1e30, fused=True)
-        stats, tag = main.train_epoch(
-            model,
-            optimizer,
-            data,
-            opts,
-            torch.Generator().manual_seed(0),
-            watch.Link(),
-            sync_every=main.SYNC_EVERY,
-            verbose=0,
-        )
-        assert tag in ("NaN loss", "Inf loss", "NaN gradient") and stats["train/batches"] < main.SYNC_EVERY
+        stats, tag = one_epoch(model, optimizer, data, args, sync_every=devices.SYNC_EVERY)
+        assert tag in ("NaN loss", "Inf loss", "NaN gradient") and stats["train/batches"] < devices.SYNC_EVERY
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-class NaNAt(main.DeviceBatches):
+class NaNAt(DeviceBatches):
     """The same batches, but batch `k` is NaN: a fork's data gone bad mid-epoch."""
 
-    def __init__(self, data: main.DeviceBatches, k: int | None):
+    def __init__(self, data: DeviceBatches, k: int | None):
         self.x, self.y, self.k = data.x, data.y, k
 
     def batches(self, size, generator=None):
@@ -191,14 +182,14 @@ class NaNAt(main.DeviceBatches):
             yield (x * math.nan if i == self.k else x), y
 
 
-def by_hand(model, data, opts, generator) -> tuple[list[float], list[float], float]:
+def by_hand(model, data, args, generator) -> tuple[list[float], list[float], float]:
     """Each batch's loss and gradient norm, and the accuracy over them, up to the first NaN loss."""
     losses, norms, right, seen = [], [], 0, 0
-    for x, y in data.batches(opts["batch_size"], generator):
+    for x, y in data.batches(args.batch_size, generator):
         model.zero_grad(set_to_none=True)
-        with main.mixed_precision(opts, x.device):
+        with devices.autocast(args.precision, x.device):
             logits = model(x)
-            loss = main.loss_of(logits, y, opts)  # the fork's own loss and predictions, through the seams
+            loss = main.loss_of(logits, y, args)  # the fork's own loss and predictions, through the seams
         loss.backward()
         losses.append(loss.item())
         norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item())
@@ -209,26 +200,22 @@ def by_hand(model, data, opts, generator) -> tuple[list[float], list[float], flo
 
 
 @pytest.mark.usefixtures("in_a_run")  # train_epoch called straight: as in main.py
-@pytest.mark.parametrize("sync_every", [1, main.SYNC_EVERY], ids=["cpu-every-batch", "accelerator-every-50"])
-@pytest.mark.parametrize("precision", utils.PRECISIONS)
+@pytest.mark.parametrize("sync_every", [1, devices.SYNC_EVERY], ids=["cpu-every-batch", "accelerator-every-50"])
+@pytest.mark.parametrize("precision", options.PRECISIONS)
 @pytest.mark.parametrize("nan_at", [None, 40], ids=["whole-epoch", "nan-batch-40"])
 def test_an_epochs_statistics_are_its_batches_own(tiny_data, tmp_path, nan_at, precision, sync_every):
     """With lr 0 the model stays as it is, so each batch can be recomputed by hand in the same order: the
     epoch's loss, gradient norms and accuracy must be those of its batches (86 of them: not a multiple of
-    main.OUTPUTS_PER_ARGMAX, the last one short), and a NaN batch ends the epoch with itself, however
+    steps.OUTPUTS_PER_ARGMAX, the last one short), and a NaN batch ends the epoch with itself, however
     late the host looks."""
     torch.manual_seed(0)
-    opts = vars(
-        utils.get_arg_parser().parse_args(small_run(tiny_data, tmp_path, "--batch_size", "7", "--precision", precision))
-    )
-    description = main.load_data(opts)
-    data = NaNAt(main.DeviceBatches(in_memory(description.splits["train"]), torch.device("cpu")), nan_at)
-    model = main.build_model(opts, description)
+    args = parse(*small_run(tiny_data, tmp_path, "--batch_size", "7", "--precision", precision))
+    description = main.load_data(args)
+    data = NaNAt(DeviceBatches(in_memory(description.splits["train"]), torch.device("cpu")), nan_at)
+    model = main.build_model(args, description)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0, fused=True)
-    stats, tag = main.train_epoch(
-        model, optimizer, data, opts, torch.Generator().manual_seed(0), watch.Link(), sync_every=sync_every, verbose=0
-    )
-    losses, norms, accuracy = by_hand(model, data, opts, torch.Generator().manual_seed(0))
+    stats, tag = one_epoch(model, optimizer, data, args, sync_every=sync_every)
+    losses, norms, accuracy = by_hand(model, data, args, torch.Generator().manual_seed(0))
     assert len(data) == 600 and len(losses) == (86 if nan_at is None else nan_at + 1)
     assert tag == (None if nan_at is None else "NaN loss") and stats["train/batches"] == len(losses)
     assert stats["train/accuracy"] == pytest.approx(accuracy, abs=1e-6)
@@ -252,17 +239,15 @@ def test_an_epochs_statistics_are_its_batches_own(tiny_data, tmp_path, nan_at, p
 def test_a_frozen_layer_is_left_out_of_the_norms_and_stays_as_it_was(tiny_data, tmp_path):
     """Fine-tuning freezes parameters: they have no gradient, and the loop must not need one."""
     torch.manual_seed(0)
-    opts = vars(utils.get_arg_parser().parse_args(small_run(tiny_data, tmp_path, "--grad_clipping", "1")))
-    description = main.load_data(opts)
-    model = main.build_model(opts, description)
+    args = parse(*small_run(tiny_data, tmp_path, "--grad_clipping", "1"))
+    description = main.load_data(args)
+    model = main.build_model(args, description)
     frozen = next(model.parameters())
     frozen.requires_grad_(False)
     before = frozen.clone()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    data = main.DeviceBatches(in_memory(description.splits["train"]), torch.device("cpu"))
-    stats, tag = main.train_epoch(
-        model, optimizer, data, opts, torch.Generator().manual_seed(0), watch.Link(), sync_every=1, verbose=0
-    )
+    data = DeviceBatches(in_memory(description.splits["train"]), torch.device("cpu"))
+    stats, tag = one_epoch(model, optimizer, data, args)
     assert tag is None and math.isfinite(stats["train/grad_norm_mean"]) and torch.equal(frozen, before)
 
 
@@ -276,7 +261,7 @@ def test_squared_gradient_norms_on_either_path(dtype):
     for p in params:
         p.grad = torch.randn_like(p)
     params[1].grad = torch.full((64,), 125.0, dtype=dtype)  # norm 1000
-    squared = [float(s) for s in main.squared_gradient_norms(params)()]
+    squared = [float(s) for s in steps.squared_gradient_norms(params)()]
     assert not params[0].grad.is_contiguous() and math.isfinite(squared[1])
     assert squared == pytest.approx(
         [p.grad.double().square().sum().item() for p in params],
@@ -347,14 +332,12 @@ def test_a_stop_as_the_run_begins_ends_it_at_the_first_batch(signum, tag, status
             super().start(constants)
             os.kill(os.getpid(), signum)  # heard while the run begins: the run exists, and stops at the first batch
 
-    opts = vars(
-        utils.get_arg_parser().parse_args(
-            small_run(tiny_data, tmp_path, "--save", "no", "--wandb_project", "boilerplate-tests")
-        )
-    )
+    args = parse(*small_run(tiny_data, tmp_path, "--save", "no", "--wandb_project", "boilerplate-tests"))
+    args.device = "cpu"
+    opts = vars(args)
     record = StoppedAsItBegins(opts, {**opts, "group": "a-group"}, None, [])
     with watch.Link() as link:
-        main.train(opts, None, False, record, link)
+        session.train(experiment(), args, None, False, record, link)
     assert record.tags == [tag] and record.history == [] and record.status == 1
     run = wandb_run(wandb_dir, record.run_path.split("/")[-1])
     assert run.tags == [tag] and run.exit_code == 1 and epoch_rows(run.history) == []
@@ -446,7 +429,7 @@ def test_unusable_device_is_a_usage_error(tiny_data, tmp_path, capsys, monkeypat
 
 
 @pytest.mark.every_python
-@pytest.mark.parametrize("precision", utils.PRECISIONS)
+@pytest.mark.parametrize("precision", options.PRECISIONS)
 def test_a_resumed_run_is_exact_with_a_forks_own_random_draws(precision, tiny_data, tmp_path, monkeypatch):
     """A fork's augmentation drawing from numpy and Python's random: --seed seeds them, checkpoints
     keep their states, so a run preempted after epoch 2 and resumed equals a run never stopped."""
@@ -463,11 +446,12 @@ def test_a_resumed_run_is_exact_with_a_forks_own_random_draws(precision, tiny_da
             for x, y in self.data.batches(size, generator):
                 yield x + torch.from_numpy(np.random.normal(0, 1, tuple(x.shape))).float() * random.random(), y
 
-    def augmented(model, optimizer, data, *args, **kwargs):
+    def augmented(model, optimizer, schedule, steps, args):
         calls.append(1)
         if len(calls) in preempt_at:
             os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's preemption: the epoch is dropped
-        return train_epoch(model, optimizer, Noisy(data), *args, **kwargs)
+        steps.data = Noisy(steps.data)
+        return train_epoch(model, optimizer, schedule, steps, args)
 
     monkeypatch.setattr(main, "train_epoch", augmented)
     assert run_main(*small_run(tiny_data, tmp_path / "whole", "--epochs", "4", "--precision", precision)) == 0
@@ -500,7 +484,7 @@ def test_torch_takes_the_cores_this_process_may_run_on(tiny_data, tmp_path, monk
 
 def test_a_class_missing_from_a_short_epoch_is_not_reported(caplog):
     # Macro F1 leaves the class out, as the baselines do; torcheval would log a warning for it.
-    stats = main.metric_values(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1]), "train", 10)
+    stats = metrics.metric_values(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1]), "train", 10)
     assert stats == {f"train/{name}": 1.0 for name in utils.METRIC_NAMES} and not caplog.records  # a fork's too
 
 
@@ -554,8 +538,8 @@ def test_bf16_where_it_cannot_run_is_a_usage_error_and_where_slow_a_warning(tiny
 
 
 def test_a_cpu_without_bf16_instructions_is_named():
-    assert utils.slow_bf16_cpu("fpu sse2 avx2 avx512f") and not utils.slow_bf16_cpu("fpu avx512f avx512_bf16")
-    assert not utils.slow_bf16_cpu("amx_bf16 amx_tile") and utils.slow_bf16_cpu("avx512_bf16", "AVX512_CORE")
+    assert devices.slow_bf16_cpu("fpu sse2 avx2 avx512f") and not devices.slow_bf16_cpu("fpu avx512f avx512_bf16")
+    assert not devices.slow_bf16_cpu("amx_bf16 amx_tile") and devices.slow_bf16_cpu("avx512_bf16", "AVX512_CORE")
 
 
 def test_a_debugger_in_this_process_is_seen(monkeypatch):

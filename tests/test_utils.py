@@ -9,13 +9,16 @@ import torch
 from torcheval.metrics.functional import multiclass_accuracy, multiclass_f1_score
 
 import generate_readme_stub
+import main
 import utils
+from boilerplate import files, options
+from conftest import group_of
 
 pytestmark = pytest.mark.every_python  # fast and pure: the subset .ci/run runs on each other Python
 
 
 def parse(*args: str) -> dict:
-    return vars(utils.get_arg_parser().parse_args(list(args)))
+    return vars(main.get_parser().parse_args(list(args)))
 
 
 # ---- command line
@@ -61,22 +64,22 @@ def test_both_flag_forms_and_every_boolean_spelling():
 )
 def test_bad_values_end_with_a_usage_error_naming_the_flag(args, flag, capsys):
     with pytest.raises(SystemExit) as exit_:
-        utils.get_arg_parser().parse_args(args)
+        main.get_parser().parse_args(args)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "usage:" in err and flag in err and "Traceback" not in err
 
 
 def test_the_largest_values_the_parser_allows_are_taken():
-    opts = vars(utils.get_arg_parser().parse_args(["--seed", str(2**63 - 1), "--epochs", str(2**63 - 1)]))
+    opts = vars(main.get_parser().parse_args(["--seed", str(2**63 - 1), "--epochs", str(2**63 - 1)]))
     assert opts["seed"] == opts["epochs"] == 2**63 - 1
 
 
 def test_help_lists_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
-        utils.get_arg_parser().parse_args(["--help"])
+        main.get_parser().parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for action in utils.get_arg_parser()._actions[1:]:
+    for action in main.get_parser()._actions[1:]:
         assert action.option_strings[0] in out
     assert "(default: 0.001)" in out and "(default: adam)" in out
 
@@ -85,8 +88,8 @@ def test_help_lists_every_option_with_its_default(capsys):
 
 
 def test_group_name_ignores_seed_and_housekeeping_and_flag_order():
-    name = utils.generate_name(parse("--lr", "0.001", "--optimizer", "sgd"))
-    assert name == utils.generate_name(
+    name = group_of(parse("--lr", "0.001", "--optimizer", "sgd"))
+    assert name == group_of(
         parse(
             "--optimizer=sgd",
             "--lr=1e-3",
@@ -102,28 +105,28 @@ def test_group_name_ignores_seed_and_housekeeping_and_flag_order():
             "x",
         )
     )
-    assert name != utils.generate_name(parse("--lr", "0.002", "--optimizer", "sgd"))
+    assert name != group_of(parse("--lr", "0.002", "--optimizer", "sgd"))
 
 
 def test_a_hyperparameter_added_to_the_parser_joins_the_group_name(monkeypatch):
-    original = utils.get_arg_parser
+    original = main.get_parser
 
     def with_a_new_flag():
         parser = original()
-        group = utils.option_groups(parser)[utils.HYPERPARAMETERS].group
-        group.add_argument("--test_only_share", type=utils.Number(float, min=0), default=0.0)  # no fork's name
+        group = options.option_groups(parser)[options.HYPERPARAMETERS].group
+        group.add_argument("--test_only_share", type=options.Number(float, min=0), default=0.0)  # no fork's name
         return parser
 
-    monkeypatch.setattr(utils, "get_arg_parser", with_a_new_flag)
-    assert "test_only_share" in utils.hyperparameter_names()
+    monkeypatch.setattr(main, "get_parser", with_a_new_flag)
+    assert "test_only_share" in options.hyperparameter_names(main.get_parser())
     plain = vars(with_a_new_flag().parse_args([]))
     smooth = vars(with_a_new_flag().parse_args(["--test_only_share", "0.1"]))
-    assert utils.generate_name(plain) != utils.generate_name(smooth)
+    assert group_of(plain) != group_of(smooth)
 
 
 def test_random_seed_is_drawn_and_a_given_one_kept():
-    assert utils.resolve_seed(parse("--seed", "5")["seed"]) == 5
-    drawn = utils.resolve_seed(parse("--seed", "random")["seed"])
+    assert options.resolve_seed(parse("--seed", "5")["seed"]) == 5
+    drawn = options.resolve_seed(parse("--seed", "random")["seed"])
     assert isinstance(drawn, int) and 0 <= drawn < 2**31
 
 
@@ -131,9 +134,9 @@ def test_random_seed_is_drawn_and_a_given_one_kept():
 
 
 def test_prune_flags_momentum_with_adam_only():
-    assert utils.prune_hyperparameters(parse("--optimizer", "adam", "--momentum", "0.9"))
-    assert utils.prune_hyperparameters(parse("--optimizer", "sgd", "--momentum", "0.9")) == []
-    assert utils.prune_hyperparameters(parse()) == []
+    assert utils.prune_hyperparameters(parse("--optimizer", "adam", "--momentum", "0.9"), main.get_parser())
+    assert utils.prune_hyperparameters(parse("--optimizer", "sgd", "--momentum", "0.9"), main.get_parser()) == []
+    assert utils.prune_hyperparameters(parse(), main.get_parser()) == []
 
 
 # ---- detectors
@@ -224,7 +227,7 @@ def test_the_documents_tables_are_the_code_tables():
     marked = []
     for path in generate_readme_stub.default_tables_files(utils.HERE):
         text = path.read_text()
-        current, unknown = generate_readme_stub.rewrite_tables(text, utils.get_arg_parser())
+        current, unknown = generate_readme_stub.rewrite_tables(text, main.get_parser())
         assert not unknown and current == text, f"stale tables in {path}: `python generate_readme_stub.py --tables`"
         marked += generate_readme_stub.MARK.findall(text)
     assert sorted(marked) == ["metrics", "tags", "thresholds"]
@@ -245,7 +248,7 @@ def test_the_readme_is_short_and_its_links_lead_somewhere():
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "results.json"
-    utils.write_json(path, {"status": "running", "loss": float("nan")})
+    files.write_json(path, {"status": "running", "loss": float("nan")})
     assert json.loads(path.read_text()) == {"status": "running", "loss": "NaN"}
 
     def broken(f):
@@ -253,17 +256,17 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        utils.atomic_write(path, broken)
+        files.atomic_write(path, broken)
     assert json.loads(path.read_text())["status"] == "running"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
 def test_validators_describe_themselves_through_public_attributes():
-    assert utils.Number(int, min=1).describe() == "int >= 1"
-    assert utils.Number(float, min=0, max=1, max_open=True).describe() == "float >= 0 and < 1"
-    assert utils.Boolean().kind is bool and utils.Widths().kind is tuple
+    assert options.Number(int, min=1).describe() == "int >= 1"
+    assert options.Number(float, min=0, max=1, max_open=True).describe() == "float >= 0 and < 1"
+    assert options.Boolean().kind is bool and options.Widths().kind is tuple
     with pytest.raises(argparse.ArgumentTypeError):
-        utils.Boolean()("maybe")
+        options.Boolean()("maybe")
 
 
 def test_ci_runs_the_readme_test_command_and_installs_the_same_way_on_every_python():
@@ -277,7 +280,7 @@ def test_ci_runs_the_readme_test_command_and_installs_the_same_way_on_every_pyth
 
 
 def test_the_parser_keeps_each_groups_options_in_order_with_public_argparse_alone():
-    parser = utils.Parser()
+    parser = options.Parser()
     group = parser.add_argument_group("mine", "what it is for")
     first = group.add_argument("--alpha", type=float, default=1.0)
     second = group.add_argument("--beta", type=int, default=2)
@@ -285,11 +288,11 @@ def test_the_parser_keeps_each_groups_options_in_order_with_public_argparse_alon
     assert parser.groups["mine"].actions == [first, second] and parser.groups["mine"].description == "what it is for"
     assert parser.groups["options"].actions == [loose]  # --help is left out
     assert vars(parser.parse_args(["--beta", "3"])) == {"alpha": 1.0, "beta": 3, "gamma": None}
-    assert list(utils.option_groups(utils.get_arg_parser())) == [
+    assert list(options.option_groups(main.get_parser())) == [
         "positional arguments",
         "options",
-        utils.HYPERPARAMETERS,
+        options.HYPERPARAMETERS,
         "experiment",
         "output",
-        utils.THRESHOLDS,
+        options.THRESHOLDS,
     ]

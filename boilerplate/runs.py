@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import utils
-import wandb_start
+
+from . import errors, files, wandb_start
 
 if TYPE_CHECKING:  # wandb is imported by the runs that log, as they start
     import wandb
 
-    import watch
+    from . import watch
 
 
 def wandb_wanted(opts: dict) -> bool:
@@ -48,7 +49,7 @@ def with_epoch_axis(run: "wandb.Run") -> "wandb.Run":
     return run
 
 
-class Busy(utils.StartError):
+class Busy(errors.StartError):
     """The run folder is owned by another process, which trains the run."""
 
 
@@ -91,7 +92,7 @@ def wandb_row(row: dict) -> dict:
     return {key: value for key, value in row.items() if key != "evaluated"}
 
 
-def why_no_match(opts: dict, config: dict, any_seed: bool) -> str:
+def why_no_match(opts: dict, config: dict, any_seed: bool, hyperparameters: list[str]) -> str:
     """What --resume yes would have continued but for this command's group or seed: stopped runs of this
     group with other seeds, and the newest stopped run of another group with the hyper-parameters that
     set it apart (a hyper-parameter added since it ran among them). Empty when there is none."""
@@ -115,12 +116,12 @@ def why_no_match(opts: dict, config: dict, any_seed: bool) -> str:
         newest = max(others, key=lambda folder: folder.stat().st_mtime)
         with contextlib.suppress(OSError, ValueError):
             theirs = json.loads((newest / "config.json").read_text())
-            mine = utils.json_safe(config)
+            mine = files.json_safe(config)
             differences = [
                 f"--{name} {json.dumps(mine[name])} here, {json.dumps(theirs[name])} there"
                 if name in theirs
                 else f"--{name} (added since it ran: a new hyper-parameter renames every group)"
-                for name in utils.hyperparameter_names()
+                for name in hyperparameters
                 if theirs.get(name, object()) != mine[name]
             ]
             reasons.append(
@@ -152,7 +153,7 @@ def resume_folder(opts: dict, config: dict, any_seed: bool) -> tuple[Path, dict,
             with contextlib.suppress(OSError, ValueError):  # it may have ended while we looked
                 results = json.loads((folder / "results.json").read_text())
             if stopped(results):
-                utils.remove_partial_writes(folder)
+                files.remove_partial_writes(folder)
                 return folder, results, lock
             os.close(lock)
         if not any_seed:
@@ -186,7 +187,9 @@ def own(folder: Path, wait: float = 0.0) -> int:
             ) from None
 
 
-def run_folder(opts: dict, config: dict, resume: bool, any_seed: bool = False) -> tuple[Path, dict | None, int]:
+def run_folder(
+    opts: dict, config: dict, resume: bool, any_seed: bool, hyperparameters: list[str]
+) -> tuple[Path, dict | None, int]:
     """The run's folder, OUTPUT_PATH/GROUP/RUN_ID, owned by this process (see own()), and, with `resume`,
     the results of the run it continues (see resume_folder); else a new folder holding config.json, and
     None. RUN_ID is also the W&B run's id: WANDB_RUN_ID under `wandb agent`, else 8 random hex digits."""
@@ -199,21 +202,21 @@ def run_folder(opts: dict, config: dict, resume: bool, any_seed: bool = False) -
             which = "of this group" if any_seed else "of this group and seed"
             print(
                 f"--resume yes: no stopped run {which} under {Path(opts['output_path'], config['group'])}; "
-                f"starting a new one.{why_no_match(opts, config, any_seed)}",
+                f"starting a new one.{why_no_match(opts, config, any_seed, hyperparameters)}",
                 file=sys.stderr,
             )
     folder = Path(opts["output_path"], config["group"], os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise utils.StartError(f"cannot make the run folder {folder}: {e.strerror or e}") from None
+        raise errors.StartError(f"cannot make the run folder {folder}: {e.strerror or e}") from None
     lock = own(folder)
     try:
-        utils.write_json(folder / "config.json", config)
+        files.write_json(folder / "config.json", config)
     except OSError as e:
         os.close(lock)
         remove_run_folder(folder)
-        raise utils.StartError(f"cannot write in the run folder {folder}: {e.strerror or e}") from None
+        raise errors.StartError(f"cannot write in the run folder {folder}: {e.strerror or e}") from None
     return folder, None, lock
 
 
@@ -234,7 +237,7 @@ def save_results(
     folder: Path | None, config: dict, run_path: str | None, history: list, tags: list, status: str, constants: dict
 ) -> None:
     if folder:
-        utils.write_json(
+        files.write_json(
             folder / "results.json",
             {
                 "history": history,
@@ -372,7 +375,7 @@ class Record:
         its previous results.json and checkpoint kept, and RunEnded stops the training loop."""
         if not self.folder:
             return
-        unsaved = utils.write_failure(
+        unsaved = files.write_failure(
             self.folder / "results.json",
             lambda: save_results(
                 self.folder, self.config, self.run_path, self.history, self.tags, status, self.constants
@@ -380,7 +383,7 @@ class Record:
         )
         if unsaved and status == "running":
             self.finish(self.tags + [utils.SAVE_FAILED()], unsaved)
-            raise utils.RunEnded()
+            raise errors.RunEnded()
 
     def finish(self, tags: list, message: str | None = None) -> None:
         self.tags = list(dict.fromkeys(tags))
@@ -442,7 +445,7 @@ class Record:
                     group=config["group"],
                     resume="allow",
                 )
-            except utils.StartError as e:
+            except errors.StartError as e:
                 print(f"Warning: the run's end could not be written to W&B: {e}", file=sys.stderr, flush=True)
             if record.run and not record.run.offline:
                 record.use_wandb("logging the epochs W&B's server lacks", record.catch_up)

@@ -34,6 +34,7 @@ The training process's messages, one JSON object a line, each named by its "kind
 """
 
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -44,9 +45,14 @@ import sys
 import time
 from collections.abc import Iterator
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    import argparse
 
 import utils
+
+from . import errors, files, wandb_start
 
 CHANNEL = "MAIN_PY_GUARD_FD"  # the environment variable that tells the training process where to report
 WATCH_GRACE = 2.0  # seconds the guard allows past an epoch's deadline before it acts
@@ -87,7 +93,7 @@ class Channel:
         """One write a message, unbuffered: a signal handler may send one while another is being sent."""
         if self.fd is not None:
             try:
-                os.write(self.fd, json.dumps(utils.json_safe({"kind": kind, **fields})).encode() + b"\n")
+                os.write(self.fd, json.dumps(files.json_safe({"kind": kind, **fields})).encode() + b"\n")
             except OSError:
                 self.fd = None
 
@@ -160,7 +166,7 @@ class Link:
         if not self.whole_process:
             raise StoppedBeforeStart(status)
         if self.unstarted:
-            import runs
+            from . import runs
 
             runs.remove_if_unstarted(self.unstarted)
         sys.stdout.flush()
@@ -225,12 +231,24 @@ def debugger() -> str | None:
     return None
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def stop_with_parent(parent: int, signum: int) -> None:
+    """In a child process before it starts its program: Linux sends it `signum` when `parent` dies, even by
+    SIGKILL, so that it stops cleanly instead of going on unwatched."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: no such call, the child outlives its parent
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+    if os.getppid() != parent:  # the parent died before the call
+        os.kill(os.getpid(), signum)
+
+
 def start_training(script: str, argv: list[str], write: int) -> subprocess.Popen:
     guard_pid = os.getpid()
 
     def prepare():  # in the child, before it runs Python: stop signals held until it can act on them
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
-        utils.stop_with_parent(guard_pid, GUARD_DIED)
+        stop_with_parent(guard_pid, GUARD_DIED)
 
     return subprocess.Popen(
         [sys.executable, *interpreter_options(), script, *argv],
@@ -310,7 +328,7 @@ class Watch:
     def remove_unstarted(self) -> None:
         """What the training process made for a run that never began (its folder) goes with it."""
         if self.folder:
-            import runs
+            from . import runs
 
             runs.remove_if_unstarted(runs.Path(self.folder))
 
@@ -406,7 +424,7 @@ class Watch:
 
     def take_over(self, tag: str, message: str | None) -> int:
         """The run's end, written here: the training process can no longer write it."""
-        import runs
+        from . import runs
 
         self.ending = True  # from here on, stop signals change nothing
         folder = self.started["folder"]
@@ -417,9 +435,28 @@ class Watch:
             run = runs.Record.take_over(self.started, self.tags)
             run.finish(run.tags + [tag], message)
             return run.status
-        except utils.StartError as e:
+        except errors.StartError as e:
             print(f"Error: {message or tag}. {e}", file=sys.stderr, flush=True)
             return 1
         finally:
             if lock is not None:
                 os.close(lock)
+
+
+def begin(script: str, parser: "argparse.ArgumentParser") -> "Link":
+    """The start of `python main.py`, before torch loads: parses the command line (so that --help and a
+    usage error answer at once), then either becomes the guard, which runs `script` again as the training
+    process and exits with the run's status, or, in the training process (or under a debugger, where a
+    breakpoint must stop in this process), returns the Link that hears stop signals."""
+    sys.stdout.reconfigure(line_buffering=True)  # a log file gets each line as it is printed, as a terminal does
+    args = parser.parse_args()
+    if args.watchdog and not guarded() and (debugged := debugger()):
+        print(
+            f"Debugging ({debugged}): training in this process, without the guard (as --watchdog no).",
+            file=sys.stderr,
+            flush=True,
+        )
+    elif args.watchdog and not guarded():  # this process becomes the guard, and never loads torch
+        wandb_start.exit(guard(script, sys.argv[1:], args.epoch_timeout))
+    # The training process: from here a stop before the run begins ends it at once (see Link).
+    return Link(Channel(), whole_process=True).listen()

@@ -7,6 +7,7 @@ run's generator, whose state the checkpoint keeps, so a resumed run draws the sa
 
 import signal
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
@@ -14,6 +15,16 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 import utils
 
 VAL_SPLIT_SEED = 0  # a split held out is fixed: it never moves with --seed
+
+
+@dataclass
+class Data:
+    """What an experiment's load_data returns: its splits, and what they are. The model's sizes, the
+    baselines, the checks and W&B's config read this description."""
+
+    splits: dict[str, Dataset]  # "train" and "test", and "val" if the data has its own (else --val_size holds it out)
+    classes: list[str]  # the class names; the labels are 0 to len(classes) - 1
+    input_shape: tuple[int, ...]  # one sample's
 
 
 class DeviceBatches:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import utils
+from . import errors
 
 if TYPE_CHECKING:  # imported by the runs that log, as they start
     import wandb
@@ -167,7 +167,7 @@ def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run,
             return None
         except Exception as e:  # noqa: BLE001 (W&B's own fault: its service died, its connection broke)
             print(
-                f"Warning: W&B failed as it started ({utils.described(e)})"
+                f"Warning: W&B failed as it started ({errors.described(e)})"
                 + (
                     "; the run goes on without W&B. Its results are on screen and in results.json (--save yes)."
                     if last
@@ -184,10 +184,10 @@ def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run,
     return None
 
 
-def setup_error(e: BaseException, wandb: Any) -> utils.StartError:
+def setup_error(e: BaseException, wandb: Any) -> errors.StartError:
     login = "Log in with `wandb login`, or run" if isinstance(e, wandb.errors.AuthenticationError) else "Run"
-    return utils.StartError(
-        f"W&B could not start ({utils.described(e)}).\n{login} with WANDB_MODE=offline "
+    return errors.StartError(
+        f"W&B could not start ({errors.described(e)}).\n{login} with WANDB_MODE=offline "
         "(upload later with `wandb sync`)."
     )
 
@@ -242,7 +242,7 @@ def check_writable(path: str, what: str = "--output_path") -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
-        raise utils.StartError(f"cannot save under {what} {path}: {e.strerror or e}") from None
+        raise errors.StartError(f"cannot save under {what} {path}: {e.strerror or e}") from None
 
 
 def end_services() -> None:

@@ -1,0 +1,99 @@
+"""Checkpoints: everything a resumed run needs to go on as if it had never stopped. The training state
+is a named list of stateful objects (the model, the optimizer, the batches' generator, and whatever a
+fork adds: a scheduler, a GradScaler, an EMA of the weights), kept by their state_dict or a
+generator's state, beside the process's random generators, the history and the tags."""
+
+import contextlib
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import StartError, described
+from .files import atomic_write
+
+
+def seed_everything(seed: int) -> None:
+    """torch, and the generators a fork's own code may draw from (augmentation with numpy or random)."""
+    torch.manual_seed(seed)
+    np.random.seed([seed % 2**32, seed // 2**32])  # numpy's legacy seed takes 32-bit words
+    random.seed(seed)
+
+
+def state_of(thing: object) -> object:
+    """What a checkpoint keeps of a piece of training state: its state_dict (a model, an optimizer, a
+    scheduler, a GradScaler), or a random generator's state."""
+    return thing.get_state() if isinstance(thing, torch.Generator) else thing.state_dict()
+
+
+def restore(thing: object, state: object) -> None:
+    if isinstance(thing, torch.Generator):
+        thing.set_state(state)
+    else:
+        thing.load_state_dict(state)
+
+
+def save(path: Path, epoch: int, stateful: dict[str, object], history: list, tags: list) -> None:
+    """Writes the checkpoint whole or not at all: each piece of `stateful`, the process's random
+    generators, the history and the tags. Only tensors and plain values, so that load() can refuse
+    anything else."""
+    numpy_rng = np.random.get_state(legacy=False)
+    state = {
+        "epoch": epoch,
+        "stateful": {name: state_of(thing) for name, thing in stateful.items()},
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        "python_rng": random.getstate(),
+        "numpy_rng": {
+            **numpy_rng,
+            "state": {
+                "key": torch.from_numpy(numpy_rng["state"]["key"].astype(np.int64)),
+                "pos": numpy_rng["state"]["pos"],
+            },
+        },
+        "history": history,
+        "tags": tags,
+    }
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load(path: Path, device: torch.device, stateful: dict[str, object]) -> tuple[int, list, list]:
+    """Restores what save() wrote into each piece of `stateful`; returns the epoch it was written after,
+    the history and the tags. weights_only: a checkpoint found on shared storage is data, and must not
+    run code as it loads."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        if missing := set(stateful) - set(state["stateful"]):  # a piece added since the checkpoint was written
+            raise KeyError(f"it holds no {', '.join(sorted(missing))}")
+        for name, thing in stateful.items():
+            restore(thing, state["stateful"][name])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        random.setstate(state["python_rng"])
+        numpy_rng = state["numpy_rng"]
+        np.random.set_state(
+            {
+                **numpy_rng,
+                "state": {"key": numpy_rng["state"]["key"].numpy().astype(np.uint32), "pos": numpy_rng["state"]["pos"]},
+            }
+        )
+    except pickle.UnpicklingError:  # what weights_only refuses: the file would run code as it loads
+        unsafe = []
+        with contextlib.suppress(Exception):  # torch's own list of what it would call; a damaged file has none
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        what = f"it calls {', '.join(unsafe)}" if unsafe else "objects that run code on loading"
+        raise StartError(
+            f"the checkpoint {path} holds more than tensors and plain values ({what}), so it "
+            "was not loaded. A checkpoint this code wrote never does: delete the file (the run "
+            "then trains again from its start), and find out what wrote it."
+        ) from None
+    except Exception as e:  # noqa: BLE001 (truncated, empty, another model's: the message names it)
+        raise StartError(
+            f"the checkpoint {path} could not be loaded ({described(e)}). It may be truncated, "
+            "written by another version of the code, or not a checkpoint at all; delete it "
+            "to train this run again from its start."
+        ) from None
+    return state["epoch"], state["history"], state["tags"]

@@ -1,0 +1,65 @@
+"""Files written whole or not at all, so a run killed while saving never leaves half a file; and JSON
+that strict readers accept."""
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+PARTIAL = ".partial"  # the end of the name of a file atomic_write has not finished
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(file) on a temporary file beside `path`, then rename it over `path`. A kill in between
+    leaves the temporary file: remove_partial_writes() clears them."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def remove_partial_writes(folder: Path, name: str = "*") -> None:
+    """What atomic_write left in `folder` (of the file `name`, or any) when its process was killed
+    mid-write. Call it only while no other process can be writing them (the folder or file is owned)."""
+    for leftover in folder.glob(f".{name}.*{PARTIAL}"):
+        leftover.unlink(missing_ok=True)
+
+
+def write_failure(path: Path, save: Callable[[], None]) -> str | None:
+    """Call save(), which writes `path`: None when it could, else why not (a full disk, a quota, a
+    read-only folder), for a run to end with that reason rather than a traceback."""
+    try:
+        save()
+        return None
+    except Exception as e:
+        cause = e  # torch.save reports a failed write as a RuntimeError raised while handling the OSError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        return f"could not write {path} ({cause.strerror or cause})"
+
+
+def json_safe(value: Any) -> Any:
+    """Strict JSON has no NaN or Infinity: write them as the strings "NaN", "Infinity"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, obj: Any) -> None:
+    data = json.dumps(json_safe(obj), indent=2, allow_nan=False).encode() + b"\n"
+    atomic_write(path, lambda f: f.write(data))

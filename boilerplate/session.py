@@ -1,0 +1,334 @@
+"""One run, from the command line to its end, around an experiment's parts (main.py's Experiment):
+the options checked, the run folder owned or resumed, the data loaded and checked, the model built and
+one batch tried before the first epoch, then epoch after epoch: train (the experiment's loop), evaluate,
+detect, log, checkpoint. `record` (runs.py) starts W&B, logs and saves each epoch as it ends, and writes
+the run's end; the run's exit status is the answer of main()."""
+
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple, NoReturn
+
+import torch
+from tqdm import tqdm
+
+import utils
+
+from . import checkpoints, devices, options, runs, wandb_start, watch
+from .batches import Data, batches_of, hold_out
+from .errors import RunEnded, StartError, UsageError, described
+from .files import atomic_write, write_failure
+from .metrics import baselines, metric_values
+from .steps import Steps
+
+
+class Experiment(NamedTuple):
+    """An experiment's parts, which the run calls (main.py says what each takes and gives)."""
+
+    get_parser: Callable[[], options.Parser]
+    load_data: Callable[..., Data]
+    build_model: Callable[..., torch.nn.Module]
+    build_optimizer: Callable[..., tuple[torch.optim.Optimizer, Any]]
+    train_epoch: Callable[..., None]
+    evaluate: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    loss_of: Callable[..., torch.Tensor]
+    predictions_of: Callable[[torch.Tensor], torch.Tensor]
+
+
+def main(experiment: Experiment, argv: list[str] | None = None, link: watch.Link | None = None) -> int:
+    """One run; its exit status. `link` hears stop signals (a new one, and its handlers restored at
+    the end, for a caller in this process)."""
+    link = link or watch.Link(watch.Channel())
+    with link:
+        return run(experiment, argv, link)
+
+
+def exit(status: int) -> NoReturn:
+    """The end of `python main.py`: W&B's services ended, then the process, with the run's status."""
+    wandb_start.exit(status)
+
+
+def run(experiment: Experiment, argv: list[str] | None, link: watch.Link) -> int:
+    tqdm.set_lock(threading.RLock())  # tqdm's default lock is a named semaphore, which a killed process leaks
+    parser = experiment.get_parser()
+    args = parser.parse_args(argv)
+    opts = vars(args)  # the same values, by name, for the machinery (a view: a change shows in both)
+    any_seed = args.seed == options.RANDOM_SEED  # --resume yes then continues a stopped run of any seed
+    args.seed = options.resolve_seed(args.seed)
+    args.device = devices.chosen(args.device)
+    if why := devices.device_error(args.device):
+        parser.error(f"argument --device: {args.device!r} cannot be used here ({why})")
+    if args.precision == "bf16" and (why := devices.bf16_error(torch.device(args.device))):
+        parser.error(f"argument --precision: bf16 cannot run on {args.device} ({why}); use fp32")
+    devices.use_the_allowed_cores()
+    hyperparameters = options.hyperparameter_names(parser)
+    config = {**opts, "group": utils.generate_name(opts, hyperparameters)}
+
+    reasons = utils.prune_hyperparameters(opts, parser)
+    for reason in reasons:
+        print(f"Warning: irrelevant hyper-parameters: {reason}", file=sys.stderr)
+    keep = args.save or args.checkpoint_every  # checkpoints live in the run folder too
+    # Under `wandb agent` a run id that left a checkpoint is a preempted run W&B has re-queued.
+    resume = keep and (args.resume or bool(os.environ.get("WANDB_RUN_ID")))
+    folder, previous, lock = None, None, None
+    try:
+        if keep:
+            with link.deferred():  # the folder is made and owned whole, or not at all
+                folder, previous, lock = runs.run_folder(
+                    opts, config, resume, any_seed and args.resume, hyperparameters
+                )
+                link.unstarted = folder
+        if previous:  # a run resumed: its own seed (another than drawn, with --seed random)
+            args.seed = config["seed"] = previous["seed"]
+        record = runs.Record(opts, config, folder, previous["history"] if previous else [], link)
+        if reasons and args.abort_irrelevant:
+            with link.deferred():
+                record.start({})
+                link.begun()
+            record.finish([utils.IRRELEVANT()])
+            # Failed in W&B and tagged, but it did what was asked (declined to train): exit 0, so W&B's
+            # agent does not take a sparse sweep's pruned runs for a broken setup (its flapping checks).
+            return 0
+        train_reporting_bugs(experiment, args, folder, resume, record, link)
+        return record.status
+    except runs.AlreadyEnded as ended:
+        results = ended.results
+        print(
+            f"--resume yes: this run has ended already, in {ended.folder}: {results['status']} after "
+            f"{len(results['history'])} epochs, tags {', '.join(results['tags']) or 'none'}. Nothing to train "
+            "(without --resume yes it trains again).",
+            file=sys.stderr,
+        )
+        return int(results["status"] != "finished")
+    except UsageError as e:  # a command-line value the data rules out
+        parser.error(str(e))
+    except StartError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except RunEnded:  # its end is written: results.json could not be saved
+        return record.status
+    finally:
+        link.close()  # what follows tidies up whatever ended the run: no stop interrupts it
+        runs.remove_if_unstarted(folder)
+        if lock is not None:  # the run has ended: its folder is free for the next process
+            os.close(lock)
+
+
+def train_reporting_bugs(
+    experiment: Experiment, args: Any, folder: Path | None, resume: bool, record: runs.Record, stop: watch.Link
+) -> None:
+    """train(), with an exception raised in it (a bug in the training code) made the run's end: its
+    traceback on screen, the run Failed, and no advice to resume, which would only raise it again."""
+    try:
+        train(experiment, args, folder, resume, record, stop)
+    except (StartError, RunEnded):  # the run could not start, or its end is written
+        raise
+    except Exception as e:  # noqa: BLE001 (a bug in the training code: shown whole, and the run's end written)
+        if record.run and wandb_start.lost_under(e):  # W&B's fault, under a call of the fork's own: not a bug
+            record.lost_wandb("your training code called it", e, "The run stops here, resumable")
+            record.finish(record.tags + [utils.WANDB_LOST()])
+            return
+        traceback.print_exc()
+        record.finish(
+            record.tags + [utils.EXCEPTION()],
+            "the training code raised an exception (its traceback is above); fix it, then start the run again",
+        )
+
+
+def prepare_data(experiment: Experiment, args: Any) -> tuple[Data, dict]:
+    """The experiment's data, a validation split held out where it has none, each split's batches on
+    the device, and its labels checked against the classes."""
+    description = experiment.load_data(args)
+    splits, classes = description.splits, len(description.classes)
+    if "val" not in splits:
+        if args.val_size >= len(splits["train"]):
+            raise UsageError(
+                f"argument --val_size: {args.val_size} leaves no training data "
+                f"(the training set has {len(splits['train'])} samples)"
+            )
+        splits["train"], splits["val"] = hold_out(splits["train"], args.val_size)
+    data = {split: batches_of(splits[split], torch.device(args.device), args.workers) for split in utils.SPLITS}
+    for split, batches in data.items():
+        labels = batches.labels()
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < classes:
+            raise StartError(
+                f"the {split} labels go from {int(labels.min())} to {int(labels.max())}, "
+                f"outside the data's {classes} classes 0 to {classes - 1} (load_data says "
+                f"{description.classes})."
+            )
+    return description, data
+
+
+def train(
+    experiment: Experiment, args: Any, folder: Path | None, resume: bool, record: runs.Record, stop: watch.Link
+) -> None:
+    opts, device = vars(args), torch.device(args.device)
+    description, data = prepare_data(experiment, args)
+    classes = len(description.classes)
+    guesses = baselines({split: batches.labels() for split, batches in data.items()}, classes)
+
+    checkpoints.seed_everything(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    try:
+        model = experiment.build_model(args, description).to(device)
+    except (torch.OutOfMemoryError, MemoryError) as e:  # an accelerator's allocator, or Python's
+        raise StartError(
+            f"the model does not fit in the memory of {device} ({described(e)}); make it smaller."
+        ) from None
+    except RuntimeError as e:  # the CPU's allocator has no type of its own: its message says "can't allocate memory"
+        raise StartError(f"the model could not be built on {device} ({described(e)})") from None
+    optimizer, schedule = experiment.build_optimizer(args, model, -(-len(data["train"]) // args.batch_size))
+    # What a checkpoint keeps and a resume restores (state_dict or a generator's state): a GradScaler or
+    # an EMA of the weights a fork adds goes here too, by a name of its own.
+    stateful = {"model": model, "optimizer": optimizer, "generator": generator}
+    if schedule is not None:
+        stateful["schedule"] = schedule
+    checkpoint = folder / "checkpoint.pt" if folder else None
+    done, history, tags, unsaved = 0, [], [], None
+    if resume and checkpoint and checkpoint.exists():
+        done, history, tags = checkpoints.load(checkpoint, device, stateful)
+    check_one_batch(experiment, model, data["train"], args, description, guesses)
+    # What this data and model are, once: W&B's config and results.json keep it, not every epoch's row.
+    with stop.deferred():  # the run begins whole (W&B, results.json) before a stop can end it
+        record.start(
+            {
+                **guesses,
+                **{f"data/{split}_size": len(batches) for split, batches in data.items()},
+                "data/classes": description.classes,
+                "data/input_shape": list(description.input_shape),
+                "model/parameters": sum(p.numel() for p in model.parameters()),
+                "torch/threads": torch.get_num_threads(),
+            }
+        )
+        stop.begun()
+
+    sync_every = devices.sync_interval(device)
+    for epoch in tqdm(range(done + 1, args.epochs + 1), disable=args.verbose < 1, desc="epochs"):
+        record.epoch_started(epoch)
+        deadline = time.perf_counter() + 60 * args.epoch_timeout if args.epoch_timeout else math.inf
+        steps = Steps(
+            data["train"],
+            args.batch_size,
+            generator,
+            model,
+            optimizer,
+            stop,
+            epoch=epoch,
+            precision=args.precision,
+            deadline=deadline,
+            sync_every=sync_every,
+            predictions_of=experiment.predictions_of,
+            progress=args.verbose >= 2,
+        )
+        experiment.train_epoch(model, optimizer, schedule, steps, args)
+        stats, stop_tag = steps.end()
+        final = epoch == args.epochs and stats is not None and stop_tag is None
+        if final:  # every batch is trained: the run's work is done, and a stop changes nothing now
+            stop.close()
+        if stats is None or stop_tag in (utils.PREEMPTED(), utils.STOPPED()):  # trained again on resume
+            utils.add_tags(tags, [stop_tag])
+            break
+        # "evaluated": trained to its end and evaluated, as W&B's history holds it (and a resume counts it)
+        row = {"epoch": epoch, **stats, "evaluated": stop_tag is None}
+        if stop_tag is None:  # a stopped epoch is not evaluated: its model is not the epoch's end
+            for split in ("val", "test"):
+                row.update(evaluate(experiment, model, data[split], split, classes, args))
+            row.update({f"gap/{m}": row[f"train/{m}"] - row[f"test/{m}"] for m in utils.METRIC_NAMES})
+            epoch_time = sum(row[f"{s}/time"] for s in utils.SPLITS)
+            if args.epoch_timeout and epoch_time > 60 * args.epoch_timeout:
+                stop_tag = utils.TIMEOUT()
+        history.append(row)
+        utils.add_tags(
+            tags,
+            utils.gradient_tags(
+                row["train/grad_norm_min"], row["train/grad_norm_max"], row["train/grad_norm_std"], opts
+            )
+            + utils.overfitting_tags(row, args.overfitting_threshold, utils.OVERFITTING_LEARNING),
+        )
+        record.log(row, tags)
+        if args.verbose:
+            tqdm.write(summary_line(row, args.epochs))
+        if checkpoint and args.checkpoint_every and row["evaluated"] and epoch % args.checkpoint_every == 0:
+            unsaved = write_failure(
+                checkpoint,
+                lambda: checkpoints.save(checkpoint, epoch, stateful, history, tags),  # noqa: B023 (called at once)
+            )
+            stop_tag = utils.SAVE_FAILED() if unsaved else stop_tag  # the previous checkpoint stays whole
+        stop_tag = stop_tag or (None if final else stop.tag)  # a signal in evaluation or saving: the epoch is whole
+        if stop_tag:
+            utils.add_tags(tags, [stop_tag])
+            break
+    else:
+        tags.insert(0, utils.SUCCESS())
+
+    evaluated = [row for row in history if row["evaluated"]]
+    if evaluated:
+        last = {**guesses, **evaluated[-1]}  # the guessing detectors compare with the baselines
+        utils.add_tags(
+            tags,
+            utils.overfitting_tags(last, args.overfitting_threshold, utils.OVERFITTING_END)
+            + utils.guessing_tags(last, "random", args.rnd_threshold, utils.RANDOM_GUESSING)
+            + utils.guessing_tags(last, "most_probable", args.mp_threshold, utils.MOST_PROBABLE_GUESSING),
+        )
+    if args.save and not unsaved:
+        model_file = folder / "model.pt"
+        unsaved = write_failure(
+            model_file, lambda: atomic_write(model_file, lambda f: torch.save(model.state_dict(), f))
+        )
+        utils.add_tags(tags, [utils.SAVE_FAILED()] if unsaved else [])
+    record.finish(tags, unsaved)
+
+
+def evaluate(
+    experiment: Experiment, model: torch.nn.Module, batches: Any, split: str, classes: int, args: Any
+) -> dict[str, float]:
+    """The experiment's evaluation of one split, scored by every metric of the table, and its time."""
+    start = time.perf_counter()
+    predictions, labels = experiment.evaluate(model, batches, split, args)
+    return {**metric_values(predictions, labels, split, classes), f"{split}/time": time.perf_counter() - start}
+
+
+def check_one_batch(
+    experiment: Experiment, model: torch.nn.Module, batches: Any, args: Any, description: Data, guesses: dict
+) -> None:
+    """Before the first epoch, one batch through the model, the loss, the metrics and every detector, so
+    that a model that does not fit the data or a metric that cannot be computed fails in seconds with a
+    clear message, not as a crash mid-run. It leaves the random generators and the model as they were."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            model.eval()  # no dropout draw, no batch-norm update
+            x, y = next(batches.batches(args.batch_size))
+            with devices.autocast(args.precision, device):
+                logits = model(x)
+                loss = experiment.loss_of(logits, y, args)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            values = metric_values(experiment.predictions_of(logits.detach()), y, "train", len(description.classes))
+            row = {f"{split}/{key.split('/')[1]}": v for split in utils.SPLITS for key, v in values.items()}
+            row.update({f"gap/{m}": 0.0 for m in utils.METRIC_NAMES}, **guesses)
+            utils.gradient_tags(1.0, 1.0, 0.0, vars(args))
+            utils.overfitting_tags(row, args.overfitting_threshold, utils.OVERFITTING_END)
+            for baseline, tag in (("random", utils.RANDOM_GUESSING), ("most_probable", utils.MOST_PROBABLE_GUESSING)):
+                utils.guessing_tags(row, baseline, 0.0, tag)
+        except Exception as e:  # noqa: BLE001 (whatever a fork's model, loss or data raise: named to the user)
+            raise StartError(
+                f"one batch through the model, the loss, the metrics and the detectors failed before training "
+                f"({described(e)}). Check build_model against the data's description (one sample's "
+                f"shape {description.input_shape}, {len(description.classes)} classes) and the metrics table "
+                "(utils.METRICS); nothing was trained."
+            ) from None
+
+
+def summary_line(row: dict, epochs: int) -> str:
+    line = f"epoch {row['epoch']}/{epochs}  loss {row['train/loss']:.4f}"
+    for metric in utils.METRIC_NAMES:
+        line += f"  {metric} " + " ".join(
+            f"{s} {row[f'{s}/{metric}']:.4f}" for s in utils.SPLITS if f"{s}/{metric}" in row
+        )
+    return line + f"  ({sum(v for k, v in row.items() if k.endswith('/time')):.1f} s)"

@@ -1,0 +1,147 @@
+"""The per-batch bookkeeping of one training epoch, behind one accumulator: `Steps` deals the epoch's
+batches (ending it early at a stop or past its deadline), keeps each step's loss, gradient norms and
+predictions on the device, looks at them from the host only as often as the device allows, and turns
+them into the epoch's statistics at its end, with one read of the device."""
+
+import math
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import utils
+
+from . import devices
+from .batches import DeviceBatches, LoaderBatches
+from .metrics import metric_values
+from .watch import Link
+
+OUTPUTS_PER_ARGMAX = 32  # batches of the model's outputs kept for one predictions_of call
+
+
+def squared_gradient_norms(params: list[nn.Parameter]) -> Callable[[], list[torch.Tensor]]:
+    """A function that gives each parameter's squared gradient norm, never in fp16 (whose square
+    overflows at 256). fp32 and wider on the CPU as dot products, which read memory faster than torch's
+    norm (44 against 58 us a step for the demo's 2.7 MB of gradients); else by torch's fused kernel
+    for them all (one launch on an accelerator)."""
+    if all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params):
+        return lambda: [torch.dot(g, g) for g in (p.grad.reshape(-1) for p in params)]
+    wide = torch.float32 if any(p.dtype == torch.float16 for p in params) else None
+
+    def fused():  # private, kept for speed: one launch for every norm; pinned by test_squared_gradient_norms
+        norms = torch._foreach_norm([p.grad for p in params], dtype=wide)
+        return torch._foreach_mul(norms, norms)
+
+    return fused
+
+
+class Steps:
+    """One epoch's batches and what the detectors need of them. The training loop iterates over it for its
+    batches, calls keep() after each backward pass (False: a loss or gradient was not finite: take no
+    step), and end() gives the epoch's statistics and the tag that stopped it early, if any.
+
+    `stop` says when the run is stopped; `sync_every` is the batches between the host's looks at the
+    device (devices.sync_interval)."""
+
+    def __init__(
+        self,
+        batches: DeviceBatches | LoaderBatches,
+        batch_size: int,
+        generator: torch.Generator,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        stop: Link,
+        *,
+        epoch: int = 1,
+        precision: str = "fp32",
+        deadline: float = math.inf,
+        sync_every: int = 1,
+        predictions_of: Callable[[torch.Tensor], torch.Tensor] = lambda logits: logits.argmax(1),
+        progress: bool = False,
+    ) -> None:
+        self.start, self.epoch = time.perf_counter(), epoch  # the epoch's number, from 1
+        self.data, self.batch_size, self.generator, self.stop = batches, batch_size, generator, stop
+        self.precision, self.deadline, self.sync_every = precision, deadline, sync_every
+        self.predictions_of, self.progress = predictions_of, progress
+        self.params = [p for p in model.parameters() if p.requires_grad]  # a fork may freeze some
+        self.squared_norms = squared_gradient_norms(self.params)
+        self.rows, self.outputs, self.predictions, self.targets = [], [], [], []  # device tensors, read at the end
+        self.classes, self.tag = 0, None
+        # On an accelerator, 1 from the first non-finite loss or gradient norm on. Between the host's looks,
+        # the fused optimizers read it as GradScaler's found_inf and skip their step on the device themselves.
+        # A private attribute (GradScaler's way to talk to the fused optimizers), kept for speed: the public way
+        # waits for the device every batch. test_training's test_the_private_apis_kept_for_speed pins it.
+        self.nonfinite = torch.zeros((), device=self.params[0].device)
+        optimizer.found_inf = self.nonfinite if sync_every > 1 else None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        total = -(-len(self.data) // self.batch_size)
+        batches = self.data.batches(self.batch_size, self.generator)
+        for x, y in tqdm(batches, total=total, leave=False, disable=not self.progress, desc="batches"):
+            if self.stop.requested:
+                self.tag = self.stop.tag
+                return
+            if time.perf_counter() > self.deadline:
+                self.tag = utils.TIMEOUT()
+                return
+            yield x, y
+
+    def autocast(self) -> torch.autocast:
+        """Where the forward pass and the loss run (devices.autocast): bf16 with --precision bf16."""
+        return devices.autocast(self.precision, self.nonfinite.device)
+
+    def keep(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> bool:
+        """Keeps the step's loss, each parameter's squared gradient norm (the true one, before clipping),
+        the model's outputs and the labels. False when the loss or a gradient is not finite: never step
+        with it. The host looks at the device here, every `sync_every` batches (a sync point)."""
+        row = torch.stack([loss.detach(), *self.squared_norms()])
+        self.rows.append(row)
+        self.outputs.append(logits.detach())
+        self.targets.append(labels)
+        self.classes = logits.shape[1]  # the model's outputs: one a class
+        if len(self.outputs) == OUTPUTS_PER_ARGMAX:  # one call for many batches: 10 us a batch less on the CPU
+            self.predictions.append(self.predictions_of(torch.cat(self.outputs)))
+            self.outputs.clear()
+        # On the CPU the host reads the row (a microsecond; a flag on the device would cost four small
+        # ops, 3% of a bf16 step).
+        if self.sync_every == 1:
+            return all(map(math.isfinite, row.tolist()))  # sync point, every batch (on the CPU)
+        self.nonfinite.logical_or_(row.isfinite().all().logical_not_())
+        return not (len(self.rows) % self.sync_every == 0 and self.nonfinite.item())  # sync point, every sync_every
+
+    def grad_norm(self) -> torch.Tensor:
+        """The last step's total gradient norm, before clipping: a device tensor, for clip_grads_with_norm_."""
+        return self.rows[-1][1:].sum().sqrt()
+
+    def end(self) -> tuple[dict | None, str | None]:
+        """The epoch's statistics (None if no batch ran) and the error tag that stopped it early, if any."""
+        if not self.rows:
+            return None, self.tag
+        if self.outputs:
+            self.predictions.append(self.predictions_of(torch.cat(self.outputs)))
+        # Sync point, once per epoch: the epoch's statistics, read to the host together. In float64 the
+        # total gradient norm is finite whenever each parameter's is, as the look in the loop judged it.
+        rows = torch.stack(self.rows).cpu().double()
+        losses, norms = rows[:, 0].tolist(), rows[:, 1:].sum(1).sqrt().tolist()
+        tag = self.tag
+        if bad := utils.nonfinite_step(losses, norms):  # the batches after the bad one took no step: not the epoch's
+            tag, losses, norms = bad[1], losses[: bad[0] + 1], norms[: bad[0] + 1]
+        targets = torch.cat(self.targets[: len(losses)])
+        seen, bs = len(targets), self.batch_size
+        stats = metric_values(torch.cat(self.predictions)[:seen], targets, "train", self.classes)
+        sizes = [bs] * (len(losses) - 1) + [seen - bs * (len(losses) - 1)]
+        mean, std, low, high = utils.describe(norms)
+        stats.update(
+            {
+                "train/loss": sum(v * s for v, s in zip(losses, sizes, strict=True)) / seen,
+                "train/grad_norm_mean": mean,
+                "train/grad_norm_std": std,
+                "train/grad_norm_min": low,
+                "train/grad_norm_max": high,
+                "train/batches": len(losses),
+                "train/time": time.perf_counter() - self.start,
+            }
+        )
+        return stats, tag
