@@ -77,7 +77,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from torchvision.datasets import MNIST
 
-from boilerplate import devices, session
+from boilerplate import devices, schedules, session
 from boilerplate.batches import Data
 from boilerplate.errors import StartError, described
 from boilerplate.steps import Steps
@@ -145,19 +145,22 @@ def predictions_of(logits: torch.Tensor) -> torch.Tensor:
 
 
 # ==============================================================================================
-# OPTIMIZER and SCHEDULE. A schedule (torch.optim.lr_scheduler) returned here is stepped after each
-# optimizer step and kept in the checkpoint, so a resumed run goes on with it.
+# OPTIMIZER and SCHEDULE. The schedule is stepped after each optimizer step and kept in the checkpoint,
+# so a resumed run goes on with it; a schedule of your own replaces build_schedule.
 
 
-def build_optimizer(args: Namespace, model: nn.Module, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, None]:
+def build_optimizer(args: Namespace, model: nn.Module) -> torch.optim.Optimizer:
     """fused=True: one kernel for every parameter's update."""
     if args.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    else:
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, fused=True
-        )
-    return optimizer, None
+        return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    return torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, fused=True
+    )
+
+
+def build_schedule(args: Namespace, optimizer: torch.optim.Optimizer, steps: int):
+    """The learning rate over the run's `steps` optimizer steps: a torch.optim.lr_scheduler, or None."""
+    return schedules.standard(optimizer, args.lr_schedule, args.warmup, steps)
 
 
 # ==============================================================================================
@@ -168,17 +171,20 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule, st
     """`steps` deals the batches (it ends the epoch early when the run is stopped) and keeps, on the
     device, what the epoch's statistics and the detectors need: hand it each step."""
     model.train()
+    optimizer.zero_grad(set_to_none=True)
     for x, y in steps:
         with steps.autocast():  # --precision bf16: the forward pass and the loss under autocast
             logits = model(x)
             loss = loss_of(logits, y, args)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * steps.share).backward()  # --accumulate N: N batches' gradients add up to one step's
         if not steps.keep(loss, logits, y):  # sync point: False for a non-finite loss or gradient, never stepped
             break
+        if not steps.stepping:  # the step waits for the rest of its batches
+            continue
         if args.grad_clipping:
             nn.utils.clip_grads_with_norm_(steps.params, args.grad_clipping, steps.grad_norm())
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         if schedule is not None:
             schedule.step()
         # YOUR LOGGING: your own per-batch wandb.log goes here, as in any W&B script, and lands in this run:
@@ -187,19 +193,21 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule, st
 
 
 # ==============================================================================================
-# EVALUATION: the predictions on a split ("val" or "test"), each epoch; the run scores them with every
-# metric of utils.METRICS. A fork's own look at them (a confusion matrix in W&B, say) goes here too.
+# EVALUATION: the predictions on a split ("val" or "test"), each epoch, its labels and its loss; the run
+# scores them with every metric of utils.METRICS. A fork's own look (a confusion matrix in W&B) goes here.
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches, split: str, args: Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate(model: nn.Module, batches, split: str, args: Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     model.eval()
-    predictions, labels = [], []
+    predictions, labels, loss = [], [], 0.0
     for x, y in batches.batches(4096):  # no result depends on it: as large as memory allows
         with devices.autocast(args.precision, x.device):  # the precision the model is trained in
-            predictions.append(predictions_of(model(x)))
+            logits = model(x)
+            loss = loss + loss_of(logits, y, args).float() * len(y)
+        predictions.append(predictions_of(logits))
         labels.append(y)
-    return torch.cat(predictions), torch.cat(labels)
+    return torch.cat(predictions), torch.cat(labels), loss / len(batches)
 
 
 # ==============================================================================================
@@ -207,7 +215,8 @@ def evaluate(model: nn.Module, batches, split: str, args: Namespace) -> tuple[to
 
 def main(argv: list[str] | None = None, link: watch.Link | None = None) -> int:
     """One run of this experiment: its folder, W&B, the epochs, the tags, the end; its exit status."""
-    parts = (get_parser, load_data, build_model, build_optimizer, train_epoch, evaluate, loss_of, predictions_of)
+    parts = (get_parser, load_data, build_model, build_optimizer, build_schedule, train_epoch, evaluate)
+    parts += (loss_of, predictions_of)
     return session.main(session.Experiment(*parts), argv, link)
 
 

@@ -35,6 +35,12 @@ class Tag:
 
 
 SUCCESS = Tag("Success", False, "training completed every epoch")
+EARLY_STOPPED = Tag(
+    "Early stopped",
+    False,
+    "--monitor did not improve for --patience epochs: training stopped there (Finished, exit 0); the best "
+    "epoch is in results.json and W&B's summary (best/...), its weights in best.pt",
+)
 OVERFITTING_LEARNING = Tag(
     "Overfitting {metric} (learning)", False, "train minus test METRIC above --overfitting_threshold at some epoch"
 )
@@ -120,6 +126,7 @@ CRASHED = Tag(
 
 TAGS = (
     SUCCESS,
+    EARLY_STOPPED,
     OVERFITTING_LEARNING,
     OVERFITTING_END,
     RANDOM_GUESSING,
@@ -215,6 +222,7 @@ class Metric:
     meaning: str
     random: object = None  # counts -> the expected score of guessing uniformly; None: no baseline
     most_probable: object = None  # (train counts, counts) -> the score of always guessing the most frequent class
+    higher_is_better: bool = True  # which way --monitor judges it
 
 
 METRICS = (
@@ -279,14 +287,15 @@ def gradient_tags(norm_min: float, norm_max: float, norm_std: float, opts: dict)
     return tags
 
 
-def nonfinite_step(losses: list[float], norms: list[float]) -> tuple[int, str] | None:
-    """The first batch whose loss or gradient norm is not finite, and the error tag it earns."""
+def nonfinite_step(losses: list[float], norms: list[float | None]) -> tuple[int, str] | None:
+    """The first batch whose loss or gradient norm is not finite, and the error tag it earns. A batch's norm is
+    None where it took no optimizer step of its own (--accumulate: only a step's last batch has one)."""
     for i, (loss, norm) in enumerate(zip(losses, norms, strict=True)):
         if math.isnan(loss):
             return i, NAN_LOSS()
         if math.isinf(loss):
             return i, INF_LOSS()
-        if not math.isfinite(norm):
+        if norm is not None and not math.isfinite(norm):
             return i, NAN_GRADIENT()
     return None
 
@@ -296,6 +305,40 @@ def describe(values: list[float]) -> tuple[float, float, float, float]:
     values = [v for v in values if not math.isnan(v)] or [math.nan]
     mean = sum(values) / len(values)
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)), min(values), max(values)
+
+
+def monitors() -> dict[str, bool]:
+    """What --monitor may judge a run by: the validation loss and each metric of the table on the validation
+    split, each with whether higher is better."""
+    return {"val/loss": False, **{f"val/{m.name}": m.higher_is_better for m in METRICS}}
+
+
+NO_MONITOR = "none"  # --monitor none: no best epoch kept, and --patience cannot act
+
+
+def best_epoch(history: list[dict], monitor: str) -> dict | None:
+    """The evaluated epoch's row with the best `monitor` value (the first of equals); None before any."""
+    rows = [row for row in history if row.get("evaluated") and math.isfinite(row.get(monitor, math.nan))]
+    if monitor == NO_MONITOR or not rows:
+        return None
+    return (max if monitors()[monitor] else min)(rows, key=lambda row: row[monitor])
+
+
+def best_summary(row: dict) -> dict:
+    """The best epoch as W&B's summary and results.json keep it: its number, its validation metrics and the
+    test metrics at that epoch (the test score a paper reports: chosen on validation, never a maximum)."""
+    return {"best/epoch": row["epoch"]} | {
+        f"best/{key}": value
+        for key, value in row.items()
+        if key.startswith(("val/", "test/")) and not key.endswith("/time")
+    }
+
+
+def patience_over(history: list[dict], monitor: str, patience: int) -> bool:
+    """Whether `monitor` has not improved for `patience` evaluated epochs (0: never)."""
+    best = best_epoch(history, monitor)
+    evaluated = [row["epoch"] for row in history if row.get("evaluated")]
+    return bool(patience and best and evaluated[-1] - best["epoch"] >= patience)
 
 
 def overfitting_tags(row: dict, threshold: float, tag: Tag) -> list[str]:
@@ -325,6 +368,8 @@ def prune_hyperparameters(opts: dict, parser: argparse.ArgumentParser) -> list[s
     reasons = []
     if opts["optimizer"] == "adam" and opts["momentum"] != default("momentum"):
         reasons.append(f"--momentum only acts with --optimizer sgd, so this run repeats momentum {default('momentum')}")
+    if opts["monitor"] == NO_MONITOR and opts["patience"] != default("patience"):
+        reasons.append(f"--patience only acts with a --monitor, so this run repeats patience {default('patience')}")
     return reasons
 
 

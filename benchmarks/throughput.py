@@ -12,8 +12,10 @@ of each, its ratio to the bare loop of the same precision, and its ratio to the 
 speed-up). This machine's speed drifts by 10% or more from minute to minute (a shared 2-core VM), so
 each ratio is the median of each round's own ratio, not a ratio of medians taken minutes apart. The
 target is at least 0.9: an epoch at most about 1.1 times as long as the bare one. A last row, for
-reference, is the bare fp32 loop with PyTorch's default (foreach) Adam. With --accuracy it also runs
-the default configuration (python main.py) in each precision and prints its test accuracy.
+reference, is the bare fp32 loop with PyTorch's default (foreach) Adam; the very last, the boilerplate's
+fp32 loop with a warm-up and cosine schedule and --accumulate 4, set against the boilerplate's fp32 loop
+(its first ratio). With --accuracy it also runs the default configuration (python main.py) in each
+precision and prints its test accuracy.
 """
 
 import argparse
@@ -32,10 +34,12 @@ import torch
 import torch.nn.functional as F
 
 import main as experiment
-from boilerplate import devices, watch
+from boilerplate import devices, schedules, watch
 from boilerplate.batches import DeviceBatches, hold_out
 from boilerplate.steps import Steps
 from generate_readme_stub import markdown_table
+
+SCHEDULED = "train_epoch, fp32, cosine + accumulate 4 (first ratio: to train_epoch, fp32)"
 
 
 def bare_epoch(model, optimizer, x, y, batch_size, generator, bf16: bool) -> None:
@@ -87,8 +91,10 @@ def main(argv=None) -> int:
             model, optimizer, x, y, opts.batch_size, torch.Generator().manual_seed(0), precision == "bf16"
         )
 
-    def ours(precision="fp32"):
+    def ours(precision="fp32", accumulate=1, schedule="constant"):
         model, optimizer = fresh()
+        per_epoch = -(-len(y) // opts.batch_size // accumulate)
+        lr_schedule = schedules.standard(optimizer, schedule, 0.1 if schedule != "constant" else 0.0, 10 * per_epoch)
 
         def epoch():  # as the run calls it: the bookkeeping made, the experiment's epoch, its statistics
             generator = torch.Generator().manual_seed(0)
@@ -99,11 +105,12 @@ def main(argv=None) -> int:
                 model,
                 optimizer,
                 watch.Link(),
+                accumulate=accumulate,
                 precision=precision,
                 sync_every=sync_every,
                 predictions_of=experiment.predictions_of,
             )
-            experiment.train_epoch(model, optimizer, None, steps, opts)
+            experiment.train_epoch(model, optimizer, lr_schedule, steps, opts)
             stats, _ = steps.end()
             run.log(stats)
 
@@ -115,8 +122,10 @@ def main(argv=None) -> int:
         "bare loop, bf16": lambda: bare("bf16"),
         "boilerplate train_epoch, bf16": lambda: ours("bf16"),
         "bare loop, fp32, default Adam": lambda: bare(fused=False),
+        SCHEDULED: lambda: ours(accumulate=4, schedule="cosine"),
     }
     same = {name: f"bare loop, {'bf16' if 'bf16' in name else 'fp32'}" for name in loops}
+    same[SCHEDULED] = "boilerplate train_epoch, fp32"
     rates = {name: [] for name in loops}
     shuffle = random.Random(0).shuffle
     for repeat in range(-1, args.repeats):  # round -1 warms up (allocator, caches) and is not counted

@@ -97,3 +97,29 @@ def load(path: Path, device: torch.device, stateful: dict[str, object]) -> tuple
             "to train this run again from its start."
         ) from None
     return state["epoch"], state["history"], state["tags"]
+
+
+def load_weights(model: torch.nn.Module, path: Path, device: torch.device) -> None:
+    """Weights saved before into `model` (--init_from): a state_dict (best.pt, model.pt, a model artifact's
+    file) or a checkpoint's model, loaded weights_only and checked against the model's own names and
+    shapes. A StartError says what does not fit."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 (missing, truncated, not torch's, unsafe: the message names it)
+        raise StartError(f"--init_from {path} could not be loaded ({described(e)}).") from None
+    if isinstance(state, dict) and isinstance(state.get("stateful"), dict):  # a checkpoint: its model
+        state = state["stateful"].get("model")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StartError(f"--init_from {path} holds no model weights (a state_dict of tensors).")
+    mine = model.state_dict()
+    problems = [f"{name} missing" for name in mine if name not in state]
+    problems += [f"{name} is not the model's" for name in state if name not in mine]
+    problems += [
+        f"{name} is {tuple(state[name].shape)}, the model's {tuple(tensor.shape)}"
+        for name, tensor in mine.items()
+        if name in state and state[name].shape != tensor.shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise StartError(f"--init_from {path} does not fit the model built from these options: {shown}.")
+    model.load_state_dict(state)

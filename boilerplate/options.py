@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import utils
+
 # Validators: argparse `type=` callables. Their limits are public attributes so that tools (the
 # README generator) can describe a flag without parsing error messages.
 
@@ -129,6 +131,7 @@ class Widths(Validator):
 
 HYPERPARAMETERS = "hyper-parameters"
 PRECISIONS = ("fp32", "bf16")
+SCHEDULES = ("constant", "cosine", "linear", "step")  # what boilerplate/schedules.py makes of each
 THRESHOLDS = "detector thresholds"
 
 
@@ -184,7 +187,33 @@ def parser(description: str, add_hyperparameters: Callable[[Any], None]) -> Pars
     hyper.add_argument(
         "--epochs", type=Number(int, min=1, max=INT64, max_open=True), default=10, help="passes over the training split"
     )
-    hyper.add_argument("--batch_size", type=Number(int, min=1), default=128, help="samples per optimizer step")
+    hyper.add_argument(
+        "--batch_size",
+        type=Number(int, min=1),
+        default=128,
+        help="samples per batch (per optimizer step without --accumulate)",
+    )
+    hyper.add_argument(
+        "--accumulate",
+        type=Number(int, min=1),
+        default=1,
+        help="batches whose gradients add up to one optimizer step: an effective batch N times larger "
+        "(the epoch's last, shorter group steps too)",
+    )
+    hyper.add_argument(
+        "--lr_schedule",
+        choices=SCHEDULES,
+        default="constant",
+        help="the learning rate over the run's optimizer steps, from --lr: constant, cosine decay to 0, linear "
+        "decay to 0, or step (x0.1 at half and at three quarters of the run)",
+    )
+    hyper.add_argument(
+        "--warmup",
+        type=Number(float, min=0, max=1, max_open=True),
+        default=0.0,
+        help="share of the run's optimizer steps over which the learning rate rises linearly from 0 to the "
+        "schedule's, before it",
+    )
     hyper.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -197,6 +226,27 @@ def parser(description: str, add_hyperparameters: Callable[[Any], None]) -> Pars
         type=Number(int, min=1),
         default=5000,
         help="samples held out of the training split for validation, when the data has no validation split",
+    )
+    hyper.add_argument(
+        "--monitor",
+        choices=(*utils.monitors(), utils.NO_MONITOR),
+        default="val/accuracy",
+        help="the validation metric the run is judged by: its best epoch (best/... in results.json and W&B's "
+        "summary, with the test metrics at that epoch; its weights in best.pt with --save yes) and --patience; "
+        "none: no best epoch",
+    )
+    hyper.add_argument(
+        "--patience",
+        type=Number(int, min=0),
+        default=0,
+        help="epochs without a better --monitor before training stops (Early stopped), 0 = never",
+    )
+    hyper.add_argument(
+        "--init_from",
+        type=Validator(),
+        default=None,
+        help="start from these saved weights (a best.pt, a model.pt, a model artifact's file, or a checkpoint): "
+        "fine-tuning; unset: from the model's own initialisation",
     )
     add_hyperparameters(hyper)
     exp = parser.add_argument_group("experiment")
@@ -272,6 +322,13 @@ def parser(description: str, add_hyperparameters: Callable[[Any], None]) -> Pars
         help="save model.pt, config.json and results.json under --output_path",
     )
     out.add_argument("--output_path", type=text, default="outputs", help="folder for saved runs")
+    out.add_argument(
+        "--log_model",
+        choices=("no", "best", "end"),
+        default="no",
+        help="log the model's weights to W&B as an artifact of type model (the run's config and the epoch in "
+        "its metadata): at each better --monitor (aliases best, latest), or once at the run's end (latest)",
+    )
 
     thr = parser.add_argument_group(THRESHOLDS, "when the detectors tag a run (see the tags table)")
     thr.add_argument(

@@ -38,14 +38,16 @@ def wandb_wanted(opts: dict) -> bool:
 def with_epoch_axis(run: "wandb.Run") -> "wandb.Run":
     """The epoch metrics are plotted against `epoch`, whatever else is logged in between (a fork's
     own wandb.log calls in the batch loop advance W&B's step, not the epoch). The summary of each
-    validation and test metric holds its best epoch's value and its last (W&B's runs table shows
-    both; the sweep engine ranks runs by the best value in the history)."""
+    validation metric holds its best value and its last (the sweep engine ranks runs by the best value
+    in the history); of each test metric, its last alone: the test score at the best validation epoch is
+    best/... (Record.log), never a maximum over the epochs, which would select the model on the test set."""
     run.define_metric("epoch")
     for split in (*utils.SPLITS, "gap"):
         run.define_metric(f"{split}/*", step_metric="epoch")
-    for split in ("val", "test"):
-        for metric in utils.METRIC_NAMES:
-            run.define_metric(f"{split}/{metric}", step_metric="epoch", summary="max,last")
+    for monitor, higher in utils.monitors().items():
+        run.define_metric(monitor, step_metric="epoch", summary=f"{'max' if higher else 'min'},last")
+    for metric in (*utils.METRIC_NAMES, "loss"):
+        run.define_metric(f"test/{metric}", step_metric="epoch", summary="last")
     return run
 
 
@@ -236,7 +238,9 @@ def remove_if_unstarted(folder: Path | None) -> None:
 def save_results(
     folder: Path | None, config: dict, run_path: str | None, history: list, tags: list, status: str, constants: dict
 ) -> None:
+    """results.json: every epoch, the tags, the status, and the best epoch by --monitor (best/..., or null)."""
     if folder:
+        best = utils.best_epoch(history, config["monitor"])
         files.write_json(
             folder / "results.json",
             {
@@ -245,6 +249,7 @@ def save_results(
                 "status": status,
                 "group": config["group"],
                 "seed": config["seed"],
+                "best": utils.best_summary(best) if best else None,
                 "constants": constants,
                 "wandb_run_path": run_path,
             },
@@ -322,11 +327,30 @@ class Record:
             self.use_wandb(f"logging epoch {row['epoch']}", lambda: self.run.log(wandb_row(row)))
         elif self.run and row["epoch"] > self.logged:
             self.use_wandb("noting the epoch cut short", lambda: self.run.summary.update({"cut_short": row}))
+        if self.run and row["evaluated"] and utils.best_epoch(self.history, self.opts["monitor"]) is row:
+            self.use_wandb("noting the best epoch", lambda: self.run.summary.update(utils.best_summary(row)))
         if self.run and tags != self.tags:  # set as they are raised: a live run can be filtered by them
             self.use_wandb("setting its tags", lambda: setattr(self.run, "tags", self.wandb_tags(tags)))
         self.tags = list(tags)
         self.save("running")
         self.tell_guard("saved", epoch=row["epoch"], tags=self.tags)
+
+    def log_model(self, path: Path, epoch: int, aliases: list[str]) -> None:
+        """The model's weights in `path` as a W&B artifact of type model, named after the run (as Lightning's
+        WandbLogger and HF's WANDB_LOG_MODEL do), the run's config and the epoch in its metadata; offline it
+        lands in the run file, for `wandb sync`. Nothing without a W&B run."""
+        if not self.run or self.run.disabled:
+            return
+
+        def log() -> None:
+            import wandb
+
+            metadata = {"config": files.json_safe(self.config), "epoch": epoch}
+            artifact = wandb.Artifact(f"model-{self.run.id}", type="model", metadata=metadata)
+            artifact.add_file(str(path), name="model.pt")
+            self.run.log_artifact(artifact, aliases=aliases)
+
+        self.use_wandb(f"logging the model of epoch {epoch}", log)
 
     def tell_guard(self, kind: str, **fields) -> None:
         if self.guard:
@@ -396,6 +420,8 @@ class Record:
 
         def finish():
             self.run.summary["seed"] = self.config["seed"]
+            if best := utils.best_epoch(self.history, self.opts["monitor"]):  # a resumed run's too
+                self.run.summary.update(utils.best_summary(best))
             if message:
                 self.run.summary["end"] = message
             self.run.tags = self.wandb_tags(self.tags)

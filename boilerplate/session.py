@@ -7,6 +7,7 @@ the run's end; the run's exit status is the answer of main()."""
 import math
 import os
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -33,9 +34,10 @@ class Experiment(NamedTuple):
     get_parser: Callable[[], options.Parser]
     load_data: Callable[..., Data]
     build_model: Callable[..., torch.nn.Module]
-    build_optimizer: Callable[..., tuple[torch.optim.Optimizer, Any]]
+    build_optimizer: Callable[..., torch.optim.Optimizer]
+    build_schedule: Callable[..., Any]
     train_epoch: Callable[..., None]
-    evaluate: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    evaluate: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     loss_of: Callable[..., torch.Tensor]
     predictions_of: Callable[[torch.Tensor], torch.Tensor]
 
@@ -182,7 +184,11 @@ def train(
         ) from None
     except RuntimeError as e:  # the CPU's allocator has no type of its own: its message says "can't allocate memory"
         raise StartError(f"the model could not be built on {device} ({described(e)})") from None
-    optimizer, schedule = experiment.build_optimizer(args, model, -(-len(data["train"]) // args.batch_size))
+    if args.init_from:  # before the optimizer: it starts from these weights
+        checkpoints.load_weights(model, Path(args.init_from), device)
+    optimizer = experiment.build_optimizer(args, model)
+    batches = -(-len(data["train"]) // args.batch_size)
+    schedule = experiment.build_schedule(args, optimizer, args.epochs * -(-batches // args.accumulate))
     # What a checkpoint keeps and a resume restores (state_dict or a generator's state): a GradScaler or
     # an EMA of the weights a fork adds goes here too, by a name of its own.
     stateful = {"model": model, "optimizer": optimizer, "generator": generator}
@@ -219,6 +225,7 @@ def train(
             optimizer,
             stop,
             epoch=epoch,
+            accumulate=args.accumulate,
             precision=args.precision,
             deadline=deadline,
             sync_every=sync_every,
@@ -234,7 +241,7 @@ def train(
             utils.add_tags(tags, [stop_tag])
             break
         # "evaluated": trained to its end and evaluated, as W&B's history holds it (and a resume counts it)
-        row = {"epoch": epoch, **stats, "evaluated": stop_tag is None}
+        row = {"epoch": epoch, **stats, "train/lr": optimizer.param_groups[0]["lr"], "evaluated": stop_tag is None}
         if stop_tag is None:  # a stopped epoch is not evaluated: its model is not the epoch's end
             for split in ("val", "test"):
                 row.update(evaluate(experiment, model, data[split], split, classes, args))
@@ -253,15 +260,26 @@ def train(
         record.log(row, tags)
         if args.verbose:
             tqdm.write(summary_line(row, args.epochs))
-        if checkpoint and args.checkpoint_every and row["evaluated"] and epoch % args.checkpoint_every == 0:
+        better = row["evaluated"] and utils.best_epoch(history, args.monitor) is row
+        if better and args.save:
+            unsaved = save_weights(folder / "best.pt", model)
+            stop_tag = utils.SAVE_FAILED() if unsaved else stop_tag
+        if better and args.log_model == "best":
+            log_model(record, model, epoch, ["best", "latest"])
+        early = not final and stop_tag is None and utils.patience_over(history, args.monitor, args.patience)
+        if early:  # the run's work is done: a stop changes nothing now
+            stop.close()
+        due = checkpoint and args.checkpoint_every and row["evaluated"] and epoch % args.checkpoint_every == 0
+        if due and not unsaved:
             unsaved = write_failure(
                 checkpoint,
                 lambda: checkpoints.save(checkpoint, epoch, stateful, history, tags),  # noqa: B023 (called at once)
             )
             stop_tag = utils.SAVE_FAILED() if unsaved else stop_tag  # the previous checkpoint stays whole
-        stop_tag = stop_tag or (None if final else stop.tag)  # a signal in evaluation or saving: the epoch is whole
-        if stop_tag:
-            utils.add_tags(tags, [stop_tag])
+        # A signal in evaluation or saving: the epoch is whole, and the run stops after it.
+        stop_tag = stop_tag or (None if final or early else stop.tag)
+        if stop_tag or early:
+            utils.add_tags(tags, [stop_tag or utils.EARLY_STOPPED()])
             break
     else:
         tags.insert(0, utils.SUCCESS())
@@ -276,21 +294,34 @@ def train(
             + utils.guessing_tags(last, "most_probable", args.mp_threshold, utils.MOST_PROBABLE_GUESSING),
         )
     if args.save and not unsaved:
-        model_file = folder / "model.pt"
-        unsaved = write_failure(
-            model_file, lambda: atomic_write(model_file, lambda f: torch.save(model.state_dict(), f))
-        )
+        unsaved = save_weights(folder / "model.pt", model)
         utils.add_tags(tags, [utils.SAVE_FAILED()] if unsaved else [])
+    if args.log_model == "end" and evaluated and not utils.failed(tags):
+        log_model(record, model, evaluated[-1]["epoch"], ["latest"])
     record.finish(tags, unsaved)
+
+
+def save_weights(path: Path, model: torch.nn.Module) -> str | None:
+    """The model's weights alone (its state_dict), whole or not at all; why not, when they could not be written."""
+    return write_failure(path, lambda: atomic_write(path, lambda f: torch.save(model.state_dict(), f)))
+
+
+def log_model(record: runs.Record, model: torch.nn.Module, epoch: int, aliases: list[str]) -> None:
+    """The model's weights to W&B as an artifact (--log_model), from a file of their own."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.pt"
+        torch.save(model.state_dict(), path)
+        record.log_model(path, epoch, aliases)
 
 
 def evaluate(
     experiment: Experiment, model: torch.nn.Module, batches: Any, split: str, classes: int, args: Any
 ) -> dict[str, float]:
-    """The experiment's evaluation of one split, scored by every metric of the table, and its time."""
+    """The experiment's evaluation of one split, scored by every metric of the table, its loss, and its time."""
     start = time.perf_counter()
-    predictions, labels = experiment.evaluate(model, batches, split, args)
-    return {**metric_values(predictions, labels, split, classes), f"{split}/time": time.perf_counter() - start}
+    predictions, labels, loss = experiment.evaluate(model, batches, split, args)
+    scores = metric_values(predictions, labels, split, classes)
+    return {**scores, f"{split}/loss": float(loss), f"{split}/time": time.perf_counter() - start}
 
 
 def check_one_batch(

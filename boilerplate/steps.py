@@ -39,11 +39,13 @@ def squared_gradient_norms(params: list[nn.Parameter]) -> Callable[[], list[torc
 
 class Steps:
     """One epoch's batches and what the detectors need of them. The training loop iterates over it for its
-    batches, calls keep() after each backward pass (False: a loss or gradient was not finite: take no
-    step), and end() gives the epoch's statistics and the tag that stopped it early, if any.
+    batches, scales each batch's loss by its `share` of the optimizer step, calls keep() after each
+    backward pass (False: a loss or gradient was not finite: take no step), steps the optimizer where
+    `stepping` says, and end() gives the epoch's statistics and the tag that stopped it early, if any.
 
-    `stop` says when the run is stopped; `sync_every` is the batches between the host's looks at the
-    device (devices.sync_interval)."""
+    `accumulate` is the batches whose gradients add up to one optimizer step (the epoch's last group may
+    be shorter, and steps too); `stop` says when the run is stopped; `sync_every` is the batches between
+    the host's looks at the device (devices.sync_interval)."""
 
     def __init__(
         self,
@@ -55,6 +57,7 @@ class Steps:
         stop: Link,
         *,
         epoch: int = 1,
+        accumulate: int = 1,
         precision: str = "fp32",
         deadline: float = math.inf,
         sync_every: int = 1,
@@ -68,7 +71,14 @@ class Steps:
         self.params = [p for p in model.parameters() if p.requires_grad]  # a fork may freeze some
         self.squared_norms = squared_gradient_norms(self.params)
         self.rows, self.outputs, self.predictions, self.targets = [], [], [], []  # device tensors, read at the end
-        self.classes, self.tag = 0, None
+        self.sizes, self.classes, self.tag = [], 0, None
+        # Each batch's share of its optimizer step's samples, and whether the step is taken after it: the mean
+        # loss over a group of batches is then the loss of one batch as large as the group, whatever its size.
+        n = len(batches)
+        sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
+        groups = [sizes[i : i + accumulate] for i in range(0, len(sizes), accumulate)]
+        self.plan = [(size / sum(group), i == len(group) - 1) for group in groups for i, size in enumerate(group)]
+        self.share, self.stepping = 1.0, True
         # On an accelerator, 1 from the first non-finite loss or gradient norm on. Between the host's looks,
         # the fused optimizers read it as GradScaler's found_inf and skip their step on the device themselves.
         # A private attribute (GradScaler's way to talk to the fused optimizers), kept for speed: the public way
@@ -79,7 +89,9 @@ class Steps:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         total = -(-len(self.data) // self.batch_size)
         batches = self.data.batches(self.batch_size, self.generator)
-        for x, y in tqdm(batches, total=total, leave=False, disable=not self.progress, desc="batches"):
+        dealt = tqdm(batches, total=total, leave=False, disable=not self.progress, desc="batches")
+        for (x, y), plan in zip(dealt, self.plan, strict=False):
+            self.share, self.stepping = plan
             if self.stop.requested:
                 self.tag = self.stop.tag
                 return
@@ -93,11 +105,13 @@ class Steps:
         return devices.autocast(self.precision, self.nonfinite.device)
 
     def keep(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> bool:
-        """Keeps the step's loss, each parameter's squared gradient norm (the true one, before clipping),
-        the model's outputs and the labels. False when the loss or a gradient is not finite: never step
-        with it. The host looks at the device here, every `sync_every` batches (a sync point)."""
-        row = torch.stack([loss.detach(), *self.squared_norms()])
+        """Keeps the batch's loss, the model's outputs and the labels, and where an optimizer step follows,
+        each parameter's squared gradient norm (the true one, before clipping). False when the loss or a
+        gradient is not finite: never step with it. The host looks at the device here, every `sync_every`
+        batches (a sync point)."""
+        row = torch.stack([loss.detach(), *self.squared_norms()]) if self.stepping else loss.detach().reshape(1)
         self.rows.append(row)
+        self.sizes.append(labels.shape[0])
         self.outputs.append(logits.detach())
         self.targets.append(labels)
         self.classes = logits.shape[1]  # the model's outputs: one a class
@@ -116,26 +130,33 @@ class Steps:
         return self.rows[-1][1:].sum().sqrt()
 
     def end(self) -> tuple[dict | None, str | None]:
-        """The epoch's statistics (None if no batch ran) and the error tag that stopped it early, if any."""
-        if not self.rows:
-            return None, self.tag
+        """The epoch's statistics (None if no optimizer step was taken) and the error tag that stopped it
+        early, if any."""
         if self.outputs:
             self.predictions.append(self.predictions_of(torch.cat(self.outputs)))
         # Sync point, once per epoch: the epoch's statistics, read to the host together. In float64 the
         # total gradient norm is finite whenever each parameter's is, as the look in the loop judged it.
-        rows = torch.stack(self.rows).cpu().double()
-        losses, norms = rows[:, 0].tolist(), rows[:, 1:].sum(1).sqrt().tolist()
+        flat = torch.cat(self.rows).cpu().double().tolist() if self.rows else []
+        losses, norms, at = [], [], 0
+        for row in self.rows:  # a row's length is its shape: known on the host
+            losses.append(flat[at])
+            norms.append(math.sqrt(sum(flat[at + 1 : at + len(row)])) if len(row) > 1 else None)
+            at += len(row)
         tag = self.tag
         if bad := utils.nonfinite_step(losses, norms):  # the batches after the bad one took no step: not the epoch's
             tag, losses, norms = bad[1], losses[: bad[0] + 1], norms[: bad[0] + 1]
+        elif None in norms[-1:]:  # stopped inside a group of batches: the group took no step, it is not the epoch's
+            stepped = max((i + 1 for i, norm in enumerate(norms) if norm is not None), default=0)
+            losses, norms = losses[:stepped], norms[:stepped]
+        if not losses:
+            return None, tag
         targets = torch.cat(self.targets[: len(losses)])
-        seen, bs = len(targets), self.batch_size
+        seen = len(targets)
         stats = metric_values(torch.cat(self.predictions)[:seen], targets, "train", self.classes)
-        sizes = [bs] * (len(losses) - 1) + [seen - bs * (len(losses) - 1)]
-        mean, std, low, high = utils.describe(norms)
+        mean, std, low, high = utils.describe([norm for norm in norms if norm is not None])
         stats.update(
             {
-                "train/loss": sum(v * s for v, s in zip(losses, sizes, strict=True)) / seen,
+                "train/loss": sum(v * s for v, s in zip(losses, self.sizes, strict=False)) / seen,
                 "train/grad_norm_mean": mean,
                 "train/grad_norm_std": std,
                 "train/grad_norm_min": low,

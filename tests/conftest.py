@@ -79,6 +79,7 @@ def one_epoch(model, optimizer, batches, args, generator=None, stop=None, sync_e
         model,
         optimizer,
         stop or watch.Link(),
+        accumulate=args.accumulate,
         precision=args.precision,
         sync_every=sync_every,
         predictions_of=main.predictions_of,

@@ -305,9 +305,11 @@ def weights_kib(data: Path) -> float:
     [
         # A checkpoint holds the weights and Adam's two moments: three times the weights, and half of that does
         # not fit. model.pt is the weights alone. The disk holds config.json and results.json either way.
-        ("checkpoint.pt", 1.5, []),  # the first checkpoint does not fit
-        ("results.json", None, ["--checkpoint_every", "0"]),  # results.json outgrows the disk (24 KiB)
-        ("model.pt", 0.5, ["--checkpoint_every", "0", "--epochs", "2"]),  # the last file does not fit
+        ("checkpoint.pt", 1.5, []),  # the first checkpoint does not fit (best.pt, the weights, does)
+        ("best.pt", 0.5, ["--checkpoint_every", "0"]),  # the first best epoch's weights do not fit
+        # Without a best epoch (--monitor none, no best.pt):
+        ("results.json", None, ["--checkpoint_every", "0", "--monitor", "none"]),  # it outgrows the disk (24 KiB)
+        ("model.pt", 0.5, ["--checkpoint_every", "0", "--epochs", "2", "--monitor", "none"]),  # the last file
     ],
 )
 def test_a_full_disk_ends_the_run_with_its_cause_and_keeps_what_was_saved(
@@ -324,7 +326,7 @@ def test_a_full_disk_ends_the_run_with_its_cause_and_keeps_what_was_saved(
     assert res["history"] and [r["epoch"] for r in res["history"]] == list(range(1, len(res["history"]) + 1))
     if what != "results.json":  # results.json itself could be written to its end
         assert res["status"] == "failed" and res["tags"][-1] == "Save failed"
-        assert len(res["history"]) == (1 if what == "checkpoint.pt" else 2)
+        assert len(res["history"]) == (2 if what == "model.pt" else 1)
     if wandb:
         wandb_run = find_runs(tmp_path, folder.name)[-1]
         assert wandb_run.exit_code == 1 and "Save failed" in wandb_run.tags

@@ -221,19 +221,17 @@ def test_a_metric_removed_from_the_table_leaves_logging_resume_and_the_detectors
     assert wandb_epochs(wandb_run.history) == list(range(1, 9)) and wandb_run.exit_code == 0
 
 
-SCHEDULER = [  # a learning-rate schedule over the run, stepped each batch: returned where the optimizer is built
-    (
-        "    return optimizer, None\n",
-        "    total = args.epochs * steps_per_epoch\n"
-        "    return optimizer, torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=total)\n",
-    ),
-]
+OWN_SCHEDULE = '''
+def build_schedule(args: Namespace, optimizer: torch.optim.Optimizer, steps: int):
+    """A schedule of the fork's own: linear from lr to lr / 10 over the run."""
+    return torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=steps)
+'''
 
 
 def test_a_scheduler_added_to_the_training_state_resumes_exactly(tiny_data, tmp_path):
-    """One place makes the schedule (build_optimizer): the checkpoint keeps it, and a run preempted mid-way
+    """One place makes the schedule (build_schedule): the checkpoint keeps it, and a run preempted mid-way
     resumes to the very history of a run never stopped (its learning rate where the schedule had it)."""
-    folder = fork(tmp_path, edits={"main.py": SCHEDULER})
+    folder = fork(tmp_path, {"build_schedule": OWN_SCHEDULE})
     argv = small_run(tiny_data, tmp_path / "stopped", "--batch_size", "2", "--epochs", "4", "--verbose", "1")
     proc = start_main(argv, script=folder / "main.py")
     try:
@@ -250,6 +248,7 @@ def test_a_scheduler_added_to_the_training_state_resumes_exactly(tiny_data, tmp_
     assert run_fork(folder, whole, tmp_path).returncode == 0
     resumed, expected = (results(tmp_path / name)[1]["history"] for name in ("stopped", "whole"))
     assert len(expected) == 4 and without_times(resumed) == without_times(expected)
+    assert [row["train/lr"] for row in expected] == pytest.approx([7.75e-4, 5.5e-4, 3.25e-4, 1e-4])
 
 
 @pytest.mark.parametrize("mistake", ["model", "metric"])

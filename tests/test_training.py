@@ -20,7 +20,7 @@ import wandb
 import demo
 import main
 import utils
-from boilerplate import devices, metrics, options, runs, session, steps, watch
+from boilerplate import checkpoints, devices, metrics, options, runs, schedules, session, steps, watch
 from boilerplate.batches import DeviceBatches
 from conftest import epoch_rows, experiment, in_memory, one_epoch, parse, results, small_run, without_times
 from wandb_file import find_run
@@ -88,6 +88,121 @@ def test_success_with_wandb_and_save(tiny_data, wandb_dir, tmp_path):
     assert run.summary["seed"] == 3
     accuracies = [row["val/accuracy"] for row in res["history"]]  # the best epoch's and the last
     assert run.summary["val/accuracy"] == {"max": pytest.approx(max(accuracies)), "last": pytest.approx(accuracies[-1])}
+    assert run.summary["best/val/accuracy"] == pytest.approx(max(accuracies))
+
+
+def test_the_best_epoch_is_chosen_on_validation_and_reports_the_test_score_there(tiny_data, wandb_dir, tmp_path):
+    """Model selection on the validation split: results.json and W&B's summary hold the best epoch by
+    --monitor, with the test metrics at that epoch; W&B's test entries are the last, never a maximum; best.pt
+    holds that epoch's weights, which score its test accuracy again."""
+    argv = small_run(tiny_data, tmp_path, "--epochs", "4", "--monitor", "val/loss")
+    argv += ["--wandb_project", "boilerplate-tests"]
+    assert run_main(*argv) == 0
+    folder, res = results(tmp_path)
+    history = res["history"]
+    chosen = min(history, key=lambda row: row["val/loss"])
+    assert res["best"] == {"best/epoch": chosen["epoch"]} | {
+        key: chosen[key.removeprefix("best/")] for key in res["best"] if key != "best/epoch"
+    }
+    assert {"best/val/loss", "best/val/accuracy", "best/test/accuracy", "best/test/loss"} <= set(res["best"])
+    run = wandb_run(wandb_dir, folder.name)
+    assert run.summary["best/epoch"] == chosen["epoch"]
+    assert run.summary["best/test/accuracy"] == pytest.approx(chosen["test/accuracy"])
+    assert run.summary["test/accuracy"] == {"last": pytest.approx(history[-1]["test/accuracy"])}
+    assert run.summary["val/loss"]["min"] == pytest.approx(chosen["val/loss"])
+
+    args = parse(*argv)
+    description = main.load_data(args)
+    model = main.build_model(args, description)
+    model.load_state_dict(torch.load(folder / "best.pt", weights_only=True))
+    test = DeviceBatches(description.splits["test"], torch.device("cpu"))
+    predictions, labels, _ = main.evaluate(model, test, "test", args)
+    scored = metrics.metric_values(predictions, labels, "test", demo.CLASSES)
+    assert scored["test/accuracy"] == pytest.approx(chosen["test/accuracy"])
+
+
+@pytest.mark.parametrize("stop_at", [None, 2], ids=["never-stopped", "preempted-after-epoch-2"])
+def test_patience_stops_a_run_that_no_longer_improves_and_survives_a_resume(stop_at, noise_data, tmp_path, monkeypatch):
+    """Nothing to learn (shuffled labels): the validation loss stops improving, and --patience 2 ends the run
+    there, Early stopped, Finished; a run preempted on the way and resumed ends the same (the best epoch and
+    the count since come from the history its checkpoint keeps)."""
+    calls, preempt_at, train_epoch = [], [], main.train_epoch
+
+    def preempted(*args):
+        calls.append(1)
+        if len(calls) in preempt_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_epoch(*args)
+
+    monkeypatch.setattr(main, "train_epoch", preempted)
+    flags = ("--epochs", "30", "--monitor", "val/loss", "--patience", "2")
+    whole = small_run(noise_data, tmp_path / "whole", *flags)
+    assert run_main(*whole) == 0
+    res = results(tmp_path / "whole")[1]
+    history = res["history"]
+    assert res["tags"][0] == "Early stopped" and "Success" not in res["tags"] and res["status"] == "finished"
+    assert len(history) < 30 and history[-1]["epoch"] - res["best"]["best/epoch"] == 2
+    if stop_at:
+        calls.clear()
+        preempt_at.append(stop_at)
+        stopped = small_run(noise_data, tmp_path / "stopped", *flags)
+        assert run_main(*stopped) == 1 and "Preempted" in results(tmp_path / "stopped")[1]["tags"]
+        assert run_main(*stopped, "--resume", "yes") == 0
+        resumed = results(tmp_path / "stopped")[1]
+        assert without_times(resumed["history"]) == without_times(history) and resumed["tags"] == res["tags"]
+        assert resumed["best"] == res["best"]
+
+
+@pytest.mark.parametrize("when", ["best", "end"])
+def test_the_model_is_logged_as_a_wandb_artifact_and_read_back_from_the_run_file(when, tiny_data, wandb_dir, tmp_path):
+    argv = small_run(tiny_data, tmp_path, "--epochs", "3", "--log_model", when, "--wandb_project", "boilerplate-tests")
+    assert run_main(*argv) == 0
+    folder, res = results(tmp_path)
+    artifacts = wandb_run(wandb_dir, folder.name).artifacts
+    assert artifacts and all(a["name"] == f"model-{folder.name}" and a["type"] == "model" for a in artifacts)
+    assert all(a["metadata"]["config"]["group"] == res["group"] and a["files"]["model.pt"] > 0 for a in artifacts)
+    if when == "best":  # one a better epoch, the last the best
+        improved = [
+            row["epoch"]
+            for row in res["history"]
+            if row["val/accuracy"]
+            > max([r["val/accuracy"] for r in res["history"] if r["epoch"] < row["epoch"]], default=-1.0)
+        ]
+        assert [a["metadata"]["epoch"] for a in artifacts] == improved
+        assert sorted(artifacts[-1]["aliases"]) == ["best", "latest"] and improved[-1] == res["best"]["best/epoch"]
+    else:
+        assert [(a["metadata"]["epoch"], a["aliases"]) for a in artifacts] == [(3, ["latest"])]
+
+
+def test_init_from_starts_from_saved_weights_and_refuses_weights_that_do_not_fit(tiny_data, tmp_path, capsys):
+    assert run_main(*small_run(tiny_data, tmp_path / "first", "--epochs", "1")) == 0
+    folder, first = results(tmp_path / "first")
+    args = parse(*small_run(tiny_data, tmp_path))
+    description = main.load_data(args)
+    saved = torch.load(folder / "model.pt", weights_only=True)
+    for source in (folder / "model.pt", folder / "best.pt"):  # one epoch: its best is its last
+        model = main.build_model(args, description)
+        checkpoints.load_weights(model, source, torch.device("cpu"))
+        assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
+
+    argv = small_run(tiny_data, tmp_path / "second", "--epochs", "1", "--init_from", str(folder / "model.pt"))
+    assert run_main(*argv) == 0
+    second = results(tmp_path / "second")[1]  # it begins where the first ended: a better first epoch
+    assert second["history"][0]["train/accuracy"] > first["history"][0]["train/accuracy"]
+
+    wrong = {name: torch.zeros(3, *tensor.shape[1:]) for name, tensor in saved.items()}  # another model's
+    torch.save(wrong, tmp_path / "wrong.pt")
+    (tmp_path / "garbage.pt").write_text("not torch's")
+    bad = {
+        "wrong.pt": "does not fit the model",
+        "garbage.pt": "could not be loaded",
+        "missing.pt": "could not be loaded",
+    }
+    for name, said in bad.items():
+        assert run_main(*small_run(tiny_data, tmp_path / "bad", "--init_from", str(tmp_path / name))) == 1
+        err = capsys.readouterr().err
+        assert f"Error: --init_from {tmp_path / name} {said}" in err and "Traceback" not in err, err
+        assert not list((tmp_path / "bad").rglob("*.json"))  # nothing left
 
 
 def test_wandb_project_from_the_environment_and_the_users_own_tags(tiny_data, wandb_dir, tmp_path, monkeypatch):
@@ -249,6 +364,63 @@ def test_a_frozen_layer_is_left_out_of_the_norms_and_stays_as_it_was(tiny_data, 
     data = DeviceBatches(in_memory(description.splits["train"]), torch.device("cpu"))
     stats, tag = one_epoch(model, optimizer, data, args)
     assert tag is None and math.isfinite(stats["train/grad_norm_mean"]) and torch.equal(frozen, before)
+
+
+@pytest.mark.usefixtures("in_a_run")  # train_epoch called straight: as in main.py
+def test_gradients_accumulated_over_4_batches_of_32_step_as_one_batch_of_128(tiny_data, tmp_path):
+    """SGD without dropout: the same weights after an epoch, the last, shorter group of batches (32, 32, 24
+    samples, as the last batch of 128 holds 88) stepping too; the detectors see each step's gradient norm."""
+    weights, stats, start = [], [], None
+    for batch_size, accumulate in ((32, 4), (128, 1)):
+        args = parse(*small_run(tiny_data, tmp_path, "--optimizer", "sgd", "--lr", "0.1"))
+        args.batch_size, args.accumulate = batch_size, accumulate
+        description = main.load_data(args)
+        torch.manual_seed(0)
+        model = main.build_model(args, description)
+        start = start or [p.detach().clone() for p in model.parameters()]
+        data = DeviceBatches(in_memory(description.splits["train"]), torch.device("cpu"))
+        epoch, tag = one_epoch(model, main.build_optimizer(args, model), data, args)
+        assert tag is None and len(data) == 600
+        weights.append([p.detach().clone() for p in model.parameters()])
+        stats.append(epoch)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(*weights, strict=True))
+    assert not any(torch.allclose(a, b, atol=1e-3) for a, b in zip(weights[0], start, strict=True))  # it trained
+    assert (stats[0]["train/batches"], stats[1]["train/batches"]) == (19, 5)
+    for key in ("train/loss", "train/accuracy", "train/grad_norm_mean", "train/grad_norm_max"):
+        assert stats[0][key] == pytest.approx(stats[1][key], rel=1e-4), key
+
+
+def test_each_schedule_from_torch_over_the_runs_steps_after_a_linear_warm_up():
+    def rates(kind: str, warmup: float, steps: int = 20) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = schedules.standard(optimizer, kind, warmup, steps)
+        seen = []
+        for _ in range(steps):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        return seen
+
+    assert set(options.SCHEDULES) == {"constant", "cosine", "linear", "step"}  # the choices of --lr_schedule
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert schedules.standard(optimizer, "constant", 0.0, 20) is None  # nothing to step: the default costs nothing
+    assert schedules.standard(optimizer, "constant", 0.05, 20) is None  # a warm-up of one step is none
+    assert rates("constant", 0.2) == pytest.approx([0.25, 0.5, 0.75] + [1.0] * 17)
+    cosine, linear, step = rates("cosine", 0.2), rates("linear", 0.2), rates("step", 0)
+    assert cosine[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0]) and 0 < cosine[-1] < 0.01
+    assert cosine == sorted(cosine[:4]) + sorted(cosine[4:], reverse=True)
+    assert linear[4:] == pytest.approx([1 - i / 16 for i in range(16)])
+    assert step == pytest.approx([1.0] * 10 + [0.1] * 5 + [0.01] * 5)
+
+
+@pytest.mark.every_python
+def test_bf16_trains_with_accumulated_gradients_and_a_schedule(tiny_data, tmp_path):
+    flags = ("--precision", "bf16", "--accumulate", "3", "--lr_schedule", "linear", "--warmup", "0.1")
+    assert run_main(*small_run(tiny_data, tmp_path, "--epochs", "3", *flags)) == 0
+    res = results(tmp_path)[1]
+    assert res["tags"] == ["Success"] and res["history"][-1]["test/accuracy"] > 0.9
+    rates = [row["train/lr"] for row in res["history"]]
+    assert rates == sorted(rates, reverse=True) and rates[-1] == 0.0  # linear, to 0 at the run's last step
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -432,7 +604,8 @@ def test_unusable_device_is_a_usage_error(tiny_data, tmp_path, capsys, monkeypat
 @pytest.mark.parametrize("precision", options.PRECISIONS)
 def test_a_resumed_run_is_exact_with_a_forks_own_random_draws(precision, tiny_data, tmp_path, monkeypatch):
     """A fork's augmentation drawing from numpy and Python's random: --seed seeds them, checkpoints
-    keep their states, so a run preempted after epoch 2 and resumed equals a run never stopped."""
+    keep their states (and the schedule's), so a run preempted after epoch 2 and resumed equals a run never
+    stopped."""
     calls, preempt_at, train_epoch = [], [], main.train_epoch
 
     class Noisy:  # the training batches, each with noise added
@@ -454,16 +627,14 @@ def test_a_resumed_run_is_exact_with_a_forks_own_random_draws(precision, tiny_da
         return train_epoch(model, optimizer, schedule, steps, args)
 
     monkeypatch.setattr(main, "train_epoch", augmented)
-    assert run_main(*small_run(tiny_data, tmp_path / "whole", "--epochs", "4", "--precision", precision)) == 0
+    # A warm-up, a cosine schedule and accumulated gradients: their state is the checkpoint's too.
+    flags = ("--epochs", "4", "--precision", precision, "--lr_schedule", "cosine", "--warmup", "0.3")
+    flags += ("--accumulate", "3")
+    assert run_main(*small_run(tiny_data, tmp_path / "whole", *flags)) == 0
     preempt_at.append(len(calls) + 3)
-    assert run_main(*small_run(tiny_data, tmp_path / "stopped", "--epochs", "4", "--precision", precision)) == 1
+    assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags)) == 1
     assert results(tmp_path / "stopped")[1]["tags"] == ["Preempted"]
-    assert (
-        run_main(
-            *small_run(tiny_data, tmp_path / "stopped", "--epochs", "4", "--precision", precision, "--resume", "yes")
-        )
-        == 0
-    )
+    assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags, "--resume", "yes")) == 0
     whole, resumed = (results(tmp_path / name)[1]["history"] for name in ("whole", "stopped"))
     assert without_times(resumed) == without_times(whole)
     assert len({row["train/loss"] for row in whole}) == 4

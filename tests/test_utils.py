@@ -158,6 +158,8 @@ def test_nonfinite_step_names_the_first_bad_batch():
     assert utils.nonfinite_step([1.0, float("inf"), float("nan")], [1.0] * 3) == (1, "Inf loss")
     assert utils.nonfinite_step([1.0, 1.0], [1.0, float("inf")]) == (1, "NaN gradient")
     assert utils.nonfinite_step([float("nan")], [float("nan")]) == (0, "NaN loss")
+    assert utils.nonfinite_step([1.0, 1.0, 1.0], [None, float("nan"), None]) == (1, "NaN gradient")  # --accumulate
+    assert utils.nonfinite_step([1.0, float("inf")], [None, None]) == (1, "Inf loss")
 
 
 def test_overfitting_and_guessing_tags():

@@ -53,6 +53,7 @@ class Run:
     step_metrics: dict = field(default_factory=dict)  # define_metric: metric or glob -> its step metric
     output: str = ""  # what the process printed: W&B's Logs tab
     stats: list = field(default_factory=list)  # system metrics, one dict per sample
+    artifacts: list = field(default_factory=list)  # logged artifacts: name, type, aliases, metadata, files
 
 
 def read_run(path: Path) -> Run:
@@ -84,6 +85,17 @@ def read_run(path: Path) -> Run:
             run.output += record.output_raw.line
         elif kind == "stats":
             run.stats.append({i.key: json.loads(i.value_json) for i in record.stats.item})
+        elif kind == "artifact":
+            a = record.artifact
+            run.artifacts.append(
+                {
+                    "name": a.name,
+                    "type": a.type,
+                    "aliases": list(a.aliases),
+                    "metadata": json.loads(a.metadata or "{}"),
+                    "files": {entry.path: entry.size for entry in a.manifest.contents},
+                }
+            )
         elif kind == "metric":
             run.step_metrics[record.metric.name or record.metric.glob_name] = record.metric.step_metric
     return run
