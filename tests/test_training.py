@@ -205,6 +205,30 @@ def test_init_from_starts_from_saved_weights_and_refuses_weights_that_do_not_fit
         assert not list((tmp_path / "bad").rglob("*.json"))  # nothing left
 
 
+def test_a_run_from_saved_weights_resumes_exactly(tiny_data, tmp_path, monkeypatch):
+    """--init_from and a preemption: the resumed run goes on from its checkpoint (not from the saved weights
+    again) and equals a run never stopped."""
+    assert run_main(*small_run(tiny_data, tmp_path / "first", "--epochs", "1")) == 0
+    weights = str(results(tmp_path / "first")[0] / "model.pt")
+    calls, preempt_at, train_epoch = [], [], main.train_epoch
+
+    def preempted(*args):
+        calls.append(1)
+        if len(calls) in preempt_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_epoch(*args)
+
+    monkeypatch.setattr(main, "train_epoch", preempted)
+    flags = ("--epochs", "3", "--init_from", weights)
+    assert run_main(*small_run(tiny_data, tmp_path / "whole", *flags)) == 0
+    calls.clear()
+    preempt_at.append(2)
+    assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags)) == 1
+    assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags, "--resume", "yes")) == 0
+    whole, resumed = (results(tmp_path / name)[1]["history"] for name in ("whole", "stopped"))
+    assert len(whole) == 3 and without_times(resumed) == without_times(whole)
+
+
 def test_wandb_project_from_the_environment_and_the_users_own_tags(tiny_data, wandb_dir, tmp_path, monkeypatch):
     # As for any W&B script: WANDB_PROJECT turns logging on, and the tags in WANDB_TAGS stay.
     monkeypatch.setenv("WANDB_PROJECT", "boilerplate-tests")
