@@ -75,12 +75,12 @@ FORKS = {
                 ("import torch\n", "import torch\nimport wandb\n"),
                 (STEP, STEP + '        wandb.log({"batch/lr": optimizer.param_groups[0]["lr"]})\n'),
                 (
-                    "    return torch.cat(predictions), torch.cat(labels)\n",
+                    "    return torch.cat(predictions), torch.cat(labels), loss / len(batches)\n",
                     "    predictions, labels = torch.cat(predictions), torch.cat(labels)\n"
                     '    if split == "test":  # each epoch\'s: W&B shows the last\n'
                     '        wandb.log({"test/confusion": wandb.plot.confusion_matrix(y_true=labels.tolist(), '
                     "preds=predictions.tolist())})\n"
-                    "    return predictions, labels\n",
+                    "    return predictions, labels, loss / len(batches)\n",
                 ),
             ],
         },
