@@ -1,5 +1,6 @@
 """Shared fixtures: the demo's tiny data (demo.py), W&B offline, runs of main.py."""
 
+import contextlib
 import json
 import os
 import queue
@@ -37,6 +38,15 @@ def copy_project(folder: Path) -> Path:
         shutil.copy(path, folder / path.name)
     shutil.copytree(ROOT / "boilerplate", folder / "boilerplate", ignore=shutil.ignore_patterns("__pycache__"))
     return folder
+
+
+def calls_wandb(script: Path) -> bool:
+    """Whether the experiment's code calls W&B itself (a fork's own wandb.log), not through the run: such a
+    call raises when W&B's service has died, and the run ends `W&B lost`, resumable, by design."""
+    import ast
+
+    tree = ast.parse(script.read_text())
+    return any(isinstance(n, ast.Attribute) and getattr(n.value, "id", None) == "wandb" for n in ast.walk(tree))
 
 
 def parse(*args: str):
@@ -88,17 +98,26 @@ def one_epoch(model, optimizer, batches, args, generator=None, stop=None, sync_e
     return steps.end()
 
 
-@pytest.fixture
-def in_a_run():
+@contextlib.contextmanager
+def a_disabled_run():
     """Training code called straight from a test runs as in `python main.py` without W&B: inside W&B's
     disabled run (wandb_start.disabled_run), so a fork's own wandb.log there works, and what it reads from
     the device is seen (a fork that skips its call when there is no run would hide it from test_syncs)."""
     from boilerplate import wandb_start
 
     run = wandb_start.disabled_run()
-    yield run
-    run.finish()
-    wandb_start.teardown()  # W&B reads its settings once a process: the next test's are read afresh
+    try:
+        yield run
+    finally:
+        run.finish()
+        wandb_start.teardown()  # W&B reads its settings once a process: the next test's are read afresh
+
+
+@pytest.fixture
+def in_a_run():
+    """A test's training code called straight, inside W&B's disabled run (a_disabled_run)."""
+    with a_disabled_run() as run:
+        yield run
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 """main.py as users start it: a real `python main.py` process, real signals, real exit statuses."""
 
-import ast
 import contextlib
 import os
 import signal
@@ -16,6 +15,7 @@ from conftest import (
     OFFLINE,
     ROOT,
     Output,
+    calls_wandb,
     children,
     copy_project,
     results,
@@ -153,12 +153,6 @@ def test_a_stop_signal_after_the_run_has_ended_changes_nothing(tiny_data, tmp_pa
         proc.kill()
     assert proc.returncode == 0 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert results(tmp_path / "out")[1]["status"] == "finished"
-
-
-def calls_wandb(script: Path) -> bool:
-    """Whether the experiment's code calls W&B itself (a fork's own wandb.log), not through the run."""
-    tree = ast.parse(script.read_text())
-    return any(isinstance(n, ast.Attribute) and getattr(n.value, "id", None) == "wandb" for n in ast.walk(tree))
 
 
 def test_wandb_service_dying_mid_run_costs_nothing_but_wandb_logging(tiny_data, tmp_path):

@@ -306,7 +306,7 @@ OWN_WANDB_LOG = {
         ("import torch\n", "import torch\nimport wandb\n"),
         (
             "        optimizer.step()\n",
-            '        optimizer.step()\n        wandb.log({"batch/lr": optimizer.param_groups[0]["lr"]})\n',
+            '        optimizer.step()\n        wandb.log({"test_only/lr": optimizer.param_groups[0]["lr"]})\n',
         ),
     ]
 }
@@ -336,4 +336,4 @@ def test_a_forks_own_wandb_log_in_the_batch_loop_leaves_its_tests_and_its_run_wo
     run_folder, res = results(tmp_path / "out")
     wandb_run = whole_run(tmp_path, run_folder.name)
     assert wandb_epochs(wandb_run.history) == whole_epochs(res["history"]) == [1, 2]
-    assert sum("batch/lr" in row for row in wandb_run.history) == 2 * res["history"][0]["train/batches"]
+    assert sum("test_only/lr" in row for row in wandb_run.history) == 2 * res["history"][0]["train/batches"]

@@ -17,6 +17,7 @@ from conftest import (
     OFFLINE,
     ROOT,
     Output,
+    calls_wandb,
     children,
     results,
     small_run,
@@ -115,7 +116,11 @@ def test_wandbs_service_failing_as_it_starts_never_hangs_the_run_nor_blames_it(w
     assert hit and proc.returncode == 1 and "Traceback" not in text, text
     assert "Warning: W&B" in text  # W&B's failure is named
     folder, res = results(out)
-    assert res["status"] == "failed" and res["tags"][-1] == "User abort" and "Exception" not in res["tags"], text
+    assert res["status"] == "failed" and "Exception" not in res["tags"], text
+    if res["tags"][-1] == "W&B lost" and calls_wandb(ROOT / "main.py"):  # a fork's own call met the dead service
+        assert "your training code called it" in text and res["history"], text
+        return
+    assert res["tags"][-1] == "User abort", text
     epochs = whole_epochs(res["history"])
     assert len(epochs) >= 2
     runs = find_runs(tmp_path, folder.name)
