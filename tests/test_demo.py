@@ -179,3 +179,16 @@ def test_real_mnist_one_epoch_reaches_96_percent(tmp_path, capsys):
     assert code == 0
     accuracy = results(tmp_path)[1]["history"][0]["test/accuracy"]
     assert accuracy >= 0.96 and math.isfinite(accuracy)
+
+
+def test_guessing_when_nothing_is_learnt(tiny_data, tmp_path):
+    """Which guessing tags an MLP that learns nothing earns on the demo's data (its splits, its 10 classes)."""
+    code = run_main(*small_run(tiny_data, tmp_path, "--optimizer", "sgd", "--lr", "1e-12"))
+    tags = results(tmp_path)[1]["tags"]
+    assert code == 0
+    assert {
+        "Random guessing accuracy (test)",
+        "Most probable guessing accuracy (test)",
+        "Random guessing accuracy (val)",
+        "Random guessing f1 (train)",
+    } <= set(tags)

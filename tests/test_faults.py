@@ -315,6 +315,8 @@ def weights_kib(data: Path) -> float:
 def test_a_full_disk_ends_the_run_with_its_cause_and_keeps_what_was_saved(
     what, weights, extra, tiny_data, full_disk, tmp_path
 ):
+    if weights and weights * weights_kib(tiny_data) < 24:  # a fork's small model: its file fits beside the JSON
+        pytest.skip(f"the model's weights ({weights_kib(tiny_data):.1f} KiB) fit where the run's JSON files do")
     disk, limit = full_disk(max(24, int(weights * weights_kib(tiny_data))) if weights else 24)
     # Under a file-size limit W&B's own files would break too: W&B is checked on a real full disk only.
     wandb = ["--wandb_project", "boilerplate-tests"] if limit is None else []

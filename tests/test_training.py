@@ -296,18 +296,6 @@ def test_overfitting_when_the_test_set_cannot_be_learnt(overfit_data, tmp_path):
     assert {"Success", "Overfitting accuracy (learning)", "Overfitting accuracy (end)"} <= set(res["tags"])
 
 
-def test_guessing_when_nothing_is_learnt(tiny_data, tmp_path):
-    code = run_main(*small_run(tiny_data, tmp_path, "--optimizer", "sgd", "--lr", "1e-12"))
-    tags = results(tmp_path)[1]["tags"]
-    assert code == 0
-    assert {
-        "Random guessing accuracy (test)",
-        "Most probable guessing accuracy (test)",
-        "Random guessing accuracy (val)",
-        "Random guessing f1 (train)",
-    } <= set(tags)
-
-
 @pytest.mark.usefixtures("in_a_run")  # train_epoch called straight: as in main.py
 def test_between_host_looks_the_fused_optimizer_skips_non_finite_steps(tiny_data, tmp_path):
     # What an accelerator does (main.py looks at the flag every SYNC_EVERY batches there), on the CPU.
