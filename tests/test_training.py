@@ -33,7 +33,7 @@ from conftest import (
     small_run,
     without_times,
 )
-from wandb_file import find_run
+from wandb_file import find_run, find_runs
 
 
 def run_main(*args: str) -> int:
@@ -185,6 +185,44 @@ def test_the_model_is_logged_as_a_wandb_artifact_and_read_back_from_the_run_file
         assert sorted(artifacts[-1]["aliases"]) == ["best", "latest"] and improved[-1] == res["best"]["best/epoch"]
     else:
         assert [(a["metadata"]["epoch"], a["aliases"]) for a in artifacts] == [(3, ["latest"])]
+
+
+@pytest.mark.parametrize("when", ["best", "end"])
+def test_the_models_logged_across_a_resume_are_those_of_a_run_never_stopped(
+    when, tiny_data, wandb_dir, tmp_path, monkeypatch
+):
+    """--log_model and a preemption: the stopped sitting and the resumed one log, between them, the models a
+    run never stopped logs (the same epochs, aliases and artifact name), none twice and none lost."""
+    calls, preempt_at, train_epoch = [], [], main.train_epoch
+
+    def preempted(*args):
+        calls.append(1)
+        if len(calls) in preempt_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_epoch(*args)
+
+    def models(run_id: str) -> list[tuple]:
+        wandb.teardown()  # W&B's service writes the files behind the process's back
+        sittings = find_runs(wandb_dir, run_id)
+        return [
+            (a["name"], a["metadata"]["epoch"], sorted(a["aliases"]))
+            for run in sittings
+            for a in run.artifacts
+            if a["type"] == "model"
+        ]
+
+    monkeypatch.setattr(main, "train_epoch", preempted)
+    flags = ("--epochs", "4", "--log_model", when, "--monitor", "val/loss", "--wandb_project", "boilerplate-tests")
+    assert run_main(*small_run(tiny_data, tmp_path / "whole", *flags)) == 0
+    calls.clear()
+    preempt_at.append(3)  # stopped in epoch 3: epochs 1 and 2 done, their models (if best) logged
+    assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags)) == 1
+    assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags, "--resume", "yes")) == 0
+    (whole_folder, whole), (folder, resumed) = (results(tmp_path / name) for name in ("whole", "stopped"))
+    assert without_times(resumed["history"]) == without_times(whole["history"]) and resumed["best"] == whole["best"]
+    expected = [(f"model-{folder.name}", *model[1:]) for model in models(whole_folder.name)]
+    assert expected and models(folder.name) == expected
+    assert len(find_runs(wandb_dir, folder.name)) == 2  # two sittings, one W&B run
 
 
 def test_init_from_starts_from_saved_weights_and_refuses_weights_that_do_not_fit(tiny_data, tmp_path, capsys):
