@@ -386,16 +386,30 @@ def resolve_seed(seed: int | str) -> int:
 
 def parser_of(script: Path) -> Parser:
     """The parser of an experiment's script (main.py's get_parser), read from the part of the script that
-    runs before torch loads, as `python main.py --help` runs it: tools (the README generator, the sweep
-    checks) need neither torch nor its 2 s."""
+    runs before `python main.py --help` answers (its `if __name__ == "__main__":` blocks left out): up to its
+    first torch import, or the first import after get_parser. Tools (the README generator, the sweep checks)
+    need neither torch, nor the packages a fork imports beside it (numpy, say), nor their 2 s."""
     tree = ast.parse(script.read_text(), filename=str(script))
-    head = []
+    head: list[ast.stmt] = []
     for node in tree.body:
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
         names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-        if any(name.split(".")[0] == "torch" for name in names):
+        has_parser = any(isinstance(n, ast.FunctionDef) and n.name == "get_parser" for n in head)
+        if any(name.split(".")[0] == "torch" for name in names) or (names and has_parser):
             break
-        head.append(node)
+        if not is_main_block(node):
+            head.append(node)
     namespace = {"__name__": script.stem, "__file__": str(script), "__doc__": ast.get_docstring(tree)}
     exec(compile(ast.Module(head, type_ignores=[]), str(script), "exec"), namespace)
     return namespace["get_parser"]()
+
+
+def is_main_block(node: ast.stmt) -> bool:
+    """`if __name__ == "__main__":`, where a script's own run begins."""
+    test = node.test if isinstance(node, ast.If) else None
+    return (
+        isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id == "__name__"
+        and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators)
+    )

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Extra arguments, each a kind of run the behaviour tests need.
 SLOW = ["--batch_size", "8", "--hidden", "1024"]  # epochs long enough for a signal to land mid-epoch
 CRAWL = ["--batch_size", "1", "--hidden", "1024,1024"]  # each step a second's fraction: an epoch takes long
-HUGE_MODEL = ["--hidden", "99999999"]  # a model too large for any machine's memory
+HUGE_MODEL = ["--hidden", "99999999,99999999"]  # too large for any machine (a 10^16-weight layer), whatever the input
 # Whole-split batches through a wide model: a stop lands mid-batch, and the batch takes a while to end.
 HEAVY_BATCHES = ["--batch_size", "600", "--hidden", "4096,4096"]
 RANDOM_LAYERS = ["--dropout", "0.1"]  # a model that draws random numbers as it trains
