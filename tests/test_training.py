@@ -2,6 +2,7 @@
 IDX files, real W&B in offline mode read back from its run file. Every tag provoked for real."""
 
 import http.server
+import io
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from conftest import (
     without_times,
 )
 from wandb_file import find_run, find_runs
+from wandb_server import WandbServer
 
 
 def run_main(*args: str) -> int:
@@ -223,6 +225,27 @@ def test_the_models_logged_across_a_resume_are_those_of_a_run_never_stopped(
     expected = [(f"model-{folder.name}", *model[1:]) for model in models(whole_folder.name)]
     assert expected and models(folder.name) == expected
     assert len(find_runs(wandb_dir, folder.name)) == 2  # two sittings, one W&B run
+
+
+def test_the_best_model_reaches_wandbs_server_as_a_committed_artifact(tiny_data, tmp_path, monkeypatch):
+    """Online, against a stand-in of W&B's server that W&B's client takes through its own steps: the model
+    artifact is created, uploaded and committed, and what was uploaded is best.pt's weights."""
+    stand_in = WandbServer()
+    try:
+        for name, value in {**stand_in.environment(), "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}.items():
+            monkeypatch.setenv(name, value)
+        argv = small_run(tiny_data, tmp_path / "out", "--epochs", "2", "--log_model", "best", "--monitor", "val/loss")
+        assert run_main(*argv, "--wandb_project", "boilerplate-tests") == 0
+        wandb.teardown()  # the uploads end as the process would end
+        folder, res = results(tmp_path / "out")
+        models = [a for a in stand_in.artifacts.values() if a["type"] == "model"]
+    finally:
+        stand_in.close()
+    assert [a["metadata"]["epoch"] for a in models] == [1, 2] and res["best"]["best/epoch"] == 2
+    assert all(a["name"] == f"model-{folder.name}" and a["state"] == "COMMITTED" for a in models)
+    uploaded = torch.load(io.BytesIO(models[-1]["uploads"]["model.pt"]), weights_only=True)
+    best = torch.load(folder / "best.pt", weights_only=True)
+    assert uploaded.keys() == best.keys() and all(torch.equal(uploaded[k], best[k]) for k in best)
 
 
 def test_init_from_starts_from_saved_weights_and_refuses_weights_that_do_not_fit(tiny_data, tmp_path, capsys):

@@ -5,7 +5,8 @@ queries are the client's own, unchanged), the file stream that carries a run's h
 output, and file uploads. It keeps what it is told per run, as the real server does: the history
 lines by their offset in the stream (a line sent twice is stored once, at its offset), the summary,
 the tags, the exit code and whether the run was marked preempting. A resumed run is told where its
-history ends (RunResumeStatus), as the real server tells it.
+history ends (RunResumeStatus), as the real server tells it. Artifacts (a model, a fork's wandb.Table)
+go through W&B's own steps: created, their manifest and files announced, uploaded, committed.
 
     server = WandbServer()            # listening on 127.0.0.1, a free port
     env = server.environment()         # WANDB_BASE_URL, WANDB_API_KEY, WANDB_MODE=online
@@ -77,6 +78,8 @@ class WandbServer:
         self.sessions: Counter = Counter()  # run id -> how many wandb.init opened it (each asks how it stands)
         self.sweeps: dict[str, str] = {}  # sweep id -> its configuration, as YAML text
         self.commands: list[dict] = []  # what the next agent heartbeat hands out
+        # artifact id -> its name, type, aliases, metadata, files, state (PENDING, COMMITTED), uploads (name -> bytes)
+        self.artifacts: dict[str, dict] = {}
         server = self
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (Handler,), {"server_state": server}))
         self.httpd.daemon_threads = True
@@ -171,6 +174,68 @@ class WandbServer:
             if operation == "Heartbeat":
                 commands, self.commands = self.commands, []
                 return {"agentHeartbeat": {"agent": {"id": variables["id"]}, "commands": json.dumps(commands)}}
+            if operation == "ArtifactType":  # none of this name yet: any type may be logged under it
+                return {"project": {"artifact": None}}
+            if operation == "CreateArtifact":
+                spec = variables["input"]
+                artifact_id = f"artifact-{len(self.artifacts) + 1}"
+                self.artifacts[artifact_id] = {
+                    "name": spec["artifactCollectionName"],
+                    "type": spec["artifactTypeName"],
+                    "aliases": [a["alias"] for a in spec.get("aliases") or []],
+                    "metadata": json.loads(spec.get("metadata") or "{}"),
+                    "state": "PENDING",
+                }
+                return {
+                    "createArtifact": {
+                        "artifact": {
+                            "id": artifact_id,
+                            "state": "PENDING",
+                            "artifactSequence": {"latestArtifact": None},
+                        }
+                    }
+                }
+            if operation == "CreateArtifactManifest":
+                artifact_id = variables["artifactID"]
+                return {
+                    "createArtifactManifest": {
+                        "artifactManifest": {
+                            "id": f"manifest-{artifact_id}",
+                            "file": {
+                                "id": f"file-{artifact_id}",
+                                "uploadUrl": f"{self.url}/upload/artifacts/{artifact_id}/manifest",
+                                "uploadHeaders": [],
+                            },
+                        }
+                    }
+                }
+            if operation == "CreateArtifactFiles":
+                files = variables["input"]["artifactFiles"]
+                for file in files:
+                    self.artifacts[file["artifactID"]].setdefault("files", []).append(file["name"])
+                return {
+                    "createArtifactFiles": {
+                        "files": {
+                            "edges": [
+                                {
+                                    "node": {
+                                        "storagePath": f"artifacts/{f['artifactID']}/{f['name']}",
+                                        "uploadUrl": f"{self.url}/upload/artifacts/{f['artifactID']}/{f['name']}",
+                                        "uploadHeaders": [],
+                                        "uploadMultipartUrls": None,
+                                        "artifact": {"id": f["artifactID"]},
+                                    }
+                                }
+                                for f in files
+                            ]
+                        }
+                    }
+                }
+            if operation == "CommitArtifact":
+                self.artifacts[variables["artifactID"]]["state"] = "COMMITTED"
+                return {"commitArtifact": {"artifact": {"id": variables["artifactID"], "digest": ""}}}
+            if operation == "OrganizationCoreWeaveOrganizationID":
+                return {"entity": {"organization": None}}
             if operation in ("QueryRunInfo", "RunState"):
                 run = self.runs.get(variables.get("run"))
                 return {"project": {"run": run.bucket() if run else None}}
@@ -241,8 +306,11 @@ class Handler(BaseHTTPRequestHandler):
             self.answer({})
 
     def do_PUT(self) -> None:
-        self.body()
-        self.server_state.requests.append(f"PUT {self.path}")
+        data, state = self.body(), self.server_state
+        state.requests.append(f"PUT {self.path}")
+        if (found := re.fullmatch(r"/upload/artifacts/([^/]+)/(.+)", self.path)) and found[2] != "manifest":
+            with state.lock:
+                state.artifacts[found[1]].setdefault("uploads", {})[found[2]] = data
         self.answer({})
 
     def do_GET(self) -> None:
