@@ -18,8 +18,9 @@ the rest again: whenever it was killed, every configuration is finished exactly 
 Runs at the same time share the cores: each gets OMP_NUM_THREADS = the cores this process may use
 divided by --workers (unless OMP_NUM_THREADS is set already), so that they do not crowd each other out.
 The sweep's parameters are checked against main.py's parser before the first run.
-At the end it prints one row per group: the sweep metric's mean and standard deviation over the
-finished runs (the seeds), and how many runs finished and failed.
+At the end it prints report.py's table of the sweep's runs: one row per group, the sweep metric's (and the
+test metrics') mean, standard deviation and 95% confidence interval over the finished runs (the seeds),
+at each run's best epoch, and how many runs finished and failed.
 Exit status: 0 the sweep is done (whatever its runs' tags), 1 its state file is damaged, 2 bad
 command line or sweep file, 130 interrupted by Ctrl+C.
 """
@@ -32,7 +33,6 @@ import json
 import os
 import secrets
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -41,10 +41,10 @@ from pathlib import Path
 
 import yaml
 
+import report
 import utils
-from boilerplate import options, watch
+from boilerplate import options, replicates, watch
 from boilerplate.files import remove_partial_writes, write_json
-from generate_readme_stub import markdown_table
 
 POLL_SECONDS = 0.5
 
@@ -256,38 +256,18 @@ def record_end(name: str, output: Path, metric: str, state_path: Path, interrupt
 # The summary: one row per group
 
 
-def summary(config: dict, runs: list[dict]) -> str:
-    metric = config["metric"]["name"]
-    varied = [
-        k
-        for k, p in config["parameters"].items()  # a distribution varies; one value does not
-        if k != "seed" and "value" not in p and len(p.get("values", [0, 1])) > 1
-    ]
-    groups = {}
-    for run in runs:
-        groups.setdefault(run["group"] or "(no results: could not start)", []).append(run)
-    rows = []
-    for group, members in groups.items():
-        values = [r["metric"] for r in members if r["status"] == "finished" and r["metric"] is not None]
-        mean = f"{statistics.mean(values):.4f}" if values else "-"
-        std = f"{statistics.stdev(values):.4f}" if len(values) > 1 else "-"
-        rows.append(
-            [group]
-            + [str(members[0]["config"].get(k, "")) for k in varied]
-            + [
-                mean,
-                std,
-                str(sum(r["status"] == "finished" for r in members)),
-                str(sum(r["status"] == "failed" for r in members)),
-            ]
-        )
-    header = ["group", *varied, f"{metric} mean", "std", "finished", "failed"]
-    constant = [
-        f"{k}={p['value'] if 'value' in p else p['values'][0]}"
-        for k, p in config["parameters"].items()
-        if k != "seed" and k not in varied
-    ]
-    return ("Every run: " + ", ".join(constant) + "\n\n" if constant else "") + markdown_table(header, rows)
+def summary(config: dict, runs: list[dict], runs_dir: Path) -> str:
+    """report.py's table (Markdown) of the sweep's finished and failed runs, the sweep's metric first, and
+    how many runs left no results (they could not start)."""
+    found = [run for r in runs for run in replicates.read_folders(runs_dir / r["name"])[0]]
+    known = replicates.metrics_found(found)
+    metrics = [m for m in dict.fromkeys([config["metric"]["name"], *replicates.default_metrics(found)]) if m in known]
+    hyperparameters = options.hyperparameter_names(main_parser())
+    text = report.render(replicates.groups(found, metrics, replicates.BEST), hyperparameters, metrics, "markdown")
+    lost = sum(r.get("group") is None for r in runs)
+    return (text if found and metrics else "No run left results to report.") + (
+        f"\n\n{lost} runs left no results (they could not start): see their output.log" if lost else ""
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,7 +408,7 @@ def sweep(args: argparse.Namespace, config: dict, extra: list[str]) -> int:
         settle_orphans(state, runs_dir, metric)
         state["runs"] = [r for r in state["runs"] if r["status"] != "interrupted"]
         done = [r for r in state["runs"] if r["status"] in ("finished", "failed")]
-    print(summary(config, done))
+    print(summary(config, done, runs_dir))
     return 130 if interrupted else 0
 
 

@@ -8,6 +8,7 @@ import argparse
 import hashlib
 import json
 import math
+import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,10 @@ class Tag:
     @property
     def pattern(self) -> str:
         return self.template.replace("{metric}", "METRIC").replace("{split}", "SPLIT")
+
+    def matches(self, tag: str) -> bool:
+        """Whether `tag` is this tag, its fields filled in any way."""
+        return re.fullmatch(re.sub(r"\\{\w+\\}", ".+", re.escape(self.template)), tag) is not None
 
 
 SUCCESS = Tag("Success", False, "training completed every epoch")

@@ -12,6 +12,9 @@ go through W&B's own steps: created, their manifest and files announced, uploade
     env = server.environment()         # WANDB_BASE_URL, WANDB_API_KEY, WANDB_MODE=online
     server.runs["RUN_ID"].history      # what the server holds
 
+For wandb.Api (report.py): a project's runs, filtered by sweep or group (`Runs`), with their config,
+state, tags and summary, and their history by keys (`RunSampledHistory`).
+
 For `wandb agent SWEEP_ID` (the real agent): `server.sweeps[SWEEP_ID] = SWEEP_YAML_TEXT`, and
 `server.commands.append(COMMAND)`: each agent heartbeat takes the commands queued so far, as the server
 sends them ({"type": "run", "run_id": ..., "program": ..., "args": {NAME: {"value": V}}}).
@@ -56,6 +59,15 @@ class ServerRun:
             "group": self.group,
             "tags": self.tags,
             "historyLineCount": len(self.lines),
+            "state": {None: "running", 0: "finished"}.get(self.exit_code, "failed"),
+            "projectId": 1,
+            "jobType": None,
+            "commit": None,
+            "readOnly": False,
+            "createdAt": "2026-01-01T00:00:00",
+            "heartbeatAt": "2026-01-01T00:00:00",
+            "notes": None,
+            "user": {"name": ENTITY, "username": ENTITY},
             "eventsLineCount": 0,
             "logLineCount": 0,
             "historyTail": json.dumps([self.lines[i] for i in sorted(self.lines)[-1:]]),
@@ -68,6 +80,14 @@ class ServerRun:
                 "entity": {"id": f"entity-{ENTITY}", "name": ENTITY},
             },
         }
+
+
+def matches(run: ServerRun, filters: dict) -> bool:
+    """W&B's run filters, the few wandb.Api users send: {"sweep": ID}, {"group": NAME}, and $and of them."""
+    return all(
+        all(matches(run, part) for part in value) if key == "$and" else getattr(run, key, None) == value
+        for key, value in filters.items()
+    )
 
 
 class WandbServer:
@@ -236,6 +256,29 @@ class WandbServer:
                 return {"commitArtifact": {"artifact": {"id": variables["artifactID"], "digest": ""}}}
             if operation == "OrganizationCoreWeaveOrganizationID":
                 return {"entity": {"organization": None}}
+            if operation == "Runs":  # wandb.Api().runs(PATH, filters): one page holds them all
+                filters = json.loads(variables.get("filters") or "{}")
+                found = [r for r in self.runs.values() if r.project == variables["project"] and matches(r, filters)]
+                return {
+                    "project": {
+                        "internalId": f"project-{variables['project']}",
+                        "runCount": len(found),
+                        "readOnly": False,
+                        "runs": {
+                            "edges": [{"node": run.bucket(), "cursor": run.name} for run in found],
+                            "pageInfo": {"endCursor": found[-1].name if found else None, "hasNextPage": False},
+                        },
+                    }
+                    if any(run.project == variables["project"] for run in self.runs.values())
+                    else None
+                }
+            if operation == "RunSampledHistory":  # run.history(keys=...): the rows holding every key, each spec
+                run, specs = self.runs.get(variables["name"]), [json.loads(spec) for spec in variables["specs"]]
+                sampled = [
+                    [{k: row[k] for k in spec["keys"]} for row in run.history if all(k in row for k in spec["keys"])]
+                    for spec in specs
+                ]
+                return {"project": {"run": {"sampledHistory": sampled} if run else None}}
             if operation in ("QueryRunInfo", "RunState"):
                 run = self.runs.get(variables.get("run"))
                 return {"project": {"run": run.bucket() if run else None}}

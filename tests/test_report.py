@@ -1,0 +1,229 @@
+"""report.py: averages and errors over replicates, from real run folders written by real runs, and from
+W&B's server (a local stand-in answering the queries wandb.Api sends) holding the same runs, logged online
+by those runs. The figures are checked against results.json and scipy's t distribution."""
+
+import csv
+import io
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import statistics
+from pathlib import Path
+
+import pytest
+import scipy.stats
+import wandb
+
+import main
+import report
+from boilerplate import replicates
+from conftest import small_run
+from wandb_server import ENTITY, WandbServer
+
+PROJECT = "boilerplate-tests"
+LOW, HIGH = "0.001", "0.01"  # the two groups' learning rates
+
+
+def train(argv: list[str], preempt: bool = False) -> int:
+    """One run in this process (as test_training does); `preempt`: SIGTERM in its second epoch, an error tag."""
+    train_epoch, calls = main.train_epoch, []
+
+    def preempted(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_epoch(*args)
+
+    main.train_epoch = preempted if preempt else train_epoch
+    try:
+        return main.main([*argv, "--watchdog", "no"])
+    finally:
+        main.train_epoch = train_epoch
+
+
+def write_runs(data: Path, out: Path, sweep: str = "") -> None:
+    """Two groups (two learning rates) of three seeds, one of them preempted (failed, error tag), and a
+    third group whose only run fails with NaN loss; the first groups' runs in a sweep when one is named."""
+    for lr, seed, preempt in [(LOW, 0, False), (LOW, 1, False), (LOW, 2, False), (HIGH, 0, False)] + [
+        (HIGH, 1, False),
+        (HIGH, 2, True),
+    ]:
+        os.environ["WANDB_SWEEP_ID"] = sweep
+        try:
+            train(small_run(data, out, "--epochs", "3", "--lr", lr, "--seed", str(seed)), preempt)
+        finally:
+            os.environ.pop("WANDB_SWEEP_ID")
+    train(small_run(data, out, "--optimizer", "sgd", "--lr", "1e30", "--epochs", "3"))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "out"
+    write_runs(tiny_data, out)
+    return out
+
+
+def run_report(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        code = report.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def csv_rows(text: str) -> dict[str, dict]:
+    return {row["group"]: row for row in csv.DictReader(io.StringIO(text))}
+
+
+def expected(out: Path, at_best: str) -> dict[str, list[float]]:
+    """Per group, `at_best` (best/...) of each finished run without an error tag, read straight from results.json."""
+    values: dict[str, list[float]] = {}
+    for path in out.rglob("results.json"):
+        res = json.loads(path.read_text())
+        values.setdefault(res["group"], [])
+        if res["status"] == "finished":
+            values[res["group"]].append(res["best"][at_best])
+    return values
+
+
+@pytest.mark.every_python
+def test_one_row_per_group_with_the_mean_std_and_t_interval_of_its_finished_replicates(runs, capsys):
+    code, out, err = run_report(capsys, runs, "--format", "csv")
+    assert code == 0 and not err, err
+    rows = csv_rows(out)
+    assert len(rows) == 3
+    for metric in ("val/accuracy", "test/accuracy", "test/f1", "test/loss"):
+        for group, values in expected(runs, f"best/{metric}").items():
+            row = rows[group]
+            assert int(row[f"{metric} n"]) == len(values) == int(row["finished"])
+            if not values:  # the NaN run's group: no replicate, no figures
+                assert row[f"{metric} mean"] == "" and row["failed"] == "1"
+                continue
+            assert float(row[f"{metric} mean"]) == pytest.approx(statistics.fmean(values), abs=1e-12)
+            if len(values) > 1:
+                std = statistics.stdev(values)
+                half = scipy.stats.t.ppf(0.975, len(values) - 1) * std / math.sqrt(len(values))
+                assert float(row[f"{metric} std"]) == pytest.approx(std, abs=1e-12)
+                assert float(row[f"{metric} ci_low"]) == pytest.approx(statistics.fmean(values) - half, abs=1e-9)
+                assert float(row[f"{metric} ci_high"]) == pytest.approx(statistics.fmean(values) + half, abs=1e-9)
+    by_lr = {row["lr"]: row for row in rows.values()}
+    assert (by_lr[LOW]["finished"], by_lr[LOW]["failed"]) == ("3", "0")
+    assert (by_lr[HIGH]["finished"], by_lr[HIGH]["failed"]) == ("2", "1")  # the preempted replicate left out
+    assert set(rows[next(iter(rows))]) >= {"optimizer", "lr", "overfitting", "guessing"}  # what differs, what tags
+    assert [row["lr"] for row in rows.values()][-1] == "1e+30"  # no finished replicate: ranked last
+
+
+def test_t_quantile_is_students(capsys):
+    for df in (1, 2, 3, 5, 10, 30, 100):
+        assert replicates.t_quantile(0.975, df) == pytest.approx(scipy.stats.t.ppf(0.975, df), rel=1e-9)
+
+
+def test_the_terminal_markdown_and_latex_tables(runs, capsys):
+    code, out, _ = run_report(capsys, runs)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("Every run: epochs=") and "lr=" not in lines[0]
+    header = next(line for line in lines if line.startswith("group "))
+    assert header.split()[:3] == ["group", "optimizer", "lr"] and "val/accuracy" in header and "95% CI" in header
+    assert "7 runs in 3 groups; metrics at each run's best epoch." in out
+
+    code, out, _ = run_report(capsys, runs, "--format", "markdown", "--metric", "test/loss", "--at", "last")
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| group | optimizer | lr |") and "| test/loss | 95% CI |" in table[0]
+    assert len(table) == 2 + 3 and all(line.count("|") == table[0].count("|") for line in table)
+    assert "metrics at each run's last epoch" in out
+    ranked = [line.split("|")[3].strip() for line in table[2:]]
+    assert ranked[:2] == [HIGH, LOW] or ranked[:2] == [LOW, HIGH]  # by the mean test loss, lower first
+    means = [float(line.split("|")[8].split("±")[0]) for line in table[2:4]]
+    assert means == sorted(means)
+
+    code, out, _ = run_report(capsys, runs, "--format", "latex", "--metric", "val/loss")
+    rows = [line for line in out.splitlines() if line.startswith(("adam", "sgd"))]
+    assert out.startswith("\\begin{tabular}") and out.rstrip().endswith("\\end{tabular}") and "\\toprule" in out
+    best = min(
+        csv_rows(run_report(capsys, runs, "--format", "csv", "--metric", "val/loss")[1]).values(),
+        key=lambda row: float(row["val/loss mean"] or "inf"),
+    )
+    [bold] = [line for line in rows if "\\textbf" in line]  # the best group's mean, alone
+    assert bold.startswith(f"{best['optimizer']} & {best['lr']} & ") and "$\\pm$" in bold and len(rows) == 3
+
+
+def test_learning_curves_are_drawn_to_a_png(runs, tmp_path, capsys):
+    code, out, err = run_report(capsys, runs, "--plot", tmp_path / "curves.png", "--metric", "val/loss")
+    assert code == 0 and not err, err
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _, err = run_report(capsys, runs, "--plot", tmp_path / "no-folder" / "curves.png")
+    assert code == 1 and "could not be written" in err and "Traceback" not in err
+
+
+def test_the_missing_seeds_are_commands_that_run_them(runs, tiny_data, tmp_path, capsys):
+    out = shutil.copytree(runs, tmp_path / "out")
+    code, text, _ = run_report(capsys, out, "--replicates", "3")
+    commands = [line for line in text.splitlines() if line.startswith("python main.py")]
+    assert code == 0 and "# 4 runs bring every group to 3 finished replicates:" in text
+    [high] = [c for c in commands if f"--lr {HIGH} " in c]
+    argv = shlex.split(high)[2:]
+    assert argv[-2:] == ["--seed", "3"]  # a new seed: 0, 1 and 2 (the preempted one) are taken
+    assert f"--data_path {tiny_data}" in high and f"--output_path {out}" in high  # runnable as it stands
+    assert train(argv) == 0
+    code, text, _ = run_report(capsys, out, "--replicates", "3", "--format", "csv")
+    assert csv_rows(text.split("\n\n")[0]) and f"--lr {HIGH} " not in text.split("\n\n")[-1]  # topped up
+    by_lr = {row["lr"]: row for row in csv_rows(text.split("\n\n")[0]).values()}
+    assert by_lr[HIGH]["finished"] == "3"
+
+
+def test_bad_input_is_named_with_the_documented_exit_status(runs, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_report(capsys, empty)
+    assert code == 1 and f"Error: no runs found in {empty}" in err
+
+    code, _, err = run_report(capsys, tmp_path / "missing")
+    assert code == 1 and "is not a folder" in err
+
+    damaged = shutil.copytree(runs, tmp_path / "damaged")
+    [first, *_] = sorted(damaged.rglob("results.json"))
+    first.write_text('{"history": [')  # cut short, as by a full disk
+    code, out, err = run_report(capsys, damaged)
+    assert code == 0 and f"Warning: skipped {first} (JSONDecodeError" in err
+    assert "6 runs in 3 groups; 1 unreadable run folders skipped" in out
+
+    code, _, err = run_report(capsys, runs, "--metric", "val/acc")
+    assert code == 2 and "no run has the metric val/acc; the runs have: " in err and "test/accuracy" in err
+    for argv in ([], [runs, "--wandb", "a/b"], [runs, "--sweep", "x"]):
+        code, _, err = run_report(capsys, *argv)
+        assert code == 2 and "Traceback" not in err
+
+    server = WandbServer()
+    server.close()  # nothing answers at its address now
+    env = {**server.environment(), "WANDB_DIR": str(tmp_path)}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        code, _, err = run_report(capsys, "--wandb", f"{ENTITY}/{PROJECT}", "--timeout", "2")
+    assert code == 1 and f"Error: W&B's runs of {ENTITY}/{PROJECT} could not be read (" in err, err
+    assert "Traceback" not in err
+
+
+def test_wandb_runs_report_as_their_folders_do_and_a_sweep_alone(tiny_data, tmp_path, capsys, monkeypatch):
+    stand_in = WandbServer()
+    try:
+        for name, value in {**stand_in.environment(), "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("WANDB_PROJECT", PROJECT)
+        write_runs(tiny_data, tmp_path / "out", sweep="sweep1")
+        wandb.teardown()  # every run's last upload done, as at the end of their processes
+        assert {run.sweep for run in stand_in.runs.values()} == {"sweep1", ""}
+        folders = run_report(capsys, tmp_path / "out", "--format", "csv")
+        online = run_report(capsys, "--wandb", f"{ENTITY}/{PROJECT}", "--format", "csv")
+        assert online == folders and online[0] == 0
+        code, out, _ = run_report(capsys, "--wandb", f"{ENTITY}/{PROJECT}", "--sweep", "sweep1", "--format", "csv")
+        assert code == 0 and sorted(row["lr"] for row in csv_rows(out).values()) == sorted([HIGH, LOW])
+        code, _, err = run_report(capsys, "--wandb", f"{ENTITY}/{PROJECT}", "--plot", tmp_path / "curves.png")
+        assert code == 0 and (tmp_path / "curves.png").stat().st_size > 0, err  # curves from W&B's history
+    finally:
+        stand_in.close()
