@@ -5,6 +5,7 @@ the tags before either is loaded.
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -36,7 +37,12 @@ class Tag:
 
     def matches(self, tag: str) -> bool:
         """Whether `tag` is this tag, its fields filled in any way."""
-        return re.fullmatch(re.sub(r"\\{\w+\\}", ".+", re.escape(self.template)), tag) is not None
+        return template_pattern(self.template).fullmatch(tag) is not None
+
+
+@functools.cache  # a report matches every run's tags against a few templates
+def template_pattern(template: str) -> re.Pattern:
+    return re.compile(re.sub(r"\\{\w+\\}", ".+", re.escape(template)))
 
 
 SUCCESS = Tag("Success", False, "training completed every epoch")
