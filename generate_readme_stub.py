@@ -286,6 +286,13 @@ The detectors' thresholds:
 
 {TODO}: figures, tables, links to the W&B project.
 
+The averages and errors over each group's seed replicates (mean, standard deviation, 95% confidence
+interval), for a table in a paper, and each group's learning curves:
+
+    python report.py OUTPUT_PATH --format markdown     # the run folders of --save yes
+    python report.py --wandb ENTITY/PROJECT --format latex --plot curves.png
+    python report.py OUTPUT_PATH --replicates 5        # the commands that run the missing seeds
+
 ## License
 
 {licence_line}

@@ -22,6 +22,7 @@ import argparse
 import csv
 import io
 import math
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -209,15 +210,16 @@ def top_up(found: list[Group], parser: options.Parser, wanted: int, where: list[
         used = {run.config.get("seed") for run in g.runs}
         seeds = (s for s in range(10**9) if s not in used)
         flags = [
-            f"--{a.dest} {shown(g.config[a.dest])}"
+            word
             for group in options.option_groups(parser).values()
             for a in group.actions
             if a.dest not in NOT_COPIED
             and g.config.get(a.dest) is not None
             and (a.dest in hyperparameters or g.config[a.dest] != defaults.get(a.dest))
+            for word in (f"--{a.dest}", shown(g.config[a.dest]))
         ]
         for _ in range(max(0, wanted - g.finished)):
-            commands.append(" ".join(["python main.py", *flags, *where, f"--seed {next(seeds)}"]))
+            commands.append(shlex.join(["python", "main.py", *flags, *where, "--seed", str(next(seeds))]))
     return commands
 
 
@@ -234,12 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.wandb:
             runs, damaged = read_wandb(args.wandb, args.sweep, args.timeout), []
-            where = [f"--wandb_project {args.wandb.split('/')[-1]}"]
+            where = ["--wandb_project", args.wandb.split("/")[-1]]
         else:
             if not args.output_path.is_dir():
                 raise ReportError(f"{args.output_path} is not a folder")
             runs, damaged = read_folders(args.output_path)
-            where = [f"--save yes --output_path {args.output_path}"]
+            where = ["--save", "yes", "--output_path", str(args.output_path)]
     except ReportError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1

@@ -88,6 +88,8 @@ def test_tables_are_the_codes_and_well_formed(project):
     readme = (project / "README.md").read_text()
     tables = generate_readme_stub.tags_table(), generate_readme_stub.metrics_table()
     assert all(t in readme for t in tables) and generate_readme_stub.thresholds_table(main.get_parser()) in readme
+    results = readme.split("## Results")[1].split("## License")[0]  # the report's commands, for the person's table
+    assert "python report.py OUTPUT_PATH --format markdown" in results and "--wandb ENTITY/PROJECT" in results
     tables, block = [], []
     for line in readme.splitlines() + [""]:
         if line.startswith("|"):
