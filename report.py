@@ -22,6 +22,7 @@ import argparse
 import csv
 import io
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -97,6 +98,8 @@ def runs_cell(g: Group) -> list[str]:
 
 
 def table(found: list[Group], columns: list[str], metrics: list[str], style: str) -> str:
+    if style == "latex":
+        return latex(found, columns, metrics)
     header = ["group", *columns, "finished", "failed", *COUNTED_TAGS]
     for m in metrics:
         header += [m, "95% CI"] if style != "csv" else [f"{m} {s}" for s in ("n", "mean", "std", "ci_low", "ci_high")]
@@ -115,8 +118,6 @@ def table(found: list[Group], columns: list[str], metrics: list[str], style: str
         out = io.StringIO()
         csv.writer(out, lineterminator="\n").writerows([header, *rows])
         return out.getvalue().rstrip("\n")
-    if style == "latex":
-        return latex(found, columns, metrics)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [header, ["-" * w for w in widths], *rows]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines)
@@ -286,4 +287,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `report.py ... | head`: the reader has had enough (as Python's docs advise)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
