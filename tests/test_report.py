@@ -9,13 +9,14 @@ import math
 import os
 import shlex
 import shutil
-import signal
 import statistics
+import time
 from pathlib import Path
 
 import pytest
 import scipy.stats
 import wandb
+from test_training import Preempted
 
 import main
 import report
@@ -29,19 +30,10 @@ LOW, HIGH = "0.001", "0.01"  # the two groups' learning rates
 
 def train(argv: list[str], preempt: bool = False) -> int:
     """One run in this process (as test_training does); `preempt`: SIGTERM in its second epoch, an error tag."""
-    train_epoch, calls = main.train_epoch, []
-
-    def preempted(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return train_epoch(*args)
-
-    main.train_epoch = preempted if preempt else train_epoch
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        if preempt:
+            Preempted(patch).start(2)
         return main.main([*argv, "--watchdog", "no"])
-    finally:
-        main.train_epoch = train_epoch
 
 
 def write_runs(data: Path, out: Path, sweep: str = "") -> None:
@@ -217,6 +209,9 @@ def test_wandb_runs_report_as_their_folders_do_and_a_sweep_alone(tiny_data, tmp_
         monkeypatch.setenv("WANDB_PROJECT", PROJECT)
         write_runs(tiny_data, tmp_path / "out", sweep="sweep1")
         wandb.teardown()  # every run's last upload done, as at the end of their processes
+        deadline = time.monotonic() + 60  # W&B's service may still be sending a run's end
+        while any(run.exit_code is None for run in stand_in.runs.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert {run.sweep for run in stand_in.runs.values()} == {"sweep1", ""}
         folders = run_report(capsys, tmp_path / "out", "--format", "csv")
         online = run_report(capsys, "--wandb", f"{ENTITY}/{PROJECT}", "--format", "csv")
@@ -227,7 +222,8 @@ def test_wandb_runs_report_as_their_folders_do_and_a_sweep_alone(tiny_data, tmp_
             for key, value in row.items()
             if csv_rows(online[1]).get(group, {}).get(key) != value
         ]
-        assert not differ and len(csv_rows(online[1])) == 3, differ
+        states = {r.name: (r.group, r.exit_code, r.tags) for r in stand_in.runs.values()}
+        assert not differ and len(csv_rows(online[1])) == 3, (differ, states)
         code, out, _ = run_report(capsys, "--wandb", f"{ENTITY}/{PROJECT}", "--sweep", "sweep1", "--format", "csv")
         assert code == 0 and sorted(row["lr"] for row in csv_rows(out).values()) == sorted([HIGH, LOW])
         code, _, err = run_report(capsys, "--wandb", f"{ENTITY}/{PROJECT}", "--plot", tmp_path / "curves.png")

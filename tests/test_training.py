@@ -44,6 +44,25 @@ def run_main(*args: str) -> int:
     return main.main([*args, "--watchdog", "no"])
 
 
+class Preempted:
+    """main.train_epoch, wrapped: a SIGTERM to this process as its Nth call (a run's epoch N) begins, for each
+    N given to `start` (none before), as a scheduler preempts a job; the count begins again at each start."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.calls, self.at, train_epoch = 0, (), main.train_epoch
+
+        def preempted(*args):
+            self.calls += 1
+            if self.calls in self.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return train_epoch(*args)
+
+        monkeypatch.setattr(main, "train_epoch", preempted)
+
+    def start(self, *at: int) -> None:
+        self.calls, self.at = 0, at
+
+
 def wandb_run(wandb_dir: Path, run_id: str):
     """The run as W&B wrote it. W&B's service writes the file behind the process's back; at exit
     Python waits for it, here this test does, as the process would."""
@@ -139,15 +158,7 @@ def test_patience_stops_a_run_that_no_longer_improves_and_survives_a_resume(stop
     """Nothing to learn (shuffled labels): the validation loss stops improving, and --patience 2 ends the run
     there, Early stopped, Finished; a run preempted on the way and resumed ends the same (the best epoch and
     the count since come from the history its checkpoint keeps)."""
-    calls, preempt_at, train_epoch = [], [], main.train_epoch
-
-    def preempted(*args):
-        calls.append(1)
-        if len(calls) in preempt_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return train_epoch(*args)
-
-    monkeypatch.setattr(main, "train_epoch", preempted)
+    preempt = Preempted(monkeypatch)
     flags = ("--epochs", "30", "--monitor", "val/loss", "--patience", "2")
     whole = small_run(noise_data, tmp_path / "whole", *flags)
     assert run_main(*whole) == 0
@@ -156,8 +167,7 @@ def test_patience_stops_a_run_that_no_longer_improves_and_survives_a_resume(stop
     assert res["tags"][0] == "Early stopped" and "Success" not in res["tags"] and res["status"] == "finished"
     assert len(history) < 30 and history[-1]["epoch"] - res["best"]["best/epoch"] == 2
     if stop_at:
-        calls.clear()
-        preempt_at.append(stop_at)
+        preempt.start(stop_at)
         stopped = small_run(noise_data, tmp_path / "stopped", *flags)
         assert run_main(*stopped) == 1 and "Preempted" in results(tmp_path / "stopped")[1]["tags"]
         assert run_main(*stopped, "--resume", "yes") == 0
@@ -195,13 +205,7 @@ def test_the_models_logged_across_a_resume_are_those_of_a_run_never_stopped(
 ):
     """--log_model and a preemption: the stopped sitting and the resumed one log, between them, the models a
     run never stopped logs (the same epochs, aliases and artifact name), none twice and none lost."""
-    calls, preempt_at, train_epoch = [], [], main.train_epoch
-
-    def preempted(*args):
-        calls.append(1)
-        if len(calls) in preempt_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return train_epoch(*args)
+    preempt = Preempted(monkeypatch)
 
     def models(run_id: str) -> list[tuple]:
         wandb.teardown()  # W&B's service writes the files behind the process's back
@@ -213,11 +217,9 @@ def test_the_models_logged_across_a_resume_are_those_of_a_run_never_stopped(
             if a["type"] == "model"
         ]
 
-    monkeypatch.setattr(main, "train_epoch", preempted)
     flags = ("--epochs", "4", "--log_model", when, "--monitor", "val/loss", "--wandb_project", "boilerplate-tests")
     assert run_main(*small_run(tiny_data, tmp_path / "whole", *flags)) == 0
-    calls.clear()
-    preempt_at.append(3)  # stopped in epoch 3: epochs 1 and 2 done, their models (if best) logged
+    preempt.start(3)  # stopped in epoch 3: epochs 1 and 2 done, their models (if best) logged
     assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags)) == 1
     assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags, "--resume", "yes")) == 0
     (whole_folder, whole), (folder, resumed) = (results(tmp_path / name) for name in ("whole", "stopped"))
@@ -284,19 +286,10 @@ def test_a_run_from_saved_weights_resumes_exactly(tiny_data, tmp_path, monkeypat
     again) and equals a run never stopped."""
     assert run_main(*small_run(tiny_data, tmp_path / "first", "--epochs", "1")) == 0
     weights = str(results(tmp_path / "first")[0] / "model.pt")
-    calls, preempt_at, train_epoch = [], [], main.train_epoch
-
-    def preempted(*args):
-        calls.append(1)
-        if len(calls) in preempt_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return train_epoch(*args)
-
-    monkeypatch.setattr(main, "train_epoch", preempted)
+    preempt = Preempted(monkeypatch)
     flags = ("--epochs", "3", "--init_from", weights)
     assert run_main(*small_run(tiny_data, tmp_path / "whole", *flags)) == 0
-    calls.clear()
-    preempt_at.append(2)
+    preempt.start(2)
     assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags)) == 1
     assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags, "--resume", "yes")) == 0
     whole, resumed = (results(tmp_path / name)[1]["history"] for name in ("whole", "stopped"))
