@@ -131,8 +131,9 @@ def train_reporting_bugs(
     except (StartError, RunEnded):  # the run could not start, or its end is written
         raise
     except Exception as e:  # noqa: BLE001 (a bug in the training code: shown whole, and the run's end written)
-        if record.run and wandb_start.lost_under(e):  # W&B's fault, under a call of the fork's own: not a bug
-            record.lost_wandb("your training code called it", e, "The run stops here, resumable")
+        if (record.run or wandb_start.stuck) and wandb_start.lost_under(e):  # W&B's fault, under a fork's call
+            hung = ", W&B having hung in this process before" if wandb_start.stuck else ""
+            record.lost_wandb(f"your training code called it{hung}", e, "The run stops here, resumable")
             record.finish(record.tags + [utils.WANDB_LOST()])
             return
         traceback.print_exc()

@@ -193,11 +193,13 @@ def setup_error(e: BaseException, wandb: Any) -> errors.StartError:
 
 
 def lost_under(e: BaseException) -> bool:
-    """Whether `e` is W&B's connection to its service, lost under a W&B call (the service died): a
-    ConnectionError raised through W&B's own code. The run's own W&B calls are guarded (runs.use_wandb);
-    one that escapes the training code came from a call of the fork's own (wandb.log in the loop, say)."""
+    """Whether `e` is W&B lost under a W&B call, raised through W&B's own code: its connection to its service
+    (the service died: a ConnectionError), or, once W&B has hung in this process (`stuck`: no run can start
+    now, not even a disabled one), W&B refusing the call (wandb.log before wandb.init). The run's own W&B
+    calls are guarded (runs.use_wandb); one that escapes the training code came from a call of the fork's
+    own (wandb.log in the loop, say)."""
     wandb = sys.modules.get("wandb")
-    if wandb is None or not isinstance(e, ConnectionError):
+    if wandb is None or not isinstance(e, (ConnectionError, wandb.Error) if stuck else ConnectionError):
         return False
     package = Path(wandb.__file__).parent
     return any(Path(frame.filename).is_relative_to(package) for frame in traceback.extract_tb(e.__traceback__))

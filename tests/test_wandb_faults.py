@@ -103,10 +103,12 @@ def test_wandbs_service_failing_as_it_starts_never_hangs_the_run_nor_blames_it(w
             if not every:
                 break
         shown, deadline = epochs_shown(output), time.monotonic() + 180
-        while epochs_shown(output) < shown + 2:  # the run goes on after the fault
-            assert proc.poll() is None and time.monotonic() < deadline, str(output)
+        # The run goes on after the fault; only a fork's own W&B call may end it (W&B lost, checked below).
+        while epochs_shown(output) < shown + 2 and proc.poll() is None:
+            assert time.monotonic() < deadline, str(output)
             time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGINT)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
         text, _ = output.finish(180)
     finally:
         proc.kill()
@@ -118,7 +120,8 @@ def test_wandbs_service_failing_as_it_starts_never_hangs_the_run_nor_blames_it(w
     folder, res = results(out)
     assert res["status"] == "failed" and "Exception" not in res["tags"], text
     if res["tags"][-1] == "W&B lost" and calls_wandb(ROOT / "main.py"):  # a fork's own call met the dead service
-        assert "your training code called it" in text and res["history"], text
+        # (in its first epoch, where it calls W&B each batch: no epoch to keep, the run resumable)
+        assert "your training code called it" in text and "continue it with --resume yes" in text, text
         return
     assert res["tags"][-1] == "User abort", text
     epochs = whole_epochs(res["history"])
