@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -131,6 +132,37 @@ def test_wandbs_service_failing_as_it_starts_never_hangs_the_run_nor_blames_it(w
         assert "the run goes on without W&B" in text
     if runs and runs[-1].exit_code is not None:  # W&B started after all (a second try): it holds every epoch
         assert sum(len(wandb_epochs(run.history)) for run in runs) == len(epochs) and runs[-1].tags == res["tags"]
+
+
+def test_a_forks_own_wandb_log_after_wandbs_start_hung_stops_the_run_resumable_never_as_a_bug(tiny_data, tmp_path):
+    """W&B's service frozen as it starts: the run goes on without W&B, and no run (not even a disabled one)
+    can start in that process now, so W&B refuses the fork's own wandb.log. That is W&B's fault too: the
+    run stops there, `W&B lost`, resumable, saying W&B had hung."""
+    folder = fork(tmp_path, edits=OWN_WANDB_LOG)
+    argv = small_run(tiny_data, tmp_path / "out", "--verbose", "1", "--epochs", "4", "--wandb_project", "x")
+    proc = launch(argv, tmp_path, {**OFFLINE, **QUICK}, script=folder / "main.py")
+    cores = []
+    try:
+        output, training = Output(proc), training_process(proc.pid)
+        cores = new_cores(training, set(), proc)
+        # Frozen once it listens (it writes its port to a file named after the training process), so that
+        # wandb.init waits on it: a service frozen before that fails fast, and W&B tries again.
+        deadline = time.monotonic() + 60
+        while not list(Path(tempfile.gettempdir()).glob(f"*/port-{training}.txt")) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        for core in cores:
+            os.kill(core, signal.SIGSTOP)
+        text, _ = output.finish(180)
+    finally:
+        proc.kill()
+        for core in cores:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(core, signal.SIGKILL)
+    assert cores and proc.returncode == 1 and "Traceback" not in text, text
+    assert "W&B's start hung" in text and "your training code called it, W&B having hung in this process" in text
+    assert "continue it with --resume yes" in text
+    res = results(tmp_path / "out")[1]
+    assert res["tags"][-1] == "W&B lost" and "Exception" not in res["tags"] and res["status"] == "failed"
 
 
 def test_wandbs_service_dying_under_a_forks_own_wandb_log_stops_the_run_resumable_never_as_a_bug(tiny_data, tmp_path):
