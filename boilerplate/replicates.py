@@ -87,7 +87,6 @@ def read_folders(root: Path) -> tuple[list[Replicate], list[str]]:
 def read_wandb(path: str, sweep: str | None = None, timeout: int = 30) -> list[Replicate]:
     """The runs of an ENTITY/PROJECT on W&B's server (those of one sweep with `sweep`), through wandb.Api:
     their config, state, tags and summary now, their history only when asked (a curve)."""
-    import requests
     import wandb
     from wandb.errors import CommError, UsageError
 
@@ -95,7 +94,7 @@ def read_wandb(path: str, sweep: str | None = None, timeout: int = 30) -> list[R
         api = wandb.Api(timeout=timeout)
         found = list(api.runs(path, filters={"sweep": sweep} if sweep else {}))
         return [from_wandb(run) for run in found]
-    except (CommError, UsageError, requests.RequestException, ValueError) as e:
+    except (CommError, UsageError, OSError, ValueError) as e:  # OSError: requests' errors among them
         raise ReportError(f"W&B's runs of {path} could not be read ({type(e).__name__}: {e})") from None
 
 

@@ -115,8 +115,9 @@ def test_finds_the_requirements_offline_and_not_its_own_tool(project):  # noqa: 
     assert done.returncode == 0, done.stderr
     section = (project / "README.md").read_text().split("## Requirements")[1].split("## Usage")[0]
     names = {line.split("==")[0].strip() for line in section.splitlines() if "==" in line}
-    # The experiment's six, and local_sweep.py's two.
-    assert names == {"torch", "torchvision", "torcheval", "wandb", "tqdm", "numpy", "sweeps", "PyYAML"}
+    # The experiment's six, local_sweep.py's two, and report.py's plots.
+    expected = {"torch", "torchvision", "torcheval", "wandb", "tqdm", "numpy", "sweeps", "PyYAML", "matplotlib"}
+    assert names == expected
 
 
 # SGD at absurd learning rates: which overflow comes first depends on the model and the data,
