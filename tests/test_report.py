@@ -115,6 +115,18 @@ def test_t_quantile_is_students(capsys):
         assert replicates.t_quantile(0.975, df) == pytest.approx(scipy.stats.t.ppf(0.975, df), rel=1e-9)
 
 
+def test_a_metric_is_read_at_the_best_epoch_or_the_last_where_a_run_kept_no_best():
+    def run(best: dict) -> replicates.Replicate:
+        last = {"val/accuracy": 0.8, "test/accuracy": 0.7, "train/loss": 0.1}
+        return replicates.Replicate("r", "g", {}, "finished", ["Success"], best, last, lambda keys: [])
+
+    kept = run({"best/epoch": 2, "best/val/accuracy": 0.9, "best/test/accuracy": 0.6})
+    assert [kept.value(m, replicates.BEST) for m in ("val/accuracy", "test/accuracy", "train/loss")] == [0.9, 0.6, 0.1]
+    assert kept.value("test/accuracy", replicates.LAST) == 0.7
+    assert run({}).value("test/accuracy", replicates.BEST) == 0.7  # --monitor none: no best epoch kept
+    assert run({}).value("test/f1", replicates.BEST) is None
+
+
 def test_the_terminal_markdown_and_latex_tables(runs, capsys):
     code, out, _ = run_report(capsys, runs)
     lines = out.splitlines()
