@@ -5,6 +5,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -192,6 +193,24 @@ def start_main(args: list[str], script: Path = ROOT / "main.py", **kwargs) -> su
         start_new_session=True,
         **kwargs,
     )
+
+
+def processes_with(marker: str) -> list[str]:
+    """The processes whose command line holds `marker` (a test's folder, say)."""
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+    return out.split()
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test(request):
+    """A test that fails midway may leave a run it started behind, in a process group of its own (as W&B's
+    agent starts runs): killed here, or it would train on, slowing every later test (it once made six
+    stop tests of a fork's suite fail by time)."""
+    folder = str(request.getfixturevalue("tmp_path")) if "tmp_path" in request.fixturenames else None
+    yield
+    for pid in processes_with(folder) if folder else []:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
 
 
 def children(pid: int, program: bytes) -> list[int]:

@@ -27,6 +27,7 @@ from conftest import (
     Output,
     epoch_rows,
     group_of,
+    processes_with,
     results,
     small_run,
     start_main,
@@ -163,11 +164,6 @@ def start_run_sweep(
 def wait_for_epochs(output: Output, runs: int) -> None:
     # the runs' summary lines come through the agents' output
     output.wait_for(lambda line: line.startswith("epoch 1/"), count=runs)
-
-
-def processes_with(marker: str) -> list[str]:
-    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
-    return out.split()
 
 
 @pytest.mark.every_python
