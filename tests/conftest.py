@@ -213,6 +213,16 @@ def no_process_outlives_its_test(request):
             os.kill(int(pid), signal.SIGKILL)
 
 
+@pytest.fixture(autouse=True)
+def no_wandb_service_outlives_its_test():
+    """W&B's in-process service leaves its address in WANDB_SERVICE, where every process started later
+    inherits it and joins it rather than starting its own: a later test's run then logs through an earlier
+    test's service (its settings, its faults), and a test waiting for the run's own wandb-core waits forever."""
+    yield
+    if os.environ.get("WANDB_SERVICE") and (wandb := sys.modules.get("wandb")):
+        wandb.teardown()
+
+
 def children(pid: int, program: bytes) -> list[int]:
     """The processes `pid` started whose command line names `program`."""
     found = []
