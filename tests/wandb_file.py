@@ -7,6 +7,7 @@ wandb no longer ships a Python reader for it, so the tests carry this small one.
 """
 
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,8 +108,14 @@ def find_run(wandb_dir: Path, run_id: str) -> Run:
 
 
 def find_runs(wandb_dir: Path, run_id: str, prefix: str = "") -> list[Run]:
-    """Every W&B run file of this id, oldest first: offline, a resumed run writes a second one."""
-    return [read_run(path) for path in sorted(Path(wandb_dir).glob(f"wandb/{prefix}*-{run_id}/run-{run_id}.wandb"))]
+    """Every W&B run file of this id, oldest first: offline, a resumed run writes a second one (in a folder
+    named by the second it started, and a "-1", "-2"... after it where sittings start within one second)."""
+    sitting = re.compile(rf"(.*)-{re.escape(run_id)}(?:-(\d+))?")  # the start's time, then the "-N"
+    order = {}
+    for path in Path(wandb_dir).glob(f"wandb/{prefix}*-{run_id}*/run-{run_id}.wandb"):
+        if match := sitting.fullmatch(path.parent.name):
+            order[path] = (match[1], int(match[2] or 0))
+    return [read_run(path) for path in sorted(order, key=order.get)]
 
 
 def whole_run(wandb_dir: Path, run_id: str) -> Run:
