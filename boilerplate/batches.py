@@ -2,7 +2,8 @@
 --workers 0) lives on the device whole and a batch is a slice of a seeded permutation: no
 per-sample Python, no copies. Any other (a Dataset of your own, or --workers N) goes through a
 torch DataLoader: worker processes, pinned memory, non-blocking copies. Both shuffle with the
-run's generator, whose state the checkpoint keeps, so a resumed run draws the same batches.
+run's generator, whose state the checkpoint keeps, so a resumed run draws the same batches. Under
+torchrun (`shard=True`), every rank draws the same order and takes its share of each batch (distributed.py).
 """
 
 import signal
@@ -10,9 +11,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
 import utils
+
+from . import distributed
 
 VAL_SPLIT_SEED = 0  # a split held out is fixed: it never moves with --seed
 
@@ -37,14 +40,23 @@ class DeviceBatches:
     def labels(self) -> torch.Tensor:
         return self.y
 
+    def part(self, start: int, end: int) -> "DeviceBatches":
+        """Samples start to end (a view: nothing is copied)."""
+        part = DeviceBatches.__new__(DeviceBatches)
+        part.x, part.y = self.x[start:end], self.y[start:end]
+        return part
+
     def batches(
-        self, size: int, generator: torch.Generator | None = None
+        self, size: int, generator: torch.Generator | None = None, shard: bool = False
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of `size`, shuffled by `generator`, in order without one."""
+        """Batches of `size`, shuffled by `generator`, in order without one; with `shard`, this rank's share
+        of each."""
+        n = len(self.y)
         # Sync point, once per epoch: the permutation is drawn on the CPU, the same on every device.
-        order = torch.randperm(len(self.y), generator=generator).to(self.y.device) if generator else None
-        for i in range(0, len(self.y), size):
-            index = order[i : i + size] if generator else slice(i, i + size)
+        order = torch.randperm(n, generator=generator).to(self.y.device) if generator else None
+        for i in range(0, n, size):
+            start, end = distributed.bounds(min(size, n - i)) if shard else (0, size)
+            index = order[i + start : min(i + end, n)] if generator else slice(i + start, min(i + end, n))
             yield self.x[index], self.y[index]
 
 
@@ -65,14 +77,18 @@ class LoaderBatches:
     def labels(self) -> torch.Tensor:
         return labels_of(self.dataset).to(self.device)
 
+    def part(self, start: int, end: int) -> "LoaderBatches":
+        return LoaderBatches(Subset(self.dataset, range(start, end)), self.device, self.workers)
+
     def batches(
-        self, size: int, generator: torch.Generator | None = None
+        self, size: int, generator: torch.Generator | None = None, shard: bool = False
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Without shuffling the loader still draws its workers' seed: from a generator of its own, then.
+        how = {"batch_sampler": Shares(len(self.dataset), size, generator)} if shard else {"batch_size": size}
         loader = DataLoader(
             self.dataset,
-            batch_size=size,
-            shuffle=generator is not None,
+            **how,
+            shuffle=None if shard else generator is not None,
             generator=generator or torch.Generator(),
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
@@ -80,6 +96,26 @@ class LoaderBatches:
         )
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class Shares:
+    """A DataLoader's batch sampler for one rank: the order a shuffling DataLoader draws (after the
+    workers' seed), and of each batch of `size`, this rank's share."""
+
+    def __init__(self, n: int, size: int, generator: torch.Generator | None):
+        self.n, self.size, self.generator = n, size, generator
+
+    def __len__(self) -> int:
+        return -(-self.n // self.size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # torch's own sampler, drawn to its end as a shuffling DataLoader draws it: the generator then moves
+        # on as it does in one process (it draws a permutation more once the order is exhausted)
+        order = list(RandomSampler(range(self.n), generator=self.generator)) if self.generator else range(self.n)
+        for i in range(0, self.n, self.size):
+            batch = order[i : i + self.size]
+            start, end = distributed.bounds(len(batch))
+            yield list(batch[start:end])
 
 
 def batches_of(dataset: Dataset, device: torch.device, workers: int) -> DeviceBatches | LoaderBatches:

@@ -6,11 +6,13 @@ generator's state, beside the process's random generators, the history and the t
 import contextlib
 import pickle
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import distributed
 from .errors import StartError, described
 from .files import atomic_write
 
@@ -35,12 +37,12 @@ def restore(thing: object, state: object) -> None:
         thing.load_state_dict(state)
 
 
-def save(path: Path, epoch: int, stateful: dict[str, object], history: list, tags: list) -> None:
-    """Writes the checkpoint whole or not at all: each piece of `stateful`, the process's random
-    generators, the history and the tags. Only tensors and plain values, so that load() can refuse
-    anything else."""
+def snapshot(epoch: int, stateful: dict[str, object], history: list, tags: list) -> dict:
+    """What a checkpoint keeps: each piece of `stateful`, the process's random generators, the history and
+    the tags, the number of processes that trained. Only tensors and plain values, so that load() can
+    refuse anything else."""
     numpy_rng = np.random.get_state(legacy=False)
-    state = {
+    return {
         "epoch": epoch,
         "stateful": {name: state_of(thing) for name, thing in stateful.items()},
         "torch_rng": torch.get_rng_state(),
@@ -55,7 +57,34 @@ def save(path: Path, epoch: int, stateful: dict[str, object], history: list, tag
         },
         "history": history,
         "tags": tags,
+        "world_size": distributed.world(),
     }
+
+
+def restore_all(state: dict, stateful: dict[str, object]) -> tuple[int, list, list]:
+    """Puts a snapshot back into each piece of `stateful` and the random generators; returns the epoch
+    it was taken after, the history and the tags."""
+    if missing := set(stateful) - set(state["stateful"]):  # a piece added since the checkpoint was written
+        raise KeyError(f"it holds no {', '.join(sorted(missing))}")
+    for name, thing in stateful.items():
+        restore(thing, state["stateful"][name])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate(state["python_rng"])
+    numpy_rng = state["numpy_rng"]
+    np.random.set_state(
+        {
+            **numpy_rng,
+            "state": {"key": numpy_rng["state"]["key"].numpy().astype(np.uint32), "pos": numpy_rng["state"]["pos"]},
+        }
+    )
+    return state["epoch"], state["history"], state["tags"]
+
+
+def save(path: Path, epoch: int, stateful: dict[str, object], history: list, tags: list) -> None:
+    """Writes the checkpoint (a snapshot) whole or not at all."""
+    state = snapshot(epoch, stateful, history, tags)
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -65,21 +94,7 @@ def load(path: Path, device: torch.device, stateful: dict[str, object]) -> tuple
     run code as it loads."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-        if missing := set(stateful) - set(state["stateful"]):  # a piece added since the checkpoint was written
-            raise KeyError(f"it holds no {', '.join(sorted(missing))}")
-        for name, thing in stateful.items():
-            restore(thing, state["stateful"][name])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        random.setstate(state["python_rng"])
-        numpy_rng = state["numpy_rng"]
-        np.random.set_state(
-            {
-                **numpy_rng,
-                "state": {"key": numpy_rng["state"]["key"].numpy().astype(np.uint32), "pos": numpy_rng["state"]["pos"]},
-            }
-        )
+        done = restore_all(state, stateful)
     except pickle.UnpicklingError:  # what weights_only refuses: the file would run code as it loads
         unsafe = []
         with contextlib.suppress(Exception):  # torch's own list of what it would call; a damaged file has none
@@ -96,7 +111,13 @@ def load(path: Path, device: torch.device, stateful: dict[str, object]) -> tuple
             "written by another version of the code, or not a checkpoint at all; delete it "
             "to train this run again from its start."
         ) from None
-    return state["epoch"], state["history"], state["tags"]
+    if state.get("world_size", 1) != distributed.world():
+        print(
+            f"Warning: this run was trained by {state.get('world_size', 1)} processes and goes on with "
+            f"{distributed.world()}: each draws other batches from here on, so it will not equal a run never stopped.",
+            file=sys.stderr,
+        )
+    return done
 
 
 def load_weights(model: torch.nn.Module, path: Path, device: torch.device) -> None:

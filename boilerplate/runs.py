@@ -262,8 +262,17 @@ class Record:
     --watchdog no) hears of each step, so that it can take the run over. `status` is the exit status,
     once the run has ended."""
 
-    def __init__(self, opts: dict, config: dict, folder: Path | None, history: list, guard: "watch.Link | None" = None):
-        self.opts, self.config, self.folder, self.guard = opts, config, folder, guard
+    def __init__(
+        self,
+        opts: dict,
+        config: dict,
+        folder: Path | None,
+        history: list,
+        guard: "watch.Link | None" = None,
+        owner: bool = True,
+    ):
+        # `owner`: this process writes the run (W&B, results, the screen's summary); under torchrun, rank 0 alone.
+        self.opts, self.config, self.folder, self.guard, self.owner = opts, config, folder, guard, owner
         self.run, self.run_path, self.user_tags, self.constants = None, None, (), {}
         self.history, self.tags, self.status = history, [], None
         # Epochs W&B already has: a resumed run trains again those logged after its checkpoint.
@@ -274,7 +283,7 @@ class Record:
         """The run starts: its data is loaded and its model built. W&B starts now, in this process, so
         that a fork's own wandb.log calls anywhere in the training code land in this run."""
         self.constants = constants  # the figures that do not change: baselines, split sizes, parameter count
-        if wandb_wanted(self.opts):
+        if self.owner and wandb_wanted(self.opts):
 
             def prepare(
                 run: "wandb.Run",
@@ -299,7 +308,11 @@ class Record:
         self.user_tags = tuple(self.run.tags) if self.run else ()
         self.save("running")
         self.tell_guard(
-            "started", folder=str(self.folder) if self.folder else None, config=self.config, wandb=self.wandb_address()
+            "started",
+            folder=str(self.folder) if self.folder else None,
+            config=self.config,
+            wandb=self.wandb_address(),
+            owner=self.owner,
         )
 
     def wandb_address(self) -> dict | None:
@@ -437,7 +450,7 @@ class Record:
             (self.folder / "checkpoint.pt").unlink(missing_ok=True)
             if not self.opts["save"]:
                 remove_run_folder(self.folder)
-        if self.opts["verbose"]:
+        if self.opts["verbose"] and self.owner:
             print(
                 f"Run {status}. Group {self.config['group']}, seed {self.config['seed']}. "
                 f"Tags: {', '.join(self.tags) or 'none'}",

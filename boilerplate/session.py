@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import utils
 
-from . import checkpoints, devices, options, runs, wandb_start, watch
+from . import checkpoints, devices, distributed, options, runs, wandb_start, watch
 from .batches import Data, batches_of, hold_out
 from .errors import RunEnded, StartError, UsageError, described
 from .files import atomic_write, write_failure
@@ -62,22 +62,26 @@ def run(experiment: Experiment, argv: list[str] | None, link: watch.Link) -> int
     opts = vars(args)  # the same values, by name, for the machinery (a view: a change shows in both)
     any_seed = args.seed == options.RANDOM_SEED  # --resume yes then continues a stopped run of any seed
     args.seed = options.resolve_seed(args.seed)
-    args.device = devices.chosen(args.device)
+    args.device = distributed.device(devices.chosen(args.device))
     if why := devices.device_error(args.device):
         parser.error(f"argument --device: {args.device!r} cannot be used here ({why})")
     if args.precision == "bf16" and (why := devices.bf16_error(torch.device(args.device))):
         parser.error(f"argument --precision: bf16 cannot run on {args.device} ({why}); use fp32")
     devices.use_the_allowed_cores()
+    distributed.start(torch.device(args.device), args.epoch_timeout)
+    owner = distributed.rank() == 0  # under torchrun, rank 0 alone owns the run: its folder, results and W&B
     hyperparameters = options.hyperparameter_names(parser)
     config = {**opts, "group": utils.generate_name(opts, hyperparameters)}
+    if not owner:  # one screen for the run: rank 0's
+        args.verbose = 0
 
     reasons = utils.prune_hyperparameters(opts, parser)
-    for reason in reasons:
+    for reason in reasons if owner else []:
         print(f"Warning: irrelevant hyper-parameters: {reason}", file=sys.stderr)
-    keep = args.save or args.checkpoint_every  # checkpoints live in the run folder too
+    keep = owner and (args.save or args.checkpoint_every)  # checkpoints live in the run folder too
     # Under `wandb agent` a run id that left a checkpoint is a preempted run W&B has re-queued.
     resume = keep and (args.resume or bool(os.environ.get("WANDB_RUN_ID")))
-    folder, previous, lock = None, None, None
+    folder, previous, lock, ranks = None, None, None, distributed.Word()
     try:
         if keep:
             with link.deferred():  # the folder is made and owned whole, or not at all
@@ -87,7 +91,11 @@ def run(experiment: Experiment, argv: list[str] | None, link: watch.Link) -> int
                 link.unstarted = folder
         if previous:  # a run resumed: its own seed (another than drawn, with --seed random)
             args.seed = config["seed"] = previous["seed"]
-        record = runs.Record(opts, config, folder, previous["history"] if previous else [], link)
+        word = ranks.tell({"seed": args.seed})  # the other ranks train with rank 0's seed, or end with it
+        if "status" in word:
+            return word["status"]
+        args.seed = config["seed"] = word["seed"]
+        record = runs.Record(opts, config, folder, previous["history"] if previous else [], link, owner)
         if reasons and args.abort_irrelevant:
             with link.deferred():
                 record.start({})
@@ -106,16 +114,19 @@ def run(experiment: Experiment, argv: list[str] | None, link: watch.Link) -> int
             "(without --resume yes it trains again).",
             file=sys.stderr,
         )
-        return int(results["status"] != "finished")
+        return ranks.tell({"status": int(results["status"] != "finished")})["status"]
     except UsageError as e:  # a command-line value the data rules out
         parser.error(str(e))
     except StartError as e:
         print(f"Error: {e}", file=sys.stderr)
-        return 1
+        return ranks.tell({"status": 1})["status"]
     except RunEnded:  # its end is written: results.json could not be saved
         return record.status
     finally:
         link.close()  # what follows tidies up whatever ended the run: no stop interrupts it
+        if owner:
+            ranks.tell({"status": 1})  # the other ranks wait for no word that will never come
+        distributed.stop()
         runs.remove_if_unstarted(folder)
         if lock is not None:  # the run has ended: its folder is free for the next process
             os.close(lock)
@@ -131,6 +142,9 @@ def train_reporting_bugs(
     except (StartError, RunEnded):  # the run could not start, or its end is written
         raise
     except Exception as e:  # noqa: BLE001 (a bug in the training code: shown whole, and the run's end written)
+        if peer := e if isinstance(e, distributed.PeerLost) else distributed.gradients_lost():  # torchrun's
+            record.finish(record.tags + [utils.TIMEOUT() if peer.hung else utils.CRASHED()], f"{peer}; resumable")
+            return
         if (record.run or wandb_start.stuck) and wandb_start.lost_under(e):  # W&B's fault, under a fork's call
             hung = ", W&B having hung in this process before" if wandb_start.stuck else ""
             record.lost_wandb(f"your training code called it{hung}", e, "The run stops here, resumable")
@@ -199,6 +213,13 @@ def train(
     done, history, tags, unsaved = 0, [], [], None
     if resume and checkpoint and checkpoint.exists():
         done, history, tags = checkpoints.load(checkpoint, device, stateful)
+    if distributed.world() > 1:  # every rank starts from rank 0's state: a resumed run's, or its first
+        done, history, tags = distributed.restored(
+            checkpoints.snapshot(done, stateful, history, tags), stateful, device
+        )
+    # Under torchrun the training loop sees the model wrapped by DistributedDataParallel, which averages the
+    # ranks' gradients in backward(); evaluation and saving see the model itself.
+    trained = distributed.wrapped(model)
     check_one_batch(experiment, model, data["train"], args, description, guesses)
     # What this data and model are, once: W&B's config and results.json keep it, not every epoch's row.
     with stop.deferred():  # the run begins whole (W&B, results.json) before a stop can end it
@@ -210,6 +231,7 @@ def train(
                 "data/input_shape": list(description.input_shape),
                 "model/parameters": sum(p.numel() for p in model.parameters()),
                 "torch/threads": torch.get_num_threads(),
+                "torch/processes": distributed.world(),  # torchrun's ranks: not a hyper-parameter (the same experiment)
             }
         )
         stop.begun()
@@ -233,7 +255,7 @@ def train(
             predictions_of=experiment.predictions_of,
             progress=args.verbose >= 2,
         )
-        experiment.train_epoch(model, optimizer, schedule, steps, args)
+        experiment.train_epoch(trained, optimizer, schedule, steps, args)
         stats, stop_tag = steps.end()
         final = epoch == args.epochs and stats is not None and stop_tag is None
         if final:  # every batch is trained: the run's work is done, and a stop changes nothing now
@@ -262,10 +284,10 @@ def train(
         if args.verbose:
             tqdm.write(summary_line(row, args.epochs))
         better = row["evaluated"] and utils.best_epoch(history, args.monitor) is row
-        if better and args.save:
+        if better and args.save and folder:
             unsaved = save_weights(folder / "best.pt", model)
             stop_tag = utils.SAVE_FAILED() if unsaved else stop_tag
-        if better and args.log_model == "best":
+        if better and args.log_model == "best" and record.owner:
             log_model(record, model, epoch, ["best", "latest"])
         early = not final and stop_tag is None and utils.patience_over(history, args.monitor, args.patience)
         if early:  # the run's work is done: a stop changes nothing now
@@ -279,6 +301,7 @@ def train(
             stop_tag = utils.SAVE_FAILED() if unsaved else stop_tag  # the previous checkpoint stays whole
         # A signal in evaluation or saving: the epoch is whole, and the run stops after it.
         stop_tag = stop_tag or (None if final or early else stop.tag)
+        stop_tag = distributed.first(stop_tag)  # every rank stops after this epoch if any does (rank 0's reason first)
         if stop_tag or early:
             utils.add_tags(tags, [stop_tag or utils.EARLY_STOPPED()])
             break
@@ -294,10 +317,10 @@ def train(
             + utils.guessing_tags(last, "random", args.rnd_threshold, utils.RANDOM_GUESSING)
             + utils.guessing_tags(last, "most_probable", args.mp_threshold, utils.MOST_PROBABLE_GUESSING),
         )
-    if args.save and not unsaved:
+    if args.save and folder and not unsaved:
         unsaved = save_weights(folder / "model.pt", model)
         utils.add_tags(tags, [utils.SAVE_FAILED()] if unsaved else [])
-    if args.log_model == "end" and evaluated and not utils.failed(tags):
+    if args.log_model == "end" and evaluated and not utils.failed(tags) and record.owner:
         log_model(record, model, evaluated[-1]["epoch"], ["latest"])
     record.finish(tags, unsaved)
 
@@ -320,7 +343,13 @@ def evaluate(
 ) -> dict[str, float]:
     """The experiment's evaluation of one split, scored by every metric of the table, its loss, and its time."""
     start = time.perf_counter()
-    predictions, labels, loss = experiment.evaluate(model, batches, split, args)
+    if distributed.world() == 1:
+        predictions, labels, loss = experiment.evaluate(model, batches, split, args)
+    else:  # each rank its share of the split; every rank then scores the whole
+        share = batches.part(*distributed.bounds(len(batches)))
+        predictions, labels, loss = experiment.evaluate(model, share, split, args)
+        predictions, labels = distributed.gathered(predictions), distributed.gathered(labels)
+        loss = distributed.total(loss.double().reshape(1) * len(share)) / len(batches)
     scores = metric_values(predictions, labels, split, classes)
     return {**scores, f"{split}/loss": float(loss), f"{split}/time": time.perf_counter() - start}
 

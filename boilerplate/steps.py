@@ -1,7 +1,9 @@
 """The per-batch bookkeeping of one training epoch, behind one accumulator: `Steps` deals the epoch's
 batches (ending it early at a stop or past its deadline), keeps each step's loss, gradient norms and
 predictions on the device, looks at them from the host only as often as the device allows, and turns
-them into the epoch's statistics at its end, with one read of the device."""
+them into the epoch's statistics at its end, with one read of the device. Under torchrun each rank keeps its
+share of each batch, the ranks agree at each look on whether to stop (so that all stop after the same batch),
+and the epoch's statistics are the whole batches', the same on every rank."""
 
 import math
 import time
@@ -13,12 +15,14 @@ from tqdm import tqdm
 
 import utils
 
-from . import devices
+from . import devices, distributed
 from .batches import DeviceBatches, LoaderBatches
 from .metrics import metric_values
 from .watch import Link
 
 OUTPUTS_PER_ARGMAX = 32  # batches of the model's outputs kept for one predictions_of call
+# What can stop an epoch early, numbered for the ranks to agree on one (the largest): 0 is nothing.
+STOPS = [None, *dict.fromkeys(tag() for tag in utils.STOP_SIGNALS.values()), utils.TIMEOUT()]
 
 
 def squared_gradient_norms(params: list[nn.Parameter]) -> Callable[[], list[torch.Tensor]]:
@@ -74,11 +78,18 @@ class Steps:
         self.sizes, self.classes, self.tag = [], 0, None
         # Each batch's share of its optimizer step's samples, and whether the step is taken after it: the mean
         # loss over a group of batches is then the loss of one batch as large as the group, whatever its size.
-        n = len(batches)
-        sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
-        groups = [sizes[i : i + accumulate] for i in range(0, len(sizes), accumulate)]
-        self.plan = [(size / sum(group), i == len(group) - 1) for group in groups for i, size in enumerate(group)]
-        self.share, self.stepping = 1.0, True
+        # Under torchrun, DistributedDataParallel averages the ranks' gradients: each rank's share is then
+        # its own samples' share of the step's, times the number of ranks.
+        n, self.ranks = len(batches), distributed.world()
+        self.global_sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
+        groups = [self.global_sizes[i : i + accumulate] for i in range(0, len(self.global_sizes), accumulate)]
+        mine = [end - start for start, end in map(distributed.bounds, self.global_sizes)]
+        plan, at = [], 0
+        for group in groups:
+            plan += [(self.ranks * mine[at + i] / sum(group), i == len(group) - 1) for i in range(len(group))]
+            at += len(group)
+        self.plan = plan
+        self.share, self.stepping, self.agreed = 1.0, True, None
         # On an accelerator, 1 from the first non-finite loss or gradient norm on. Between the host's looks,
         # the fused optimizers read it as GradScaler's found_inf and skip their step on the device themselves.
         # A private attribute (GradScaler's way to talk to the fused optimizers), kept for speed: the public way
@@ -88,17 +99,28 @@ class Steps:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         total = -(-len(self.data) // self.batch_size)
-        batches = self.data.batches(self.batch_size, self.generator)
+        sharded = {"shard": True} if self.ranks > 1 else {}  # a fork's own batches need not know of torchrun
+        batches = self.data.batches(self.batch_size, self.generator, **sharded)
         dealt = tqdm(batches, total=total, leave=False, disable=not self.progress, desc="batches")
         for (x, y), plan in zip(dealt, self.plan, strict=False):
             self.share, self.stepping = plan
-            if self.stop.requested:
+            if self.ranks > 1:  # what the ranks agreed on at the last look (keep)
+                if self.agreed:
+                    self.tag = self.agreed
+                    return
+            elif self.stop.requested:
                 self.tag = self.stop.tag
                 return
-            if time.perf_counter() > self.deadline:
+            elif time.perf_counter() > self.deadline:
                 self.tag = utils.TIMEOUT()
                 return
             yield x, y
+
+    def local_stop(self) -> int:
+        """This rank's reason to stop, as a number of STOPS."""
+        if self.stop.requested:
+            return STOPS.index(self.stop.tag)
+        return STOPS.index(utils.TIMEOUT()) if time.perf_counter() > self.deadline else 0
 
     def autocast(self) -> torch.autocast:
         """Where the forward pass and the loss run (devices.autocast): bf16 with --precision bf16."""
@@ -120,10 +142,26 @@ class Steps:
             self.outputs.clear()
         # On the CPU the host reads the row (a microsecond; a flag on the device would cost four small
         # ops, 3% of a bf16 step).
+        if self.ranks > 1:
+            return self.agree(row)
         if self.sync_every == 1:
             return all(map(math.isfinite, row.tolist()))  # sync point, every batch (on the CPU)
         self.nonfinite.logical_or_(row.isfinite().all().logical_not_())
         return not (len(self.rows) % self.sync_every == 0 and self.nonfinite.item())  # sync point, every sync_every
+
+    def agree(self, row: torch.Tensor) -> bool:
+        """keep() under torchrun: a non-finite loss on any rank is every rank's (the gradients are the same
+        on all), and so is a stop; the ranks agree on both at each look, and act on them together."""
+        self.nonfinite.logical_or_(row.isfinite().all().logical_not_())
+        if len(self.rows) % self.sync_every:
+            distributed.agree(self.nonfinite)  # on an accelerator, queued: the host does not wait for it
+            return True
+        here = torch.tensor(float(self.local_stop()), device=self.nonfinite.device)
+        codes = distributed.agree(torch.stack([self.nonfinite, here]))
+        self.nonfinite.copy_(codes[0])
+        codes = codes.tolist()  # sync point, every sync_every batches: the ranks' collective, read
+        self.agreed = STOPS[int(codes[1])]
+        return not codes[0]
 
     def grad_norm(self) -> torch.Tensor:
         """The last step's total gradient norm, before clipping: a device tensor, for clip_grads_with_norm_."""
@@ -136,7 +174,14 @@ class Steps:
             self.predictions.append(self.predictions_of(torch.cat(self.outputs)))
         # Sync point, once per epoch: the epoch's statistics, read to the host together. In float64 the
         # total gradient norm is finite whenever each parameter's is, as the look in the loop judged it.
-        flat = torch.cat(self.rows).cpu().double().tolist() if self.rows else []
+        flat = torch.cat(self.rows).double() if self.rows else torch.zeros(0, dtype=torch.float64)
+        if self.ranks > 1:  # each batch's loss is the mean over its shares (the gradients are the same on all)
+            starts = torch.tensor([0, *(len(row) for row in self.rows)]).cumsum(0)[:-1].to(flat.device)
+            local = torch.tensor(self.sizes, dtype=torch.float64, device=flat.device)
+            whole = torch.tensor(self.global_sizes[: len(self.rows)], dtype=torch.float64, device=flat.device)
+            flat[starts] = distributed.total(flat[starts] * local) / whole
+            self.sizes = self.global_sizes[: len(self.rows)]
+        flat = flat.cpu().tolist()
         losses, norms, at = [], [], 0
         for row in self.rows:  # a row's length is its shape: known on the host
             losses.append(flat[at])
@@ -151,8 +196,10 @@ class Steps:
         if not losses:
             return None, tag
         targets = torch.cat(self.targets[: len(losses)])
+        predictions = distributed.gathered(torch.cat(self.predictions)[: len(targets)])
+        targets = distributed.gathered(targets)
         seen = len(targets)
-        stats = metric_values(torch.cat(self.predictions)[:seen], targets, "train", self.classes)
+        stats = metric_values(predictions, targets, "train", self.classes)
         mean, std, low, high = utils.describe([norm for norm in norms if norm is not None])
         stats.update(
             {

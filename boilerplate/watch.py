@@ -385,6 +385,9 @@ class Watch:
             print(f"Error: {message} before the run began: nothing was trained.", file=sys.stderr, flush=True)
             self.remove_unstarted()
             return 1
+        if not self.started.get("owner", True):  # one rank of several under torchrun: rank 0's guard writes the run
+            print(f"Error: {message or tag} (rank {os.environ.get('RANK')}).", file=sys.stderr, flush=True)
+            return 1
         return self.take_over(tag, message and f"{message} before the end of the run")
 
     def hear(self, message: dict) -> None:

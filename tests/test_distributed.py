@@ -1,0 +1,162 @@
+"""One run on several processes: real `torchrun` (gloo on this machine's CPUs), 2 ranks against 1 process,
+real signals and a real SIGKILL of one rank. What holds for one process holds for the job."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import OFFLINE, ROOT, Output, children, results, without_times
+from demo import SLOW, small_run
+from wandb_file import find_runs
+
+pytestmark = pytest.mark.timeout(300)
+
+# SGD without dropout: 2 ranks at a global batch equal 1 process at that batch, to float tolerance.
+EXACT = ("--optimizer", "sgd", "--lr", "0.1", "--seed", "3", "--checkpoint_every", "1")
+
+
+def torchrun(ranks: int, args: list[str], wandb_dir: Path) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node RANKS main.py ARGS` (a free port each: tests may overlap),
+    in a session of its own, as a shell starts a job; 1 rank is plain `python main.py`."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    return subprocess.Popen(
+        [*(launcher if ranks > 1 else [sys.executable]), str(ROOT / "main.py"), *args],
+        cwd=wandb_dir,
+        env={**os.environ, **OFFLINE, "WANDB_DIR": str(wandb_dir), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def run(ranks: int, args: list[str], wandb_dir: Path) -> tuple[int, str]:
+    proc = torchrun(ranks, args, wandb_dir)
+    text, _ = Output(proc).finish()
+    return proc.wait(), text
+
+
+def weights(folder: Path, name: str = "model.pt") -> dict[str, torch.Tensor]:
+    return torch.load(folder / name, weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def assert_same_history(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for row, other in zip(without_times(a), without_times(b), strict=True):
+        assert row.keys() == other.keys()
+        for key, value in row.items():
+            assert other[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("batches", ["on the device", "DataLoader", "accumulated"])
+def test_two_ranks_train_as_one_process_does(batches, tiny_data, tmp_path):
+    """The same weights after two epochs, the same metrics each epoch, the same tags, the same group; rank
+    0 alone writes the run (one W&B run, which records the processes)."""
+    extra = {"on the device": [], "DataLoader": ["--workers", "1"], "accumulated": ["--accumulate", "3"]}[batches]
+    flags = [*EXACT, *extra, "--wandb_project", "boilerplate-tests"]
+    for ranks in (1, 2):
+        code, text = run(ranks, small_run(tiny_data, tmp_path / str(ranks), *flags), tmp_path)
+        assert code == 0 and "Traceback" not in text, text
+    (one, alone), (two, job) = results(tmp_path / "1"), results(tmp_path / "2")
+    assert one.parent.name == two.parent.name  # the group: the same experiment, whatever the processes
+    assert job["tags"] == alone["tags"] == ["Success"]
+    assert_same_history(alone["history"], job["history"])
+    assert_same_weights(weights(one), weights(two))
+    assert job["constants"]["torch/processes"] == 2 and alone["constants"]["torch/processes"] == 1
+    [wandb_run] = find_runs(tmp_path, two.name)
+    assert wandb_run.config["torch/processes"] == 2 and wandb_run.exit_code == 0
+    assert len(list(tmp_path.glob("wandb/*run-*"))) == 2  # one W&B run a job, none from rank 1
+
+
+def wait_for_epochs(out: Path, epochs: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        found = list(out.glob("*/*/results.json"))
+        try:
+            if found and len(results(out)[1]["history"]) >= epochs:
+                return
+        except ValueError:  # written as it is read
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "the run never got that far"
+        time.sleep(0.05)
+
+
+def test_a_preempted_job_resumes_to_equal_a_job_never_stopped(tiny_data, tmp_path):
+    """SIGTERM to every process of the job (SLURM's preemption): every rank stops after the same batch,
+    Preempted; `--resume yes` on the same number of ranks equals a job never stopped; on another, it
+    goes on, saying that the batches differ."""
+    flags = [*EXACT, "--epochs", "4", *SLOW]
+    code, _ = run(2, small_run(tiny_data, tmp_path / "whole", *flags), tmp_path)
+    assert code == 0
+    proc = torchrun(2, small_run(tiny_data, tmp_path / "stopped", *flags), tmp_path)
+    output = Output(proc)
+    wait_for_epochs(tmp_path / "stopped", 1, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    text, _ = output.finish()
+    folder, stopped = results(tmp_path / "stopped")
+    assert stopped["tags"] == ["Preempted"] and stopped["status"] == "failed", text
+    assert (folder / "checkpoint.pt").exists()
+    assert "boilerplate/" not in text and 'main.py", line' not in text, text  # torchrun's own traceback alone
+    code, text = run(2, small_run(tiny_data, tmp_path / "stopped", *flags, "--resume", "yes"), tmp_path)
+    assert code == 0, text
+    (_, whole), (_, resumed) = results(tmp_path / "whole"), results(tmp_path / "stopped")
+    assert resumed["tags"] == whole["tags"] == ["Success"]
+    assert_same_history(whole["history"], [row for row in resumed["history"] if row["evaluated"]])
+    assert_same_weights(weights(results(tmp_path / "whole")[0]), weights(folder))
+
+
+def test_another_number_of_ranks_goes_on_and_says_so(tiny_data, tmp_path):
+    flags = [*EXACT, "--epochs", "3", *SLOW]
+    proc = torchrun(2, small_run(tiny_data, tmp_path / "out", *flags), tmp_path)
+    output = Output(proc)
+    wait_for_epochs(tmp_path / "out", 1, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output.finish()
+    code, text = run(1, small_run(tiny_data, tmp_path / "out", *flags, "--resume", "yes"), tmp_path)
+    assert code == 0 and "trained by 2 processes and goes on with 1" in text, text
+    assert results(tmp_path / "out")[1]["tags"] == ["Success"]
+
+
+def training_process_of_rank(job: int, rank: int) -> int:
+    """The training process (main.py run again by its guard) of one rank of the job torchrun `job` started."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for guard in children(job, b"main.py"):
+            with contextlib.suppress(OSError):
+                environ = Path(f"/proc/{guard}/environ").read_bytes().split(b"\0")
+                if f"RANK={rank}".encode() in environ and (trained := children(guard, b"main.py")):
+                    return trained[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no training process of rank {rank}")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_killed_mid_epoch_ends_the_run_crashed(rank, tiny_data, tmp_path):
+    """SIGKILL of either rank's training process: the run ends Crashed, its epochs kept, resumable, W&B's
+    run Failed with the tag, whichever rank died (rank 0's guard writes it if rank 0 did)."""
+    flags = [*EXACT, "--epochs", "50", *SLOW, "--wandb_project", "boilerplate-tests"]
+    proc = torchrun(2, small_run(tiny_data, tmp_path / "out", *flags), tmp_path)
+    output = Output(proc)
+    wait_for_epochs(tmp_path / "out", 1, proc)
+    os.kill(training_process_of_rank(proc.pid, rank), signal.SIGKILL)
+    text, _ = output.finish()
+    assert proc.wait() != 0
+    folder, res = results(tmp_path / "out")
+    assert res["status"] == "failed" and res["tags"] == ["Crashed"], text
+    assert res["history"] and (folder / "checkpoint.pt").exists()
+    assert "another process of the job died" in text or rank == 0, text
+    sittings = find_runs(tmp_path, folder.name)
+    assert sittings[-1].exit_code == 1 and sittings[-1].tags == ["Crashed"]
