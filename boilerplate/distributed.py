@@ -10,6 +10,7 @@ agree, and write nothing. Without torchrun's environment (RANK, WORLD_SIZE) noth
 import contextlib
 import datetime
 import io
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from .errors import StartError, described
 
 TIMEOUT: datetime.timedelta | None = None  # how long a collective waits for the other ranks
+DEADLINE = [math.inf]  # the epoch's, on the perf_counter clock (--epoch_timeout): Steps sets it
 
 
 def world() -> int:
@@ -84,7 +86,10 @@ def collective() -> Iterator[None]:
 
 
 def lost(e: BaseException, start: float) -> PeerLost:
-    hung = TIMEOUT is not None and time.monotonic() - start >= TIMEOUT.total_seconds()
+    """A rank that hangs makes the others wait: past the group's timeout, or past the epoch's own deadline
+    (its guard then kills the hung rank, and the others see it die), a peer lost is a hang."""
+    late = time.monotonic() - start >= TIMEOUT.total_seconds() if TIMEOUT else False
+    hung = late or time.perf_counter() > DEADLINE[0]
     what = "did not answer in time" if hung else "died"
     return PeerLost(f"another process of the job {what} ({described(e)})", hung)
 

@@ -191,7 +191,8 @@ def parser(description: str, add_hyperparameters: Callable[[Any], None]) -> Pars
         "--batch_size",
         type=Number(int, min=1),
         default=128,
-        help="samples per batch (per optimizer step without --accumulate)",
+        help="samples per batch (per optimizer step without --accumulate); under torchrun, the whole job's batch, "
+        "shared by its ranks",
     )
     hyper.add_argument(
         "--accumulate",

@@ -71,6 +71,7 @@ class Steps:
         self.start, self.epoch = time.perf_counter(), epoch  # the epoch's number, from 1
         self.data, self.batch_size, self.generator, self.stop = batches, batch_size, generator, stop
         self.precision, self.deadline, self.sync_every = precision, deadline, sync_every
+        distributed.DEADLINE[0] = deadline
         self.predictions_of, self.progress = predictions_of, progress
         self.params = [p for p in model.parameters() if p.requires_grad]  # a fork may freeze some
         self.squared_norms = squared_gradient_norms(self.params)

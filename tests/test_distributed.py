@@ -130,13 +130,15 @@ def test_another_number_of_ranks_goes_on_and_says_so(tiny_data, tmp_path):
     assert results(tmp_path / "out")[1]["tags"] == ["Success"]
 
 
-def training_process_of_rank(job: int, rank: int) -> int:
+def training_process_of_rank(job: int, rank: int, guarded: bool = True) -> int:
     """The training process (main.py run again by its guard) of one rank of the job torchrun `job` started."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         for guard in children(job, b"main.py"):
             with contextlib.suppress(OSError):
                 environ = Path(f"/proc/{guard}/environ").read_bytes().split(b"\0")
+                if f"RANK={rank}".encode() in environ and not guarded:
+                    return guard
                 if f"RANK={rank}".encode() in environ and (trained := children(guard, b"main.py")):
                     return trained[0]
         time.sleep(0.05)
@@ -160,3 +162,40 @@ def test_a_rank_killed_mid_epoch_ends_the_run_crashed(rank, tiny_data, tmp_path)
     assert "another process of the job died" in text or rank == 0, text
     sittings = find_runs(tmp_path, folder.name)
     assert sittings[-1].exit_code == 1 and sittings[-1].tags == ["Crashed"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_that_reaches_one_rank_alone_stops_every_rank_after_the_same_batch(signum, tiny_data, tmp_path):
+    """`kill` of rank 1's training process alone: every rank stops together (none waits forever for the
+    other), with the tag that signal gives, and the run is resumable."""
+    flags = [*EXACT, "--epochs", "50", *SLOW]
+    proc = torchrun(2, small_run(tiny_data, tmp_path / "out", *flags), tmp_path)
+    output = Output(proc)
+    wait_for_epochs(tmp_path / "out", 1, proc)
+    os.kill(training_process_of_rank(proc.pid, 1), signum)
+    text, _ = output.finish()
+    folder, res = results(tmp_path / "out")
+    assert res["tags"] == [{signal.SIGINT: "User abort", signal.SIGTERM: "Preempted"}[signum]], text
+    assert (folder / "checkpoint.pt").exists() and "boilerplate/" not in text, text
+
+
+@pytest.mark.parametrize("watchdog", ["yes", "no"])
+def test_a_rank_that_hangs_ends_the_run_timeout(watchdog, tiny_data, tmp_path):
+    """Rank 1 frozen (SIGSTOP) mid-epoch: past --epoch_timeout the run ends Timeout, not a job stuck forever:
+    its guard kills it (the others see it die after the epoch's deadline), or without guards, the others'
+    wait for it ends at the process group's timeout, --epoch_timeout too."""
+    flags = [*EXACT, "--epochs", "50", *SLOW, "--epoch_timeout", "0.1", "--watchdog", watchdog]
+    proc = torchrun(2, small_run(tiny_data, tmp_path / "out", *flags), tmp_path)
+    output = Output(proc)
+    wait_for_epochs(tmp_path / "out", 1, proc)
+    frozen = training_process_of_rank(proc.pid, 1, guarded=watchdog == "yes")
+    os.kill(frozen, signal.SIGSTOP)
+    deadline = time.monotonic() + 120
+    while results(tmp_path / "out")[1]["status"] == "running":
+        assert time.monotonic() < deadline, "the job never ended"
+        time.sleep(0.1)
+    os.kill(frozen, signal.SIGCONT)  # the rank that hung now hears torchrun's SIGTERM: no 30 s wait for its SIGKILL
+    text, _ = output.finish()
+    folder, res = results(tmp_path / "out")
+    assert res["status"] == "failed" and res["tags"] == ["Timeout"], text
+    assert res["history"] and (folder / "checkpoint.pt").exists()
