@@ -12,7 +12,8 @@ What main.py uses:
 - devices: `autocast(precision, device)`.
 - errors: `StartError` (the run cannot start: its message says what to do), `described(e)`.
 
-Behind them: runs (the W&B run, the run folder, results.json, resume), checkpoints, metrics,
+Behind them: runs (the W&B run, the run folder, results.json, resume), checkpoints, metrics, distributed
+(torchrun's ranks as one run),
 wandb_start (W&B's start and a time limit on its calls), files (atomic writes). For the tools beside
 main.py: replicates (runs read back from their folders or W&B, and the statistics over a group's seeds,
 for report.py and local_sweep.py). Nothing imported here:

@@ -164,15 +164,20 @@ def test_a_rank_killed_mid_epoch_ends_the_run_crashed(rank, tiny_data, tmp_path)
     assert sittings[-1].exit_code == 1 and sittings[-1].tags == ["Crashed"]
 
 
+@pytest.mark.parametrize("whom", ["every process", "rank 1 alone"])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_stop_that_reaches_one_rank_alone_stops_every_rank_after_the_same_batch(signum, tiny_data, tmp_path):
-    """`kill` of rank 1's training process alone: every rank stops together (none waits forever for the
-    other), with the tag that signal gives, and the run is resumable."""
+def test_a_stop_that_reaches_any_rank_stops_every_rank_after_the_same_batch(signum, whom, tiny_data, tmp_path):
+    """A terminal's Ctrl+C or a scheduler's SIGTERM reaches every process of the job; `kill` may reach rank
+    1's training process alone: either way every rank stops together (none waits forever for the other),
+    with the tag that signal gives, and the run is resumable."""
     flags = [*EXACT, "--epochs", "50", *SLOW]
     proc = torchrun(2, small_run(tiny_data, tmp_path / "out", *flags), tmp_path)
     output = Output(proc)
     wait_for_epochs(tmp_path / "out", 1, proc)
-    os.kill(training_process_of_rank(proc.pid, 1), signum)
+    if whom == "every process":
+        os.killpg(proc.pid, signum)
+    else:
+        os.kill(training_process_of_rank(proc.pid, 1), signum)
     text, _ = output.finish()
     folder, res = results(tmp_path / "out")
     assert res["tags"] == [{signal.SIGINT: "User abort", signal.SIGTERM: "Preempted"}[signum]], text
