@@ -4,7 +4,8 @@ owns its run (W&B, the run folder; see runs.py) and tells the guard, through a p
 (`Link`); the guard passes stop signals on to it, and only when it dies or hangs does the guard
 write the run's end itself: results.json's status and tags, and the W&B run, re-opened by its id,
 tagged and finished Failed. If the guard dies, Linux sends the training process SIGUSR2 and it
-stops as `Stopped`, resumable.
+stops as `Stopped`, resumable. Under torchrun each rank's `python main.py` is a guard of its own; the
+run's end is rank 0's to write (a rank of several says `owner: false` when it starts; docs/distributed.md).
 
 Stops. The first cause of a stop names the run's end, and nothing changes it once the end is decided.
 - Ctrl+C (SIGINT) reaches both processes (a terminal signals the whole foreground group); the guard
@@ -24,8 +25,9 @@ The training process's messages, one JSON object a line, each named by its "kind
 - starting: {folder}: the run folder is made (or null); the guard removes it if training dies before
   the run begins;
 - wandb: {seconds}: W&B is starting, and gives up after this long (the guard kills a start that hangs past it);
-- started: {folder, config, wandb}: the run has begun (data loaded, model built, W&B started);
-  wandb is what re-opens the W&B run (or null);
+- started: {folder, config, wandb, owner}: the run has begun (data loaded, model built, W&B started);
+  wandb is what re-opens the W&B run (or null); owner, whether this process writes the run (torchrun's
+  rank 0, or the one process);
 - epoch: {epoch, started}: an epoch starts, at `started` on the machine's monotonic clock;
 - saved: {epoch, tags}: an epoch has ended and is logged and saved (its checkpoint is written next);
 - stopping: {tag}: a stop signal reached the training process, which stops at the next batch with this tag;

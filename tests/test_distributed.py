@@ -61,7 +61,9 @@ def assert_same_history(a: list[dict], b: list[dict]) -> None:
             assert other[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
-@pytest.mark.parametrize("batches", ["on the device", "DataLoader", "accumulated"])
+@pytest.mark.parametrize(
+    "batches", [pytest.param("on the device", marks=pytest.mark.every_python), "DataLoader", "accumulated"]
+)
 def test_two_ranks_train_as_one_process_does(batches, tiny_data, tmp_path):
     """The same weights after two epochs, the same metrics each epoch, the same tags, the same group; rank
     0 alone writes the run (one W&B run, which records the processes)."""
