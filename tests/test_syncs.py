@@ -9,8 +9,10 @@ Two witnesses, one question: which line of train_epoch was running when the host
 """
 
 import inspect
+import json
 import traceback
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +149,34 @@ def test_on_cuda_the_batch_loop_syncs_once_per_interval_and_nowhere_else(tiny_da
     _, _, check = loop_lines()
     assert in_loop(syncs) == [check] * (BATCHES // devices.SYNC_EVERY), in_loop(syncs)
     assert len(syncs) > len(in_loop(syncs)), "no sync seen at the epoch's end either: the test cannot see syncs"
+
+
+def witness_one_rank(rank: int, data_path: str, rendezvous: str, out: str) -> None:
+    """One rank of a 2-rank job (gloo, in a process torch.multiprocessing started): one epoch through
+    DistributedDataParallel, looking as often as on an accelerator, under the host-read witness."""
+    import torch.distributed as dist
+
+    from boilerplate import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        model, optim, batches, args = epoch_setup(data_path, "cpu", "sgd")
+        with HostReads() as reads:
+            stats, tag = one_epoch(distributed.wrapped(model), optim, batches, args, sync_every=devices.SYNC_EVERY)
+        found = {"in_loop": in_loop(reads.lines), "all": len(reads.lines), "batches": stats["train/batches"]}
+        Path(out, f"{rank}.json").write_text(json.dumps({**found, "tag": tag, "check": loop_lines()[2]}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_torchrun_each_rank_reads_the_host_once_a_look(tiny_data, tmp_path):
+    """The ranks' agreement (on a stop, a non-finite step) adds no host read to the loop: each rank reads
+    the device once every devices.SYNC_EVERY batches, at the marked line, as one process does."""
+    torch.multiprocessing.spawn(
+        witness_one_rank, args=(str(tiny_data), str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2
+    )
+    for rank in (0, 1):
+        found = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert found["tag"] is None and found["batches"] == BATCHES
+        assert found["in_loop"] == [found["check"]] * (BATCHES // devices.SYNC_EVERY), found
+        assert found["all"] > len(found["in_loop"]), "no read seen at the epoch's end: the test sees nothing"
