@@ -244,7 +244,7 @@ def train(
             data["train"],
             args.batch_size,
             generator,
-            model,
+            trained,
             optimizer,
             stop,
             epoch=epoch,

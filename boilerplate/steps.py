@@ -5,6 +5,7 @@ them into the epoch's statistics at its end, with one read of the device. Under 
 share of each batch, the ranks agree at each look on whether to stop (so that all stop after the same batch),
 and the epoch's statistics are the whole batches', the same on every rank."""
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -74,6 +75,9 @@ class Steps:
         distributed.DEADLINE[0] = deadline
         self.predictions_of, self.progress = predictions_of, progress
         self.params = [p for p in model.parameters() if p.requires_grad]  # a fork may freeze some
+        # Under torchrun (the model in DistributedDataParallel), a batch whose step waits for more batches
+        # (--accumulate) keeps its gradients on its rank (DDP's no_sync): the ranks all-reduce once a step.
+        self.model = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self.squared_norms = squared_gradient_norms(self.params)
         self.rows, self.outputs, self.predictions, self.targets = [], [], [], []  # device tensors, read at the end
         self.sizes, self.classes, self.tag = [], 0, None
@@ -115,7 +119,8 @@ class Steps:
             elif time.perf_counter() > self.deadline:
                 self.tag = utils.TIMEOUT()
                 return
-            yield x, y
+            with self.model.no_sync() if self.model and not self.stepping else contextlib.nullcontext():
+                yield x, y  # the training loop's forward and backward run here
 
     def local_stop(self) -> int:
         """This rank's reason to stop, as a number of STOPS."""
