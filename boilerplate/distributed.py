@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from .errors import StartError, described
+from .errors import StartError, UsageError, described
 
 TIMEOUT: datetime.timedelta | None = None  # how long a collective waits for the other ranks
 DEADLINE = [math.inf]  # the epoch's, on the perf_counter clock (--epoch_timeout): Steps sets it
@@ -211,3 +211,16 @@ def wrapped(model: torch.nn.Module) -> torch.nn.Module:
 
     ddp.register_comm_hook(None, all_reduce)
     return ddp
+
+
+def check_shares(samples: int, batch_size: int, splits: dict[str, int]) -> None:
+    """Every rank must have a sample in every batch (an empty share has no mean loss) and in every split."""
+    ranks, last = world(), samples % batch_size
+    if ranks > 1 and (batch_size < ranks or 0 < last < ranks):
+        raise UsageError(
+            f"argument --batch_size: {batch_size} leaves a rank with no sample in a batch ({ranks} ranks share "
+            f"each batch; the {samples} training samples end with a batch of {last or batch_size}); use a batch "
+            f"of at least {ranks} whose last batch has at least {ranks} samples too"
+        )
+    if small := [f"{split} ({n})" for split, n in splits.items() if n < ranks]:
+        raise UsageError(f"the {', '.join(small)} split has fewer samples than the {ranks} ranks that share it")

@@ -186,6 +186,7 @@ def train(
 ) -> None:
     opts, device = vars(args), torch.device(args.device)
     description, data = prepare_data(experiment, args)
+    distributed.check_shares(len(data["train"]), args.batch_size, {split: len(b) for split, b in data.items()})
     classes = len(description.classes)
     guesses = baselines({split: batches.labels() for split, batches in data.items()}, classes)
 

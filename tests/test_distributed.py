@@ -206,3 +206,12 @@ def test_a_rank_that_hangs_ends_the_run_timeout(watchdog, tiny_data, tmp_path):
     folder, res = results(tmp_path / "out")
     assert res["status"] == "failed" and res["tags"] == ["Timeout"], text
     assert res["history"] and (folder / "checkpoint.pt").exists()
+
+
+def test_a_batch_that_leaves_a_rank_without_samples_is_a_usage_error(tiny_data, tmp_path):
+    """2 ranks, --batch_size 1: rank 1 would have no sample in any batch (its loss a mean of nothing, NaN).
+    Every rank says why, with the usage errors' exit status; nothing is trained, no folder is left."""
+    code, text = run(2, small_run(tiny_data, tmp_path / "out", "--batch_size", "1"), tmp_path)
+    assert code != 0 and "argument --batch_size: 1 leaves a rank with no sample in a batch" in text, text
+    assert "exitcode: 2" in text and "boilerplate/" not in text, text
+    assert not list((tmp_path / "out").glob("*/*"))
