@@ -220,7 +220,15 @@ def no_wandb_service_outlives_its_test():
     test's service (its settings, its faults), and a test waiting for the run's own wandb-core waits forever."""
     yield
     if os.environ.get("WANDB_SERVICE") and (wandb := sys.modules.get("wandb")):
-        wandb.teardown()
+        # teardown waits for the service to end, and a service still retrying a server that went away (the
+        # report's unreachable-server case) once kept it waiting past the test's timeout: bounded, then killed
+        ending = threading.Thread(target=wandb.teardown, daemon=True)
+        ending.start()
+        ending.join(20)
+        for pid in children(os.getpid(), b"wandb-core") if ending.is_alive() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        ending.join(20)
 
 
 def children(pid: int, program: bytes) -> list[int]:
