@@ -155,6 +155,11 @@ def test_a_rank_killed_mid_epoch_ends_the_run_crashed(rank, tiny_data, tmp_path)
     proc = torchrun(2, small_run(tiny_data, tmp_path / "out", *flags), tmp_path)
     output = Output(proc)
     wait_for_epochs(tmp_path / "out", 1, proc)
+    # results.json is written before the epoch's checkpoint: a kill between the two is a run whose first
+    # checkpoint never came (on the CI's slow machine once), which is not this test's case
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "out").glob("*/*/checkpoint.pt")) and time.monotonic() < deadline:
+        time.sleep(0.01)
     os.kill(training_process_of_rank(proc.pid, rank), signal.SIGKILL)
     text, _ = output.finish()
     assert proc.wait() != 0

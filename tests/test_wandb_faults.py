@@ -146,12 +146,18 @@ def test_a_forks_own_wandb_log_after_wandbs_start_hung_stops_the_run_resumable_n
         output, training = Output(proc), training_process(proc.pid)
         cores = new_cores(training, set(), proc)
         # Frozen once it listens (it writes its port to a file named after the training process), so that
-        # wandb.init waits on it: a service frozen before that fails fast, and W&B tries again.
-        deadline = time.monotonic() + 60
-        while not list(Path(tempfile.gettempdir()).glob(f"*/port-{training}.txt")) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        for core in cores:
-            os.kill(core, signal.SIGSTOP)
+        # wandb.init waits on it: a service frozen before that fails fast, and W&B tries again. The training
+        # process is held meanwhile: on a slow machine it once got as far as its run's start request, which
+        # W&B's own init timeout answers (another try, a new service) instead of hanging.
+        os.kill(training, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 60
+            while not list(Path(tempfile.gettempdir()).glob(f"*/port-{training}.txt")) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            for core in cores:
+                os.kill(core, signal.SIGSTOP)
+        finally:
+            os.kill(training, signal.SIGCONT)
         text, _ = output.finish(180)
     finally:
         proc.kill()
