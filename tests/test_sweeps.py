@@ -64,7 +64,7 @@ def test_sweep_yaml_is_a_valid_wandb_sweep_of_main_py():
     assert SWEEP["metric"]["name"].startswith("val/") and SWEEP["metric"]["goal"] == "maximize"
     assert SWEEP["metric"]["name"].split("/")[1] in utils.METRIC_NAMES
     assert len(SWEEP["parameters"]["seed"]["values"]) >= 3
-    assert {"optimizer", "lr", "momentum"} <= set(SWEEP["parameters"])
+    assert {"optimizer", "lr", "momentum", "lr_schedule"} <= set(SWEEP["parameters"])
 
 
 def test_every_sweep_value_reaches_main_py_as_the_intended_number():
@@ -79,9 +79,10 @@ def test_every_sweep_value_reaches_main_py_as_the_intended_number():
             assert type(value) is kinds[name] or (kinds[name] is float and type(value) is int), (name, value)
             assert opts[name] == value
         groups.setdefault(group_of(opts), []).append(params["seed"])
-    assert len(grid(SWEEP)) == 24 and all(sorted(s) == [0, 1, 2] for s in groups.values())  # replicates share
+    assert len(grid(SWEEP)) == 48 and len(groups) == 16
+    assert all(sorted(s) == [0, 1, 2] for s in groups.values())  # replicates share
     pruned = [p for p in grid(SWEEP) if utils.prune_hyperparameters(vars(parser.parse_args(agent_flags(p))), parser)]
-    assert pruned and all(p["optimizer"] == "adam" and p["momentum"] > 0 for p in pruned)
+    assert len(pruned) == 12 and all(p["optimizer"] == "adam" and p["momentum"] > 0 for p in pruned)
 
 
 # ----------------------------------------------------------------------------------------------
