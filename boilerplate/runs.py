@@ -424,7 +424,7 @@ class Record:
 
     def finish(self, tags: list, message: str | None = None) -> None:
         self.tags = list(dict.fromkeys(tags))
-        self.tell_guard("ending", tags=self.tags)
+        self.tell_guard("ending", tags=self.tags, message=message)
         failed = utils.failed(self.tags)
         status = "failed" if failed else "finished"
         self.save(status)

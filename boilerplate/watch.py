@@ -31,8 +31,10 @@ The training process's messages, one JSON object a line, each named by its "kind
 - epoch: {epoch, started}: an epoch starts, at `started` on the machine's monotonic clock;
 - saved: {epoch, tags}: an epoch has ended and is logged and saved (its checkpoint is written next);
 - stopping: {tag}: a stop signal reached the training process, which stops at the next batch with this tag;
-- ending: {tags}: the run's end is being written, with these tags: stop signals change nothing now;
-- ended: {}: the run's end is written; the process's exit status is the run's.
+- ending: {tags, message}: the run's end is decided and being written, with these tags (and the error's
+  message, or null): stop signals change nothing now, and a death from here on (the out-of-memory killer
+  while W&B finishes, say) changes nothing either: the guard writes the decided end itself;
+- ended: {}: the run's end is written; the exit status is the run's, however the process leaves after it.
 """
 
 import contextlib
@@ -294,6 +296,7 @@ class Watch:
         self.deadline, self.stop_tag, self.minutes, self.folder = math.inf, None, epoch_timeout, None
         self.timeout = 60 * epoch_timeout + WATCH_GRACE if epoch_timeout else None
         self.signals, self.hung = [], None  # signals not yet acted on; why training was killed as hung
+        self.decided = None  # the end the training process decided and began to write ("ending")
         self.acted = False  # whether the guard has acted on a stop signal of its own
         self.wake = os.pipe()
         for fd in self.wake:
@@ -378,8 +381,12 @@ class Watch:
         )
 
     def end(self, code: int) -> int:
-        if self.ended or (self.started is None and code >= 0 and not self.hung):
-            return code  # the run's own end, or one the training process reported itself before the run began
+        if self.ended:  # killed as it left, after its run's end was written: that end's status
+            return int(utils.failed(self.tags)) if code < 0 else code
+        if self.started is None and code >= 0 and not self.hung:
+            return code  # one the training process reported itself before the run began
+        if self.decided and self.started and not self.hung:
+            return self.write_decided(code)
         tag, message = self.hung or self.death(code)
         if self.started is None:  # no run to end yet: what was made for it goes
             if message is None:
@@ -400,6 +407,7 @@ class Watch:
             self.started = message
         elif kind in ("saved", "ending"):
             self.tags = message["tags"]
+            self.decided = message if kind == "ending" else self.decided
         elif kind == "stopping" and not self.ending:  # its own signal: the stop is what it heard
             self.stop_tag = message["tag"]
         final = kind == "saved" and self.started and message["epoch"] >= self.started["config"]["epochs"]
@@ -427,8 +435,22 @@ class Watch:
         oom = " (the out-of-memory killer sends SIGKILL)" if code == -signal.SIGKILL else ""
         return utils.CRASHED(), f"the training process {how}{oom}"
 
-    def take_over(self, tag: str, message: str | None) -> int:
-        """The run's end, written here: the training process can no longer write it."""
+    def write_decided(self, code: int) -> int:
+        """The training process died while writing the end it had decided: the run trained and was judged,
+        so that end stands (a crash now would flip a finished run to failed), written here."""
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        print(
+            f"Warning: the training process {how} while writing the run's end: the guard writes it.",
+            file=sys.stderr,
+            flush=True,
+        )
+        if not self.started.get("owner", True):  # rank 0's guard writes the run
+            return int(utils.failed(self.decided["tags"]))
+        return self.take_over(None, self.decided.get("message"))
+
+    def take_over(self, tag: str | None, message: str | None) -> int:
+        """The run's end, written here: the training process can no longer write it. `tag` is what ended
+        it (a crash, a hang), added to the tags it had saved; None for the end it had decided."""
         from . import runs
 
         self.ending = True  # from here on, stop signals change nothing
@@ -438,7 +460,7 @@ class Watch:
             if folder:
                 lock = runs.own(runs.Path(folder), wait=LOCK_WAIT)
             run = runs.Record.take_over(self.started, self.tags)
-            run.finish(run.tags + [tag], message)
+            run.finish(run.tags + [tag] if tag else self.decided["tags"], message)
             return run.status
         except errors.StartError as e:
             print(f"Error: {message or tag}. {e}", file=sys.stderr, flush=True)

@@ -253,6 +253,20 @@ def training_process(pid: int) -> int:
     raise AssertionError("no training process found")
 
 
+def kill_as_the_end_is_written(out: Path, pid: int, proc: subprocess.Popen) -> bool:
+    """SIGKILL to process `pid` as soon as the run under `out` has saved its end (results.json's status is no
+    longer running: W&B's finish comes next); whether it came before `proc` had ended."""
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(ValueError, OSError):  # not there yet, or written as it is read
+            saved = list(out.glob("*/*/results.json"))
+            if saved and json.loads(saved[0].read_text())["status"] != "running":
+                os.kill(pid, signal.SIGKILL)
+                return True
+        time.sleep(0.002)
+    return False
+
+
 class Output:
     """A process's output, read by threads as it comes, so that a test waiting for a line never waits
     forever: a wait that times out, or meets the end of the output, fails with everything read so far."""

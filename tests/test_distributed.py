@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import OFFLINE, ROOT, Output, children, results, without_times
+from conftest import OFFLINE, ROOT, Output, children, kill_as_the_end_is_written, results, without_times
 from demo import SLOW, small_run
 from wandb_file import find_runs
 
@@ -169,6 +169,21 @@ def test_a_rank_killed_mid_epoch_ends_the_run_crashed(rank, tiny_data, tmp_path)
     assert "another process of the job died" in text or rank == 0, text
     sittings = find_runs(tmp_path, folder.name)
     assert sittings[-1].exit_code == 1 and sittings[-1].tags == ["Crashed"]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_killed_as_the_end_is_written_changes_nothing(rank, tiny_data, tmp_path):
+    """Once rank 0 has saved the run's end, a SIGKILL of either rank's training process (while W&B
+    finishes, or as it leaves) changes neither the run's end nor the job's exit status."""
+    proc = torchrun(2, small_run(tiny_data, tmp_path / "out", *EXACT, "--wandb_project", "boilerplate-tests"), tmp_path)
+    output = Output(proc)
+    kill_as_the_end_is_written(tmp_path / "out", training_process_of_rank(proc.pid, rank), proc)
+    text, _ = output.finish()
+    assert proc.wait() == 0, text
+    folder, res = results(tmp_path / "out")
+    assert res["status"] == "finished" and res["tags"] == ["Success"], text
+    last = find_runs(tmp_path, folder.name)[-1]
+    assert last.exit_code == 0 and last.tags == ["Success"]
 
 
 @pytest.mark.parametrize("whom", ["every process", "rank 1 alone"])

@@ -15,7 +15,17 @@ import pytest
 
 import demo
 from boilerplate import watch
-from conftest import OFFLINE, ROOT, Output, children, results, small_run, start_main, training_process
+from conftest import (
+    OFFLINE,
+    ROOT,
+    Output,
+    children,
+    kill_as_the_end_is_written,
+    results,
+    small_run,
+    start_main,
+    training_process,
+)
 from wandb_file import find_runs, whole_run
 from wandb_server import WandbServer
 
@@ -74,6 +84,30 @@ def test_ctrl_c_held_down_through_the_end_changes_nothing(tiny_data, tmp_path):
         finally:
             proc.kill()
         assert_finished_once(proc.returncode, text, out, tmp_path)
+
+
+def test_a_kill_as_the_end_is_written_changes_nothing(tiny_data, tmp_path):
+    """The out-of-memory killer (or a `kill -9`) meets the training process while W&B finishes: the run had
+    trained and been judged, so its end stands (never a finished run flipped to Crashed), written by the
+    guard; and a kill after that end is written, as the process leaves, leaves the run's exit status."""
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        proc = launch(logged(tiny_data, out), tmp_path)
+        try:
+            output = Output(proc)
+            killed = kill_as_the_end_is_written(out, training_process(proc.pid), proc)
+            text, _ = output.finish()
+        finally:
+            proc.kill()
+        assert proc.returncode == 0 and "Traceback" not in text, text
+        folder, res = results(out)
+        assert res["status"] == "finished" and res["tags"] == ["Success"] and len(res["history"]) == 2, text
+        assert not (folder / "checkpoint.pt").exists()
+        last = find_runs(tmp_path, folder.name)[-1]  # the guard's sitting, where it wrote the end
+        assert last.exit_code == 0 and last.tags == res["tags"] and not last.preempting
+        if killed and "the guard writes it" in text:
+            return
+    pytest.fail("the kill never came while the end was being written")
 
 
 def holding(pid: int) -> None:
