@@ -374,18 +374,21 @@ class Record:
         return tuple(dict.fromkeys([*self.user_tags, *tags]))
 
     def use_wandb(self, what: str, call: Callable[[], object]) -> None:
-        """W&B's service can die mid-run (killed, out of memory) or freeze: say what is lost, and go on
-        without it. Training and results.json never depend on W&B, and no W&B call waits past W&B's own
-        limits (wandb_start.limit())."""
+        """W&B's service can die mid-run (killed, out of memory) or freeze, and its server can go (a network
+        cut, an outage): say what is lost, and go on without it. Training and results.json never depend on
+        W&B, and no W&B call waits past W&B's own limits (wandb_start.limit()), nor on a server that is gone."""
         if not self.run:
             return
+        server = None if self.run.offline else self.run.settings.base_url
         try:
-            wandb_start.within(wandb_start.limit(), call)
-        except wandb_start.WandbStuck:
+            wandb_start.within(wandb_start.limit(), call, server)
+        except wandb_start.WandbStuck as e:
+            lost = "W&B's server was lost" if isinstance(e, wandb_start.WandbServerLost) else "W&B hung"
+            # `wandb sync` skips a run begun online unless told
+            sync = f"wandb sync {'--include-online ' if server else ''}{self.run.settings.sync_dir}"
             print(
-                f"Warning: W&B hung while {what} ({wandb_start.stuck}): the run goes on without it. What W&B "
-                "had, its local run files keep (`wandb sync` uploads them); results.json holds every epoch "
-                "and the run's end.",
+                f"Warning: {lost} while {what} ({wandb_start.stuck}): the run goes on without it. What W&B had, "
+                f"its local run files keep (`{sync}` uploads them); results.json holds every epoch and the run's end.",
                 file=sys.stderr,
                 flush=True,
             )

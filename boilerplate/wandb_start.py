@@ -8,7 +8,9 @@ start_wandb() is wandb.init with three guards around it:
 - W&B hanging: the start runs in a thread with a time limit (`limit()`), and so does every later call
   of the run's (runs.Record.use_wandb); past it, W&B is given up for this process (`stuck`), which then
   leaves with os._exit (exit()), as W&B's threads and exit hooks would hang it. The guard (watch.py)
-  kills a training process whose W&B start outlasts that limit by far, as a backstop.
+  kills a training process whose W&B start outlasts that limit by far, as a backstop;
+- W&B's server gone mid-run: a later call that waits on it (the finish's uploads, which W&B retries for
+  far longer than the limit) is given up as soon as the server cannot be reached (WandbServerLost).
 Errors of the user's setup (no login, a WANDB_MODE W&B rejects, a WANDB_DIR that cannot be written)
 are a StartError before any epoch, naming W&B's own message.
 
@@ -44,12 +46,20 @@ WANDB_UPLOAD_INTERVAL = 2.0
 WANDB_PROBE_TIMEOUT = 5.0  # seconds W&B's server has to answer a plain HTTP request before wandb.init
 WANDB_SERVICE_WAIT = 30.0  # W&B's own limit on wandb-core's start (WANDB_X_SERVICE_WAIT changes it)
 SPARE = 10.0  # seconds allowed past W&B's own limits before its start counts as hung
+# A W&B call that has waited this long on an online run asks whether W&B's server is still there (and again
+# as often while it waits): W&B retries an upload to a server that has gone (a network cut, an outage) for
+# far longer than limit(), and its local run file already holds everything, so there is nothing to wait for.
+WANDB_SERVER_CHECK = 10.0
 
 stuck: str | None = None  # why W&B is given up in this process, once a call to it has hung
 
 
 class WandbStuck(Exception):
-    """W&B's start outlasted limit(): its thread may hold W&B's locks for good."""
+    """A W&B call outlasted limit(): its thread may hold W&B's locks for good."""
+
+
+class WandbServerLost(WandbStuck):
+    """A W&B call waits on W&B's server, which can no longer be reached: the same as stuck, sooner."""
 
 
 def seconds_from(variable: str, default: float) -> float:
@@ -71,9 +81,11 @@ def limit() -> float:
     )
 
 
-def within(seconds: float, call: Callable[[], Any]) -> Any:
+def within(seconds: float, call: Callable[[], Any], server: str | None = None) -> Any:
     """call()'s result (or its exception), from a thread given `seconds`. Past them W&B is given up in
-    this process (`stuck`), and WandbStuck raised: the thread may hold W&B's locks for good."""
+    this process (`stuck`), and WandbStuck raised: the thread may hold W&B's locks for good. With the
+    `server` an online run talks to: sooner, WandbServerLost, once the call has waited WANDB_SERVER_CHECK
+    and the server cannot be reached."""
     global stuck
     outcome = {}
 
@@ -85,7 +97,13 @@ def within(seconds: float, call: Callable[[], Any]) -> Any:
 
     thread = threading.Thread(target=run, name="wandb-start", daemon=True)
     thread.start()
-    thread.join(seconds)
+    deadline = time.monotonic() + seconds
+    thread.join(min(seconds, WANDB_SERVER_CHECK) if server else seconds)
+    while server and thread.is_alive() and time.monotonic() < deadline:
+        if why := unreachable(server):
+            stuck = f"{server} is unreachable: {why}"
+            raise WandbServerLost(stuck)
+        thread.join(max(0.0, min(deadline - time.monotonic(), WANDB_SERVER_CHECK)))
     if thread.is_alive():
         stuck = f"no answer within {seconds:g} s"
         raise WandbStuck(stuck)

@@ -5,8 +5,10 @@ W&B's server (wandb_server.py)."""
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -239,3 +241,47 @@ def test_the_guard_gives_wandbs_server_every_epoch_a_killed_run_had_logged(tiny_
     assert wandb_epochs(run.history) == whole_epochs(res["history"])  # each once, none missing
     assert run.exit_code == 1 and run.tags[-1] == "Crashed" and wandb_server.sessions[folder.name] == 2
     assert "killed by SIGKILL" in run.summary["end"]
+
+
+def test_wandbs_server_lost_mid_run_costs_seconds_and_loses_nothing(tiny_data, tmp_path):
+    """W&B's server gone mid-run (a network cut, an outage): W&B retries its uploads far longer than any
+    limit of ours, and the run's finish would wait on them for that limit (100 s). A W&B call waiting on a
+    server that cannot be reached is given up at once instead: the run ends as trained, saying so, and the
+    `wandb sync` its warning names uploads the whole run to the server once it is back."""
+    server = WandbServer()
+    out = tmp_path / "out"
+    proc = launch(
+        small_run(tiny_data, out, "--verbose", "1", "--epochs", "4", "--wandb_project", "boilerplate-tests"),
+        tmp_path,
+        server.environment(),
+    )
+    try:
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch 2/"))
+        server.close()
+        text, _ = output.finish()
+    finally:
+        proc.kill()
+        server.close()
+    assert proc.returncode == 0 and "Traceback" not in text, text
+    folder, res = results(out)
+    assert res["status"] == "finished" and res["tags"] == ["Success"] and whole_epochs(res["history"]) == [1, 2, 3, 4]
+    assert (
+        f"Warning: W&B's server was lost while finishing the run ({server.environment()['WANDB_BASE_URL']} is " in text
+    )
+    sync = re.search(r"`(wandb sync --include-online \S+)` uploads them", text)
+    assert sync, text
+    back = WandbServer()  # the server back: what the warning says uploads the run whole
+    try:
+        subprocess.run(
+            [sys.executable, "-m", *sync[1].split()],
+            cwd=tmp_path,
+            env={**os.environ, **back.environment()},
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+        run = back.runs[folder.name]
+        assert wandb_epochs(run.history) == [1, 2, 3, 4] and run.exit_code == 0 and run.tags == ["Success"]
+    finally:
+        back.close()
