@@ -210,6 +210,24 @@ def test_wandbs_service_dying_under_a_forks_own_wandb_log_stops_the_run_resumabl
     assert epochs[-3:] == [2, 3, 4] and len(epochs) == len(set(epochs)), epochs
 
 
+def online_past_epoch_2(tiny_data, out: Path, server: WandbServer, epochs: int, then) -> tuple:
+    """A run logging online to the stand-in `server`; then(pid of main.py) once epoch 2 is logged and saved.
+    The process, ended, and its output."""
+    proc = launch(
+        small_run(tiny_data, out, "--verbose", "1", "--epochs", str(epochs), "--wandb_project", "boilerplate-tests"),
+        out.parent,
+        server.environment(),
+    )
+    try:
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch 2/"))
+        then(proc.pid)
+        text, _ = output.finish()
+    finally:
+        proc.kill()
+    return proc, text
+
+
 @pytest.fixture
 def wandb_server():
     server = WandbServer()
@@ -222,18 +240,9 @@ def test_the_guard_gives_wandbs_server_every_epoch_a_killed_run_had_logged(tiny_
     serves is killed (the out-of-memory killer's SIGKILL). The guard, taking the run over, logs what the
     server lacks before the end: the server holds each epoch once."""
     out = tmp_path / "out"
-    proc = launch(
-        small_run(tiny_data, out, "--verbose", "1", "--epochs", "100000", "--wandb_project", "boilerplate-tests"),
-        tmp_path,
-        wandb_server.environment(),
+    proc, text = online_past_epoch_2(
+        tiny_data, out, wandb_server, 100000, lambda pid: os.kill(training_process(pid), signal.SIGKILL)
     )
-    try:
-        output = Output(proc)
-        output.wait_for(lambda line: line.startswith("epoch 2/"))  # epoch 2 is logged and saved
-        os.kill(training_process(proc.pid), signal.SIGKILL)
-        text, _ = output.finish()
-    finally:
-        proc.kill()
     assert proc.returncode == 1 and "Traceback" not in text, text
     folder, res = results(out)
     assert res["status"] == "failed" and res["tags"][-1] == "Crashed" and len(whole_epochs(res["history"])) >= 2
@@ -250,18 +259,9 @@ def test_wandbs_server_lost_mid_run_costs_seconds_and_loses_nothing(tiny_data, t
     `wandb sync` its warning names uploads the whole run to the server once it is back."""
     server = WandbServer()
     out = tmp_path / "out"
-    proc = launch(
-        small_run(tiny_data, out, "--verbose", "1", "--epochs", "4", "--wandb_project", "boilerplate-tests"),
-        tmp_path,
-        server.environment(),
-    )
     try:
-        output = Output(proc)
-        output.wait_for(lambda line: line.startswith("epoch 2/"))
-        server.close()
-        text, _ = output.finish()
+        proc, text = online_past_epoch_2(tiny_data, out, server, 4, lambda pid: server.close())
     finally:
-        proc.kill()
         server.close()
     assert proc.returncode == 0 and "Traceback" not in text, text
     folder, res = results(out)
