@@ -1,8 +1,8 @@
 """W&B's start, which must never hang a run nor blame it for W&B's own faults.
 
 start_wandb() is wandb.init with three guards around it:
-- W&B's server unreachable: one plain HTTP request says so at once, and the run logs offline
-  (wandb.init would retry a refused connection until its init timeout);
+- W&B's server unreachable (a gateway answering for it that it is down counts): one plain HTTP request
+  says so at once, and the run logs offline (wandb.init would retry until its init timeout);
 - W&B failing by itself (its service, wandb-core, dying as it starts or just after): one more try,
   then the run goes on without W&B, with a warning naming W&B's error;
 - W&B hanging: the start runs in a thread with a time limit (`limit()`), and so does every later call
@@ -19,6 +19,7 @@ setup() deadlocks on its own lock (see docs/robustness.md, its fault table). wan
 """
 
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -112,16 +113,23 @@ def within(seconds: float, call: Callable[[], Any], server: str | None = None) -
     return outcome["value"]
 
 
+# What a gateway in front of W&B's server answers while the server behind it is down (an outage): W&B
+# retries these as it retries a refused connection. Any other HTTP answer, an error status too, means the
+# server itself is there.
+SERVER_DOWN = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
 def unreachable(url: str) -> str | None:
-    """Why W&B's server at `url` cannot be reached, if it cannot. Any HTTP answer, an error status
-    too, means the server is there. Through the proxies the environment names, as W&B's own."""
+    """Why W&B's server at `url` cannot be reached, if it cannot (a gateway answering for it that it is
+    down counts). Through the proxies the environment names, as W&B's own."""
     import urllib.error
     import urllib.request
 
     try:
         urllib.request.urlopen(url, timeout=WANDB_PROBE_TIMEOUT).close()
-    except urllib.error.HTTPError:
-        return None
+    except urllib.error.HTTPError as e:
+        e.close()
+        return f"it answers {e.code} {SERVER_DOWN[e.code]}" if e.code in SERVER_DOWN else None
     except (urllib.error.URLError, OSError, ValueError) as e:
         return str(getattr(e, "reason", e))
     return None
@@ -132,6 +140,10 @@ def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run,
     itself (it has said so). `prepare` is part of the start: W&B dying just after init fails there."""
     import wandb  # only runs that log pay for its import
 
+    # W&B sends usage analytics of its own to its server (OpenTelemetry), and their exporter prints each
+    # failed send on the screen: a server that is down would fill the run's log with W&B's retries, where
+    # our one warning says what it means for the run.
+    logging.getLogger("opentelemetry.exporter.otlp").setLevel(logging.CRITICAL)
     user_errors = (wandb.errors.UsageError, wandb.errors.AuthenticationError, ValueError)  # ValueError: settings
     try:
         if os.environ.get("WANDB_DIR"):  # W&B would fall back to a temporary folder, which a reboot may empty

@@ -38,6 +38,7 @@ from conftest import (
     without_times,
 )
 from wandb_file import find_runs, whole_run
+from wandb_server import WandbServer
 
 EPOCHS = 4
 
@@ -381,21 +382,24 @@ def test_a_checkpoint_not_plain_data_damaged_or_another_models_is_refused_and_no
         assert not marker.exists() and results(tmp_path / "out") == (folder, before)  # nothing ran, nothing lost
 
 
-def test_wandb_unreachable_online_logs_offline_and_loses_nothing(tmp_path):
+@pytest.mark.parametrize("down", ["refused", "503"])
+def test_wandb_unreachable_online_logs_offline_and_loses_nothing(tmp_path, down):
     data = demo.write_dataset(tmp_path / "data")
-    # W&B would retry the refused connection until its init timeout, here 600 s (longer than the test may
-    # take): the run asks the server once before wandb.init, and trains offline at once.
-    env = {
-        "WANDB_MODE": "online",
-        "WANDB_API_KEY": "a" * 40,
-        "WANDB_BASE_URL": "http://127.0.0.1:9",
-        "WANDB_INIT_TIMEOUT": "600",
-    }
+    # W&B would retry the refused connection (or a gateway's 503 in an outage) until its init timeout, here
+    # 600 s (longer than the test may take): the run asks the server once before wandb.init, and trains
+    # offline at once.
+    gateway = WandbServer()
+    gateway.outage = 503
+    url = "http://127.0.0.1:9" if down == "refused" else gateway.url
+    env = {"WANDB_MODE": "online", "WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": url, "WANDB_INIT_TIMEOUT": "600"}
     start = time.monotonic()
-    code, output = run(
-        small_run(data, tmp_path / "out", "--wandb_project", "boilerplate-tests", "--verbose", "1"), tmp_path, env
-    )
-    assert code == 0 and "http://127.0.0.1:9 is unreachable" in output and "logging offline" in output, output
+    try:
+        code, output = run(
+            small_run(data, tmp_path / "out", "--wandb_project", "boilerplate-tests", "--verbose", "1"), tmp_path, env
+        )
+    finally:
+        gateway.close()
+    assert code == 0 and f"{url} is unreachable" in output and "logging offline" in output, output
     assert time.monotonic() - start < 120  # a 1-second run; waiting for W&B would have held it 600 s
     folder, res = results(tmp_path / "out")
     assert res["status"] == "finished" and len(res["history"]) == 2

@@ -252,23 +252,32 @@ def test_the_guard_gives_wandbs_server_every_epoch_a_killed_run_had_logged(tiny_
     assert "killed by SIGKILL" in run.summary["end"]
 
 
-def test_wandbs_server_lost_mid_run_costs_seconds_and_loses_nothing(tiny_data, tmp_path):
-    """W&B's server gone mid-run (a network cut, an outage): W&B retries its uploads far longer than any
-    limit of ours, and the run's finish would wait on them for that limit (100 s). A W&B call waiting on a
-    server that cannot be reached is given up at once instead: the run ends as trained, saying so, and the
-    `wandb sync` its warning names uploads the whole run to the server once it is back."""
+@pytest.mark.parametrize("lost", ["shut", "503"])
+def test_wandbs_server_lost_mid_run_costs_seconds_and_loses_nothing(tiny_data, tmp_path, lost):
+    """W&B's server gone mid-run (a network cut; an outage, where a gateway answers 503 for it): W&B retries
+    its uploads far longer than any limit of ours, and the run's finish would wait on them for that limit
+    (100 s). A W&B call waiting on a server that cannot be reached is given up at once instead: the run ends
+    as trained, saying so, and the `wandb sync` its warning names uploads the whole run to the server once
+    it is back."""
     server = WandbServer()
     out = tmp_path / "out"
+
+    def lose(pid):
+        if lost == "shut":
+            server.close()
+        else:
+            server.outage = int(lost)
+
     try:
-        proc, text = online_past_epoch_2(tiny_data, out, server, 4, lambda pid: server.close())
+        proc, text = online_past_epoch_2(tiny_data, out, server, 4, lose)
     finally:
         server.close()
     assert proc.returncode == 0 and "Traceback" not in text, text
     folder, res = results(out)
     assert res["status"] == "finished" and res["tags"] == ["Success"] and whole_epochs(res["history"]) == [1, 2, 3, 4]
-    assert (
-        f"Warning: W&B's server was lost while finishing the run ({server.environment()['WANDB_BASE_URL']} is " in text
-    )
+    warning = f"Warning: W&B's server was lost while finishing the run ({server.environment()['WANDB_BASE_URL']} is "
+    assert warning + ("unreachable: it answers 503 Service Unavailable)" if lost == "503" else "") in text, text
+    assert "W&B hung" not in text, text
     sync = re.search(r"`(wandb sync --include-online \S+)` uploads them", text)
     assert sync, text
     back = WandbServer()  # the server back: what the warning says uploads the run whole

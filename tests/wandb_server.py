@@ -100,6 +100,7 @@ class WandbServer:
         self.commands: list[dict] = []  # what the next agent heartbeat hands out
         # artifact id -> its name, type, aliases, metadata, files, state (PENDING, COMMITTED), uploads (name -> bytes)
         self.artifacts: dict[str, dict] = {}
+        self.outage: int | None = None  # an HTTP status every request is answered with (an outage behind a gateway)
         server = self
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (Handler,), {"server_state": server}))
         self.httpd.daemon_threads = True
@@ -338,6 +339,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         state, data = self.server_state, self.body()
+        if state.outage:
+            return self.answer({"error": "outage"}, state.outage)
         if self.path.startswith("/graphql"):
             request = json.loads(data or b"{}")
             self.answer({"data": state.graphql(request.get("query", ""), request.get("variables") or {})})
@@ -350,6 +353,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:
         data, state = self.body(), self.server_state
+        if state.outage:
+            return self.answer({"error": "outage"}, state.outage)
         state.requests.append(f"PUT {self.path}")
         if (found := re.fullmatch(r"/upload/artifacts/([^/]+)/(.+)", self.path)) and found[2] != "manifest":
             with state.lock:
@@ -357,5 +362,7 @@ class Handler(BaseHTTPRequestHandler):
         self.answer({})
 
     def do_GET(self) -> None:
+        if self.server_state.outage:
+            return self.answer({"error": "outage"}, self.server_state.outage)
         self.server_state.requests.append(f"GET {self.path}")
         self.answer({})
