@@ -288,7 +288,7 @@ def parser(description: str, add_hyperparameters: Callable[[Any], None]) -> Pars
         type=int,
         choices=(0, 1, 2),
         default=1,
-        help="0 quiet, 1 epoch progress and summaries, 2 batch progress too",
+        help="0 quiet, 1 a line per epoch (and a progress bar on a terminal), 2 a bar of the batches too",
     )
     exp.add_argument(
         "--resume",

@@ -238,7 +238,10 @@ def train(
         stop.begun()
 
     sync_every = devices.sync_interval(device)
-    for epoch in tqdm(range(done + 1, args.epochs + 1), disable=args.verbose < 1, desc="epochs"):
+    # disable=None: tqdm draws its bar on a terminal only, so a log file (SLURM's, nohup's, `> train.log 2>&1`)
+    # gets the epoch lines, not a bar redrawn with carriage returns
+    bar = True if args.verbose < 1 else None
+    for epoch in tqdm(range(done + 1, args.epochs + 1), disable=bar, desc="epochs"):
         record.epoch_started(epoch)
         deadline = time.perf_counter() + 60 * args.epoch_timeout if args.epoch_timeout else math.inf
         steps = Steps(

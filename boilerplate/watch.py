@@ -75,10 +75,16 @@ HELD = tuple(utils.STOP_SIGNALS)  # the signals main.py's first line holds back 
 CAUSES = {signal.SIGINT: "Ctrl+C", signal.SIGTERM: "SIGTERM", GUARD_STOP: "SIGTERM", GUARD_DIED: "the guard's death"}
 
 
+def line_break() -> str:
+    """What puts a message on a line of its own: on a terminal, a progress bar (or the ^C a key echoes)
+    holds the line; a log file has none, and gets no empty line."""
+    return "\n" if sys.stderr.isatty() else ""
+
+
 def stopped_before_start(signum: int) -> int:
     """Says so; the exit status a shell gives a process that signal ended."""
     print(
-        f"\nStopped by {CAUSES[signum]} before the run began: nothing was trained, nothing changed.",
+        f"{line_break()}Stopped by {CAUSES[signum]} before the run began: nothing was trained, nothing changed.",
         file=sys.stderr,
         flush=True,
     )
@@ -162,7 +168,7 @@ class Link:
             return
         self.send("stopping", tag=tag)
         if signum in (signal.SIGINT, signal.SIGTERM):  # not for the guard's words: a process asked, not a person
-            print(f"\nStopping at the next batch: {tag}.", file=sys.stderr, flush=True)
+            print(f"{line_break()}Stopping at the next batch: {tag}.", file=sys.stderr, flush=True)
 
     def stop_now(self) -> NoReturn:
         self.phase = self.CLOSED
@@ -317,7 +323,7 @@ class Watch:
             # Not after one the training process alone has reported: a Ctrl+C reaches both processes, and
             # its "stopping" may be read before the guard acts on its own copy of the same signal.
             if signum == signal.SIGINT and acted_before and self.process:
-                print("\nCtrl+C again: ending the run now.", file=sys.stderr, flush=True)
+                print(f"{line_break()}Ctrl+C again: ending the run now.", file=sys.stderr, flush=True)
                 self.process.kill()
             return
         # A SIGTERM here may be the job's (the training process then says Preempted) or main.py's alone: Stopped.
@@ -454,6 +460,7 @@ class Watch:
         from . import runs
 
         self.ending = True  # from here on, stop signals change nothing
+        print(line_break(), end="", file=sys.stderr)  # the dead process's progress bar holds the line
         folder = self.started["folder"]
         lock = None
         try:

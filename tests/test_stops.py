@@ -293,7 +293,8 @@ def python_first_on_path(folder: Path) -> str:
 @pytest.mark.every_python
 @pytest.mark.parametrize("stdout_to", ["file", "pipe"])
 def test_a_log_file_follows_the_run_as_it_goes(stdout_to, tiny_data, tmp_path):
-    """Not a terminal and no -u: each epoch's line reaches the log as it is printed, and the interpreter's
+    """Not a terminal and no -u: each epoch's line reaches the log as it is printed; the log holds lines,
+    not progress bars nor empty lines (stderr too, as SLURM writes both to one file); the interpreter's
     options (here -X faulthandler -W default) reach the training process."""
     out, log = tmp_path / "out", tmp_path / "train.log"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
@@ -304,7 +305,7 @@ def test_a_log_file_follows_the_run_as_it_goes(stdout_to, tiny_data, tmp_path):
         "-W",
         "default",
         str(ROOT / "main.py"),
-        *small_run(tiny_data, out, "--verbose", "1", "--epochs", "100000"),
+        *small_run(tiny_data, out, "--verbose", "2", "--epochs", "100000"),
     ]
     with open(log, "w") as file:
         proc = subprocess.Popen(
@@ -312,7 +313,7 @@ def test_a_log_file_follows_the_run_as_it_goes(stdout_to, tiny_data, tmp_path):
             cwd=tmp_path,
             env=env,
             stdout=file if stdout_to == "file" else subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
         )
@@ -330,7 +331,9 @@ def test_a_log_file_follows_the_run_as_it_goes(stdout_to, tiny_data, tmp_path):
         assert cmdline[1:5] == [b"-X", b"faulthandler", b"-W", b"default"], cmdline
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(60)
-        lines = (output.finish()[0] if stdout_to == "pipe" else log.read_text()).splitlines()
+        text = output.finish()[0] if stdout_to == "pipe" else log.read_text()
     finally:
         proc.kill()
+    lines = text.splitlines()
     assert proc.returncode == 1 and any(line.startswith("Run failed") for line in lines), lines
+    assert "\r" not in text and all(lines) and not any(line.startswith(("epochs:", "batches:")) for line in lines), text
