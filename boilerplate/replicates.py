@@ -90,7 +90,13 @@ def read_wandb(path: str, sweep: str | None = None, timeout: int = 30) -> list[R
     import wandb
     from wandb.errors import CommError, UsageError
 
+    from . import wandb_start
+
     try:
+        # wandb.Api would retry a server that is down for its whole timeout, then blame the credentials
+        server = wandb_start.read_settings(wandb).base_url
+        if why := wandb_start.unreachable(server):
+            raise ReportError(f"W&B's server {server} is unreachable ({why}): the runs of {path} cannot be read")
         api = wandb.Api(timeout=timeout)
         found = list(api.runs(path, filters={"sweep": sweep} if sweep else {}))
         return [from_wandb(run) for run in found]

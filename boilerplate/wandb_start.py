@@ -155,9 +155,7 @@ def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run,
         if not os.environ.get("WANDB_INIT_TIMEOUT"):  # W&B's own 90 s would keep training waiting
             settings["init_timeout"] = WANDB_INIT_TIMEOUT
         init["settings"] = wandb.Settings(**settings)
-        defaults = wandb.Settings()  # the mode and the server, from the environment and `wandb login`
-        defaults.update_from_system_settings()
-        defaults.update_from_env_vars(dict(os.environ))
+        defaults = read_settings(wandb)
     except user_errors as e:
         raise setup_error(e, wandb) from None
     if (init.get("mode") or defaults.mode) == "online" and (why := unreachable(defaults.base_url)):
@@ -212,6 +210,15 @@ def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run,
             if not teardown(wandb, max(0.0, deadline - time.monotonic())):
                 return None
     return None
+
+
+def read_settings(wandb: Any) -> "wandb.Settings":
+    """W&B's settings as wandb.init and wandb.Api read them (the mode, the server), from the environment
+    and `wandb login`'s file."""
+    found = wandb.Settings()
+    found.update_from_system_settings()
+    found.update_from_env_vars(dict(os.environ))
+    return found
 
 
 def setup_error(e: BaseException, wandb: Any) -> errors.StartError:

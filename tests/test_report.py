@@ -209,8 +209,19 @@ def test_bad_input_is_named_with_the_documented_exit_status(runs, tmp_path, caps
         for name, value in env.items():
             patch.setenv(name, value)
         code, _, err = run_report(capsys, "--wandb", f"{ENTITY}/{PROJECT}", "--timeout", "2")
-    assert code == 1 and f"Error: W&B's runs of {ENTITY}/{PROJECT} could not be read (" in err, err
+    assert code == 1 and f"Error: W&B's server {server.url} is unreachable (" in err, err
     assert "Traceback" not in err
+
+    gateway = WandbServer()  # an outage: a gateway answers for a server that is down
+    gateway.outage = 503
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in {**gateway.environment(), "WANDB_DIR": str(tmp_path)}.items():
+                patch.setenv(name, value)
+            code, _, err = run_report(capsys, "--wandb", f"{ENTITY}/{PROJECT}")
+    finally:
+        gateway.close()
+    assert code == 1 and "is unreachable (it answers 503 Service Unavailable)" in err and "Traceback" not in err, err
 
 
 def test_wandb_runs_report_as_their_folders_do_and_a_sweep_alone(tiny_data, tmp_path, capsys, monkeypatch):
