@@ -288,7 +288,8 @@ def parser(description: str, add_hyperparameters: Callable[[Any], None]) -> Pars
         type=int,
         choices=(0, 1, 2),
         default=1,
-        help="0 quiet, 1 a line per epoch (and a progress bar on a terminal), 2 a bar of the batches too",
+        help="0 quiet; 1 a line per epoch (and a progress bar, on a terminal); 2 the bars of the epochs and the "
+        "batches, in a log file too",
     )
     exp.add_argument(
         "--resume",

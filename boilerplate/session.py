@@ -238,9 +238,10 @@ def train(
         stop.begun()
 
     sync_every = devices.sync_interval(device)
-    # disable=None: tqdm draws its bar on a terminal only, so a log file (SLURM's, nohup's, `> train.log 2>&1`)
-    # gets the epoch lines, not a bar redrawn with carriage returns
-    bar = True if args.verbose < 1 else None
+    # --verbose 1 (the default): tqdm draws the bar on a terminal only (disable=None), so that a log file
+    # (SLURM's, nohup's, `> train.log 2>&1`) gets the epoch lines, not a bar redrawn with carriage returns.
+    # --verbose 2 asks for the bars of the epochs and the batches wherever the output goes (`tail -f` a log).
+    bar = {0: True, 1: None, 2: False}[args.verbose]
     for epoch in tqdm(range(done + 1, args.epochs + 1), disable=bar, desc="epochs"):
         record.epoch_started(epoch)
         deadline = time.perf_counter() + 60 * args.epoch_timeout if args.epoch_timeout else math.inf

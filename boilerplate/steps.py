@@ -106,8 +106,7 @@ class Steps:
         total = -(-len(self.data) // self.batch_size)
         sharded = {"shard": True} if self.ranks > 1 else {}  # a fork's own batches need not know of torchrun
         batches = self.data.batches(self.batch_size, self.generator, **sharded)
-        # disable=None: a bar on a terminal only, never in a log file
-        dealt = tqdm(batches, total=total, leave=False, disable=None if self.progress else True, desc="batches")
+        dealt = tqdm(batches, total=total, leave=False, disable=not self.progress, desc="batches")
         for (x, y), plan in zip(dealt, self.plan, strict=False):
             self.share, self.stepping = plan
             if self.ranks > 1:  # what the ranks agreed on at the last look (keep)

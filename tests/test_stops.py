@@ -305,7 +305,7 @@ def test_a_log_file_follows_the_run_as_it_goes(stdout_to, tiny_data, tmp_path):
         "-W",
         "default",
         str(ROOT / "main.py"),
-        *small_run(tiny_data, out, "--verbose", "2", "--epochs", "100000"),
+        *small_run(tiny_data, out, "--verbose", "1", "--epochs", "100000"),
     ]
     with open(log, "w") as file:
         proc = subprocess.Popen(
