@@ -326,6 +326,7 @@ class Record:
             "path": self.run_path,
             "mode": "offline" if self.run.offline else None,
             "user_tags": list(self.user_tags),
+            "sync_dir": self.run.settings.sync_dir,
         }
 
     def epoch_started(self, epoch: int) -> None:
@@ -489,6 +490,14 @@ class Record:
                 )
             except errors.StartError as e:
                 print(f"Warning: the run's end could not be written to W&B: {e}", file=sys.stderr, flush=True)
+            if record.run and record.run.offline and not address["mode"]:  # an online run, its server lost
+                print(
+                    "Warning: the run's end is logged to W&B offline; once W&B's server is back, "
+                    f"`wandb sync --include-online {address['sync_dir']} {record.run.settings.sync_dir}` uploads "
+                    "the whole run (what the training process logged, then its end).",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if record.run and not record.run.offline:
                 record.use_wandb("logging the epochs W&B's server lacks", record.catch_up)
         return record

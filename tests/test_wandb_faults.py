@@ -252,6 +252,40 @@ def test_the_guard_gives_wandbs_server_every_epoch_a_killed_run_had_logged(tiny_
     assert "killed by SIGKILL" in run.summary["end"]
 
 
+def test_a_run_killed_in_an_outage_is_whole_on_the_server_after_the_sync_it_names(tiny_data, wandb_server, tmp_path):
+    """W&B's server down (a gateway answers 503) when the training process is killed: the guard writes the
+    run's end to W&B offline, and its warning names the one `wandb sync` that puts the whole run on the
+    server once it is back: every epoch the dead process logged, once, and the end (Crashed, exit code 1)."""
+    out = tmp_path / "out"
+
+    def outage_then_kill(pid):
+        wandb_server.outage = 503
+        time.sleep(1)  # an epoch or more logged during the outage
+        os.kill(training_process(pid), signal.SIGKILL)
+
+    proc, text = online_past_epoch_2(tiny_data, out, wandb_server, 100000, outage_then_kill)
+    assert proc.returncode == 1 and "Traceback" not in text, text
+    folder, res = results(out)
+    assert res["tags"][-1] == "Crashed" and whole_epochs(res["history"])[-1] >= 3
+    sync = re.search(r"`(wandb sync --include-online \S+ \S+)` uploads the whole run", text)
+    assert sync, text
+    back = WandbServer()
+    try:
+        subprocess.run(
+            [sys.executable, "-m", *sync[1].split()],
+            cwd=tmp_path,
+            env={**os.environ, **back.environment()},
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+        run = back.runs[folder.name]
+        assert wandb_epochs(run.history) == whole_epochs(res["history"]), run.history
+        assert run.exit_code == 1 and run.tags[-1] == "Crashed" and "killed by SIGKILL" in run.summary["end"]
+    finally:
+        back.close()
+
+
 @pytest.mark.parametrize("lost", ["shut", "503"])
 def test_wandbs_server_lost_mid_run_costs_seconds_and_loses_nothing(tiny_data, tmp_path, lost):
     """W&B's server gone mid-run (a network cut; an outage, where a gateway answers 503 for it): W&B retries
