@@ -228,6 +228,24 @@ def online_past_epoch_2(tiny_data, out: Path, server: WandbServer, epochs: int, 
     return proc, text
 
 
+def synced_back(command: str, cwd: Path, run_id: str):
+    """The run `run_id` as a fresh stand-in server (the server back after an outage) holds it once
+    `command`, a `wandb sync ...` a warning named, has run."""
+    back = WandbServer()
+    try:
+        subprocess.run(
+            [sys.executable, "-m", *command.split()],
+            cwd=cwd,
+            env={**os.environ, **back.environment()},
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+        return back.runs[run_id]
+    finally:
+        back.close()
+
+
 @pytest.fixture
 def wandb_server():
     server = WandbServer()
@@ -269,25 +287,13 @@ def test_a_run_killed_in_an_outage_is_whole_on_the_server_after_the_sync_it_name
     assert res["tags"][-1] == "Crashed" and whole_epochs(res["history"])[-1] >= 3
     sync = re.search(r"`(wandb sync --include-online \S+ \S+)` uploads the whole run", text)
     assert sync, text
-    back = WandbServer()
-    try:
-        subprocess.run(
-            [sys.executable, "-m", *sync[1].split()],
-            cwd=tmp_path,
-            env={**os.environ, **back.environment()},
-            capture_output=True,
-            timeout=120,
-            check=True,
-        )
-        run = back.runs[folder.name]
-        # Each epoch once, none missing. An epoch is logged to W&B, then saved to results.json: a kill between
-        # the two leaves W&B's run file one whole epoch ahead (trained and evaluated; the resume trains it again).
-        epochs, saved = wandb_epochs(run.history), whole_epochs(res["history"])
-        assert epochs == list(range(1, len(epochs) + 1)) and epochs[: len(saved)] == saved, epochs
-        assert len(epochs) - len(saved) in (0, 1), (epochs, saved)
-        assert run.exit_code == 1 and run.tags[-1] == "Crashed" and "killed by SIGKILL" in run.summary["end"]
-    finally:
-        back.close()
+    run = synced_back(sync[1], tmp_path, folder.name)
+    # Each epoch once, none missing. An epoch is logged to W&B, then saved to results.json: a kill between
+    # the two leaves W&B's run file one whole epoch ahead (trained and evaluated; the resume trains it again).
+    epochs, saved = wandb_epochs(run.history), whole_epochs(res["history"])
+    assert epochs == list(range(1, len(epochs) + 1)) and epochs[: len(saved)] == saved, epochs
+    assert len(epochs) - len(saved) in (0, 1), (epochs, saved)
+    assert run.exit_code == 1 and run.tags[-1] == "Crashed" and "killed by SIGKILL" in run.summary["end"]
 
 
 @pytest.mark.parametrize("lost", ["shut", "503"])
@@ -318,17 +324,5 @@ def test_wandbs_server_lost_mid_run_costs_seconds_and_loses_nothing(tiny_data, t
     assert "W&B hung" not in text, text
     sync = re.search(r"`(wandb sync --include-online \S+)` uploads them", text)
     assert sync, text
-    back = WandbServer()  # the server back: what the warning says uploads the run whole
-    try:
-        subprocess.run(
-            [sys.executable, "-m", *sync[1].split()],
-            cwd=tmp_path,
-            env={**os.environ, **back.environment()},
-            capture_output=True,
-            timeout=120,
-            check=True,
-        )
-        run = back.runs[folder.name]
-        assert wandb_epochs(run.history) == [1, 2, 3, 4] and run.exit_code == 0 and run.tags == ["Success"]
-    finally:
-        back.close()
+    run = synced_back(sync[1], tmp_path, folder.name)  # what the warning says uploads the run whole
+    assert wandb_epochs(run.history) == [1, 2, 3, 4] and run.exit_code == 0 and run.tags == ["Success"]
