@@ -289,6 +289,10 @@ class Record:
                 run: "wandb.Run",
             ) -> "wandb.Run":  # part of W&B's start: a service that dies just after wandb.init fails here
                 run.config.update(self.constants, allow_val_change=True)
+                # Each epoch is logged to W&B, then saved to results.json: a kill (or a full disk) between the
+                # two leaves W&B one epoch ahead. The re-opened run's summary says where W&B's history ends, so
+                # that a resume trains that epoch again but logs it once. (Offline the summary starts empty.)
+                self.logged = max(self.logged, run.summary.get("epoch") or 0)
                 return with_epoch_axis(run)
 
             self.tell_guard("wandb", seconds=wandb_start.limit())

@@ -32,6 +32,8 @@ from conftest import (
     parse,
     results,
     small_run,
+    wandb_epochs,
+    whole_epochs,
     without_times,
 )
 from wandb_file import find_run, find_runs
@@ -248,6 +250,40 @@ def test_the_best_model_reaches_wandbs_server_as_a_committed_artifact(tiny_data,
     uploaded = torch.load(io.BytesIO(models[-1]["uploads"]["model.pt"]), weights_only=True)
     best = torch.load(folder / "best.pt", weights_only=True)
     assert uploaded.keys() == best.keys() and all(torch.equal(uploaded[k], best[k]) for k in best)
+
+
+def test_a_resume_logs_once_the_epoch_wandbs_server_had_before_results_json(tiny_data, tmp_path, monkeypatch):
+    """Each epoch is logged to W&B, then saved to results.json: a training process killed between the two (or
+    a full disk at the save) leaves W&B's server one whole epoch ahead of results.json and the checkpoint.
+    --resume yes trains that epoch again and logs it once: W&B's history holds each epoch once."""
+    out, calls, saved, train_epoch = tmp_path / "out", [], [], main.train_epoch
+
+    def killed_in_epoch_3s_window(*args):
+        calls.append(1)
+        if len(calls) == 3:  # results.json as epoch 2's save left it, the checkpoint of epoch 2 beside it
+            saved.append(next(out.glob("*/*/results.json")).read_text())
+        if len(calls) == 4:  # epoch 3 is logged to W&B and saved; its save is undone below
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_epoch(*args)
+
+    stand_in = WandbServer()
+    try:
+        for name, value in {**stand_in.environment(), "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}.items():
+            monkeypatch.setenv(name, value)
+        flags = ("--epochs", "4", "--checkpoint_every", "2", "--wandb_project", "boilerplate-tests")
+        monkeypatch.setattr(main, "train_epoch", killed_in_epoch_3s_window)
+        assert run_main(*small_run(tiny_data, out, *flags)) == 1
+        folder, _ = results(out)
+        (folder / "results.json").write_text(saved[0])  # what the kill between epoch 3's row and its save leaves
+        monkeypatch.setattr(main, "train_epoch", train_epoch)
+        assert run_main(*small_run(tiny_data, out, *flags, "--resume", "yes")) == 0
+        wandb.teardown()  # the uploads end as the process would end
+        run = stand_in.runs[folder.name]
+    finally:
+        stand_in.close()
+    resumed = results(out)[1]
+    assert whole_epochs(json.loads(saved[0])["history"]) == [1, 2] and whole_epochs(resumed["history"]) == [1, 2, 3, 4]
+    assert wandb_epochs(run.history) == [1, 2, 3, 4] and run.exit_code == 0
 
 
 def test_init_from_starts_from_saved_weights_and_refuses_weights_that_do_not_fit(tiny_data, tmp_path, capsys):
