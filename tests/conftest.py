@@ -267,6 +267,29 @@ def kill_as_the_end_is_written(out: Path, pid: int, proc: subprocess.Popen) -> b
     return False
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid`: its children, theirs, and so on."""
+    tree, found = [pid], True
+    while found:
+        found = [child for parent in tree for child in children(parent, b"") if child not in tree]
+        tree += found
+    return tree[1:]
+
+
+def end_hung(proc: subprocess.Popen) -> None:
+    """Kill a hung process and every process under it (torchrun starts each rank in a session of its own:
+    none left to slow the tests after it). First SIGABRT to them all: a Python process started with
+    PYTHONFAULTHANDLER=1 prints every thread's stack into the output, to tell where it hung."""
+    tree = [proc.pid, *descendants(proc.pid)]
+    for sig in (signal.SIGABRT, signal.SIGKILL):
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        time.sleep(5 if sig == signal.SIGABRT else 0)  # the stacks are written
+    proc.wait()
+    time.sleep(1)  # the readers take the last of the output
+
+
 class Output:
     """A process's output, read by threads as it comes, so that a test waiting for a line never waits
     forever: a wait that times out, or meets the end of the output, fails with everything read so far."""
@@ -311,7 +334,7 @@ class Output:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            end_hung(self.proc)
             raise AssertionError(f"the process did not end within {timeout:g} s; its output:\n{self}") from None
         for reader in self.readers:
             reader.join(timeout)
