@@ -6,7 +6,9 @@ run's generator, whose state the checkpoint keeps, so a resumed run draws the sa
 torchrun (`shard=True`), every rank draws the same order and takes its share of each batch (distributed.py).
 """
 
+import multiprocessing
 import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -67,6 +69,26 @@ def quiet_worker(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+# CPython's after-fork code could deadlock the child when another thread held its thread-list lock at the
+# fork (CPython gh-112275): Python 3.8 to 3.11 until their releases of September 2024; 3.12 on reorders it.
+FORK_MAY_HANG = sys.version_info[:3] < (3, 10, 15) or (3, 11) <= sys.version_info[:3] < (3, 11, 10)
+
+
+def worker_start() -> multiprocessing.context.BaseContext | None:
+    """How DataLoader workers start: by fork() of the training process (torch's default), except under torchrun
+    on a Python whose fork may hang. There gloo's threads run on while the DataLoader forks, and a fork while one
+    of them held that lock deadlocked the new worker: a 2-rank job hung about once in thirty on 3.11.7. The
+    workers then start from a fork server (as spawn: the main script runs again in each, and a Dataset must
+    pickle), which first imports the packages loaded here, so that a worker starts in milliseconds, not in the
+    seconds of importing torch (the server's own preload of "__main__" gets no path in Python 3.10 to 3.13)."""
+    if not (FORK_MAY_HANG and distributed.world() > 1):
+        return None
+    context = multiprocessing.get_context("forkserver")
+    loaded = {name.split(".")[0] for name, module in list(sys.modules.items()) if getattr(module, "__file__", None)}
+    context.set_forkserver_preload(sorted(name for name in loaded if not name.startswith("_")))
+    return context
+
+
 class LoaderBatches:
     def __init__(self, dataset: Dataset, device: torch.device, workers: int):
         self.dataset, self.device, self.workers = dataset, device, workers
@@ -93,6 +115,7 @@ class LoaderBatches:
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             worker_init_fn=quiet_worker,
+            multiprocessing_context=worker_start() if self.workers else None,
         )
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -12,7 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import OFFLINE, ROOT, Output, children, kill_as_the_end_is_written, results, without_times
+from boilerplate.batches import FORK_MAY_HANG
+from conftest import (
+    OFFLINE,
+    ROOT,
+    WAIT,
+    Output,
+    children,
+    descendants,
+    kill_as_the_end_is_written,
+    results,
+    without_times,
+)
 from demo import SLOW, small_run
 from wandb_file import find_runs
 
@@ -29,7 +40,8 @@ def torchrun(ranks: int, args: list[str], wandb_dir: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [*(launcher if ranks > 1 else [sys.executable]), str(ROOT / "main.py"), *args],
         cwd=wandb_dir,
-        env={**os.environ, **OFFLINE, "WANDB_DIR": str(wandb_dir), "PYTHONUNBUFFERED": "1"},
+        # PYTHONFAULTHANDLER: a hung job's processes print their stacks as the test ends them (conftest.end_hung)
+        env={**os.environ, **OFFLINE, "WANDB_DIR": str(wandb_dir), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -37,10 +49,17 @@ def torchrun(ranks: int, args: list[str], wandb_dir: Path) -> subprocess.Popen:
     )
 
 
-def run(ranks: int, args: list[str], wandb_dir: Path) -> tuple[int, str]:
-    proc = torchrun(ranks, args, wandb_dir)
-    text, _ = Output(proc).finish()
-    return proc.wait(), text
+def run(ranks: int, args: list[str], wandb_dir: Path) -> tuple[int, str, set[bytes]]:
+    """The job's exit status, its output, and the command lines of the processes seen under it."""
+    proc, programs = torchrun(ranks, args, wandb_dir), set()
+    output, deadline = Output(proc), time.monotonic() + WAIT
+    while proc.poll() is None and time.monotonic() < deadline:
+        for pid in descendants(proc.pid):
+            with contextlib.suppress(OSError):
+                programs.add(Path(f"/proc/{pid}/cmdline").read_bytes())
+        time.sleep(0.05)
+    text, _ = output.finish()
+    return proc.wait(), text, programs
 
 
 def weights(folder: Path, name: str = "model.pt") -> dict[str, torch.Tensor]:
@@ -70,8 +89,11 @@ def test_two_ranks_train_as_one_process_does(batches, tiny_data, tmp_path):
     extra = {"on the device": [], "DataLoader": ["--workers", "1"], "accumulated": ["--accumulate", "3"]}[batches]
     flags = [*EXACT, *extra, "--wandb_project", "boilerplate-tests"]
     for ranks in (1, 2):
-        code, text = run(ranks, small_run(tiny_data, tmp_path / str(ranks), *flags), tmp_path)
+        code, text, programs = run(ranks, small_run(tiny_data, tmp_path / str(ranks), *flags), tmp_path)
         assert code == 0 and "Traceback" not in text, text
+    # A Python whose fork() may hang in a threaded process: the job's DataLoader workers start from a fork server
+    served = any(b"multiprocessing.forkserver" in program for program in programs)
+    assert served == (batches == "DataLoader" and FORK_MAY_HANG), programs
     (one, alone), (two, job) = results(tmp_path / "1"), results(tmp_path / "2")
     assert one.parent.name == two.parent.name  # the group: the same experiment, whatever the processes
     assert job["tags"] == alone["tags"] == ["Success"]
@@ -101,7 +123,7 @@ def test_a_preempted_job_resumes_to_equal_a_job_never_stopped(tiny_data, tmp_pat
     Preempted; `--resume yes` on the same number of ranks equals a job never stopped; on another, it
     goes on, saying that the batches differ."""
     flags = [*EXACT, "--epochs", "4", *SLOW]
-    code, _ = run(2, small_run(tiny_data, tmp_path / "whole", *flags), tmp_path)
+    code, _, _ = run(2, small_run(tiny_data, tmp_path / "whole", *flags), tmp_path)
     assert code == 0
     proc = torchrun(2, small_run(tiny_data, tmp_path / "stopped", *flags), tmp_path)
     output = Output(proc)
@@ -112,7 +134,7 @@ def test_a_preempted_job_resumes_to_equal_a_job_never_stopped(tiny_data, tmp_pat
     assert stopped["tags"] == ["Preempted"] and stopped["status"] == "failed", text
     assert (folder / "checkpoint.pt").exists()
     assert "boilerplate/" not in text and 'main.py", line' not in text, text  # torchrun's own traceback alone
-    code, text = run(2, small_run(tiny_data, tmp_path / "stopped", *flags, "--resume", "yes"), tmp_path)
+    code, text, _ = run(2, small_run(tiny_data, tmp_path / "stopped", *flags, "--resume", "yes"), tmp_path)
     assert code == 0, text
     (_, whole), (_, resumed) = results(tmp_path / "whole"), results(tmp_path / "stopped")
     assert resumed["tags"] == whole["tags"] == ["Success"]
@@ -127,7 +149,7 @@ def test_another_number_of_ranks_goes_on_and_says_so(tiny_data, tmp_path):
     wait_for_epochs(tmp_path / "out", 1, proc)
     os.killpg(proc.pid, signal.SIGTERM)
     output.finish()
-    code, text = run(1, small_run(tiny_data, tmp_path / "out", *flags, "--resume", "yes"), tmp_path)
+    code, text, _ = run(1, small_run(tiny_data, tmp_path / "out", *flags, "--resume", "yes"), tmp_path)
     assert code == 0 and "trained by 2 processes and goes on with 1" in text, text
     assert results(tmp_path / "out")[1]["tags"] == ["Success"]
 
@@ -231,7 +253,7 @@ def test_a_rank_that_hangs_ends_the_run_timeout(watchdog, tiny_data, tmp_path):
 def test_a_batch_that_leaves_a_rank_without_samples_is_a_usage_error(tiny_data, tmp_path):
     """2 ranks, --batch_size 1: rank 1 would have no sample in any batch (its loss a mean of nothing, NaN).
     Every rank says why, with the usage errors' exit status; nothing is trained, no folder is left."""
-    code, text = run(2, small_run(tiny_data, tmp_path / "out", "--batch_size", "1"), tmp_path)
+    code, text, _ = run(2, small_run(tiny_data, tmp_path / "out", "--batch_size", "1"), tmp_path)
     assert code != 0 and "argument --batch_size: 1 leaves a rank with no sample in a batch" in text, text
     assert "exitcode: 2" in text and "boilerplate/" not in text, text
     assert not list((tmp_path / "out").glob("*/*"))
