@@ -51,6 +51,11 @@ SPARE = 10.0  # seconds allowed past W&B's own limits before its start counts as
 # as often while it waits): W&B retries an upload to a server that has gone (a network cut, an outage) for
 # far longer than limit(), and its local run file already holds everything, so there is nothing to wait for.
 WANDB_SERVER_CHECK = 10.0
+# The longest the training process's main thread waits on a W&B call without running Python. Linux hands a
+# process's signal to any of its threads, and Python runs the handler in the main thread only once it runs
+# Python again: a job's SIGTERM whose C half ran in W&B's thread would otherwise be heard when W&B answers,
+# seconds after the guard's word, too late for watch.TERM_GRACE to pair them (Preempted, not Stopped).
+SIGNAL_WAIT = 0.1
 
 stuck: str | None = None  # why W&B is given up in this process, once a call to it has hung
 
@@ -99,18 +104,25 @@ def within(seconds: float, call: Callable[[], Any], server: str | None = None) -
     thread = threading.Thread(target=run, name="wandb-start", daemon=True)
     thread.start()
     deadline = time.monotonic() + seconds
-    thread.join(min(seconds, WANDB_SERVER_CHECK) if server else seconds)
+    join(thread, min(seconds, WANDB_SERVER_CHECK) if server else seconds)
     while server and thread.is_alive() and time.monotonic() < deadline:
         if why := unreachable(server):
             stuck = f"{server} is unreachable: {why}"
             raise WandbServerLost(stuck)
-        thread.join(max(0.0, min(deadline - time.monotonic(), WANDB_SERVER_CHECK)))
+        join(thread, min(deadline - time.monotonic(), WANDB_SERVER_CHECK))
     if thread.is_alive():
         stuck = f"no answer within {seconds:g} s"
         raise WandbStuck(stuck)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def join(thread: threading.Thread, seconds: float) -> None:
+    """thread.join(seconds), in slices of SIGNAL_WAIT: the stop signals of the process are heard meanwhile."""
+    end = time.monotonic() + seconds
+    while thread.is_alive() and (left := end - time.monotonic()) > 0:
+        thread.join(min(left, SIGNAL_WAIT))
 
 
 # What a gateway in front of W&B's server answers while the server behind it is down (an outage): W&B

@@ -4,6 +4,7 @@ stand-in of W&B's server), and a log file that follows the run whatever stdout i
 
 import ast
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -173,6 +174,46 @@ def test_a_stop_at_any_moment_of_the_start_is_clean(signum, after, tiny_data, tm
     assert (folder / "checkpoint.pt").exists() or not res["history"]
     run = whole_run(tmp_path, folder.name)
     assert run.exit_code == 1 and run.tags[-1] == tag and run.preempting == (signum == signal.SIGTERM)
+
+
+def a_thread_hearing(pid: int, signum: int) -> int:
+    """A thread of process `pid` other than its main one that does not hold `signum` back."""
+    for task in sorted(Path(f"/proc/{pid}/task").iterdir()):
+        blocked = (task / "status").read_text().split("SigBlk:")[1].split()[0]
+        if int(task.name) != pid and not int(blocked, 16) & 1 << (signum - 1):
+            return int(task.name)
+    raise AssertionError(f"process {pid} has no other thread that hears {signal.Signals(signum).name}")
+
+
+def test_a_job_wide_sigterm_is_a_preemption_whichever_thread_of_training_runs_its_handler(tiny_data, tmp_path):
+    """Linux hands a process's signal to any of its threads. A job's SIGTERM reaches the guard, which tells
+    the training process to stop (watch.GUARD_STOP: its main thread, asleep, takes it at once), and the
+    training process, where another thread runs the handler's C half a little later. The main thread,
+    waiting on W&B's start (held here for longer than watch.TERM_GRACE), must still hear it as the job's
+    SIGTERM: the run is Preempted, not Stopped."""
+    out = tmp_path / "out"
+    proc = launch(logged(tiny_data, out, "--epochs", "100000"), tmp_path)
+    try:
+        output = Output(proc)
+        core, training = wait_for_wandb_core(proc), training_process(proc.pid)
+        os.kill(core, signal.SIGSTOP)  # W&B's start waits on its service
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+            time.sleep(0.3)
+            ctypes.CDLL(None, use_errno=True).tgkill(
+                training, a_thread_hearing(training, signal.SIGTERM), signal.SIGTERM
+            )
+            time.sleep(watch.TERM_GRACE + 1)
+        finally:
+            os.kill(core, signal.SIGCONT)
+        text, _ = output.finish()
+    finally:
+        proc.kill()
+    folder, res = results(out)
+    assert proc.returncode == 1 and res["status"] == "failed" and res["tags"][-1] == "Preempted", text
+    assert (folder / "checkpoint.pt").exists() or not res["history"]
+    run = whole_run(tmp_path, folder.name)
+    assert run.exit_code == 1 and run.tags[-1] == "Preempted" and run.preempting
 
 
 @pytest.mark.every_python
