@@ -200,9 +200,10 @@ def test_a_job_wide_sigterm_is_a_preemption_whichever_thread_of_training_runs_it
         try:
             os.kill(proc.pid, signal.SIGTERM)
             time.sleep(0.3)
-            ctypes.CDLL(None, use_errno=True).tgkill(
+            sent = ctypes.CDLL(None, use_errno=True).tgkill(
                 training, a_thread_hearing(training, signal.SIGTERM), signal.SIGTERM
             )
+            assert sent == 0, os.strerror(ctypes.get_errno())
             time.sleep(watch.TERM_GRACE + 1)
         finally:
             os.kill(core, signal.SIGCONT)
