@@ -96,7 +96,8 @@ def test_two_ranks_train_as_one_process_does(batches, tiny_data, tmp_path):
     assert served == (batches == "DataLoader" and FORK_MAY_HANG), programs
     (one, alone), (two, job) = results(tmp_path / "1"), results(tmp_path / "2")
     assert one.parent.name == two.parent.name  # the group: the same experiment, whatever the processes
-    assert job["tags"] == alone["tags"] == ["Success"]
+    # The same tags, whatever they are: a fork's model may still be guessing after two short epochs
+    assert job["tags"] == alone["tags"] and "Success" in job["tags"]
     assert_same_history(alone["history"], job["history"])
     assert_same_weights(weights(one), weights(two))
     assert job["constants"]["torch/processes"] == 2 and alone["constants"]["torch/processes"] == 1
