@@ -22,7 +22,7 @@ import demo
 import main
 import utils
 from boilerplate import checkpoints, devices, metrics, options, runs, schedules, session, steps, watch
-from boilerplate.batches import DeviceBatches
+from boilerplate.batches import DeviceBatches, batches_of
 from conftest import (
     a_disabled_run,
     epoch_rows,
@@ -148,7 +148,7 @@ def test_the_best_epoch_is_chosen_on_validation_and_reports_the_test_score_there
     description = main.load_data(args)
     model = main.build_model(args, description)
     model.load_state_dict(torch.load(folder / "best.pt", weights_only=True))
-    test = DeviceBatches(description.splits["test"], torch.device("cpu"))
+    test = batches_of(description.splits["test"], torch.device("cpu"), workers=0)  # as the run does: any Dataset
     with a_disabled_run():  # the training code called straight, as in a run: a fork's wandb.log works
         predictions, labels, _ = main.evaluate(model, test, "test", args)
     scored = metrics.metric_values(predictions, labels, "test", demo.CLASSES)
