@@ -113,6 +113,10 @@ def find_runs(wandb_dir: Path, run_id: str, prefix: str = "") -> list[Run]:
     sitting = re.compile(rf"(.*)-{re.escape(run_id)}(?:-(\d+))?")  # the start's time, then the "-N"
     order = {}
     for path in Path(wandb_dir).glob(f"wandb/{prefix}*-{run_id}*/run-{run_id}.wandb"):
+        # W&B's service, killed or frozen as it opened the file, leaves it without its header (as CI once
+        # saw): that sitting recorded nothing. Any other file that is not a run file fails read_run.
+        if path.stat().st_size < HEADER:
+            continue
         if match := sitting.fullmatch(path.parent.name):
             order[path] = (match[1], int(match[2] or 0))
     return [read_run(path) for path in sorted(order, key=order.get)]
