@@ -54,8 +54,11 @@ class DeviceBatches:
         """Batches of `size`, shuffled by `generator`, in order without one; with `shard`, this rank's share
         of each."""
         n = len(self.y)
-        # Sync point, once per epoch: the permutation is drawn on the CPU, the same on every device.
-        order = torch.randperm(n, generator=generator).to(self.y.device) if generator else None
+        # The permutation is drawn on the CPU, the same on every device. On a GPU, a copy from pinned memory
+        # is queued, not waited for: the epoch's head is no sync point (test_syncs' CUDA test).
+        if generator:
+            order, cuda = torch.randperm(n, generator=generator), self.y.device.type == "cuda"
+            order = (order.pin_memory() if cuda else order).to(self.y.device, non_blocking=cuda)
         for i in range(0, n, size):
             start, end = distributed.bounds(min(size, n - i)) if shard else (0, size)
             index = order[i + start : min(i + end, n)] if generator else slice(i + start, min(i + end, n))
