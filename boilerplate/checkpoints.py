@@ -37,6 +37,12 @@ def restore(thing: object, state: object) -> None:
         thing.load_state_dict(state)
 
 
+# Where a snapshot's tensors load: the random generators' states must be CPU tensors (on a GPU,
+# set_rng_state refused them: "RNG state must be a torch.ByteTensor"), and load_state_dict copies the
+# model's and the optimizer's onto their parameters' device itself.
+HOST = torch.device("cpu")
+
+
 def snapshot(epoch: int, stateful: dict[str, object], history: list, tags: list) -> dict:
     """What a checkpoint keeps: each piece of `stateful`, the process's random generators, the history and
     the tags, the number of processes that trained. Only tensors and plain values, so that load() can
@@ -88,12 +94,12 @@ def save(path: Path, epoch: int, stateful: dict[str, object], history: list, tag
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load(path: Path, device: torch.device, stateful: dict[str, object]) -> tuple[int, list, list]:
+def load(path: Path, stateful: dict[str, object]) -> tuple[int, list, list]:
     """Restores what save() wrote into each piece of `stateful`; returns the epoch it was written after,
     the history and the tags. weights_only: a checkpoint found on shared storage is data, and must not
     run code as it loads."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=HOST, weights_only=True)
         done = restore_all(state, stateful)
     except pickle.UnpicklingError:  # what weights_only refuses: the file would run code as it loads
         unsafe = []

@@ -176,16 +176,18 @@ def first(tag: str | None) -> str | None:
     return next((t for t in tags if t is not None), None)
 
 
-def restored(state: dict, stateful: dict, device: torch.device) -> tuple[int, list, list]:
+def restored(state: dict, stateful: dict) -> tuple[int, list, list]:
     """Rank 0's snapshot (checkpoints.snapshot) put back into every rank's `stateful`: sent as bytes
-    torch.save wrote, so that each rank loads the tensors onto its own device."""
+    torch.save wrote, loaded as a checkpoint is (onto the CPU; each piece then copies its tensors onto
+    its own device)."""
     from . import checkpoints
 
     buffer = io.BytesIO()
     if rank() == 0:
         torch.save(state, buffer)
     sent = same(buffer.getvalue())
-    return checkpoints.restore_all(torch.load(io.BytesIO(sent), map_location=device, weights_only=True), stateful)
+    state = torch.load(io.BytesIO(sent), map_location=checkpoints.HOST, weights_only=True)
+    return checkpoints.restore_all(state, stateful)
 
 
 def wrapped(model: torch.nn.Module) -> torch.nn.Module:

@@ -213,11 +213,9 @@ def train(
     checkpoint = folder / "checkpoint.pt" if folder else None
     done, history, tags, unsaved = 0, [], [], None
     if resume and checkpoint and checkpoint.exists():
-        done, history, tags = checkpoints.load(checkpoint, device, stateful)
+        done, history, tags = checkpoints.load(checkpoint, stateful)
     if distributed.world() > 1:  # every rank starts from rank 0's state: a resumed run's, or its first
-        done, history, tags = distributed.restored(
-            checkpoints.snapshot(done, stateful, history, tags), stateful, device
-        )
+        done, history, tags = distributed.restored(checkpoints.snapshot(done, stateful, history, tags), stateful)
     # Under torchrun the training loop sees the model wrapped by DistributedDataParallel, which averages the
     # ranks' gradients in backward(); evaluation and saving see the model itself.
     trained = distributed.wrapped(model)

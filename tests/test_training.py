@@ -21,7 +21,7 @@ import wandb
 import demo
 import main
 import utils
-from boilerplate import checkpoints, devices, metrics, options, runs, schedules, session, steps, watch
+from boilerplate import checkpoints, devices, distributed, metrics, options, runs, schedules, session, steps, watch
 from boilerplate.batches import DeviceBatches, batches_of
 from conftest import (
     a_disabled_run,
@@ -715,12 +715,16 @@ def test_unusable_device_is_a_usage_error(tiny_data, tmp_path, capsys, monkeypat
     assert exit_.value.code == 2 and "nonsense" in capsys.readouterr().err
 
 
+ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+
+
 @pytest.mark.every_python
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=ON_CUDA)])
 @pytest.mark.parametrize("precision", options.PRECISIONS)
-def test_a_resumed_run_is_exact_with_a_forks_own_random_draws(precision, tiny_data, tmp_path, monkeypatch):
+def test_a_resumed_run_is_exact_with_a_forks_own_random_draws(precision, device, tiny_data, tmp_path, monkeypatch):
     """A fork's augmentation drawing from numpy and Python's random: --seed seeds them, checkpoints
     keep their states (and the schedule's), so a run preempted after epoch 2 and resumed equals a run never
-    stopped."""
+    stopped. On a GPU too, where the checkpoint's CPU generator states once failed to load."""
     calls, preempt_at, train_epoch = [], [], main.train_epoch
 
     class Noisy:  # the training batches, each with noise added
@@ -732,7 +736,8 @@ def test_a_resumed_run_is_exact_with_a_forks_own_random_draws(precision, tiny_da
 
         def batches(self, size, generator=None):
             for x, y in self.data.batches(size, generator):
-                yield x + torch.from_numpy(np.random.normal(0, 1, tuple(x.shape))).float() * random.random(), y
+                noise = torch.from_numpy(np.random.normal(0, 1, tuple(x.shape))).float().to(x.device)
+                yield x + noise * random.random(), y
 
     def augmented(model, optimizer, schedule, steps, args):
         calls.append(1)
@@ -744,7 +749,7 @@ def test_a_resumed_run_is_exact_with_a_forks_own_random_draws(precision, tiny_da
     monkeypatch.setattr(main, "train_epoch", augmented)
     # A warm-up, a cosine schedule and accumulated gradients: their state is the checkpoint's too.
     flags = ("--epochs", "4", "--precision", precision, "--lr_schedule", "cosine", "--warmup", "0.3")
-    flags += ("--accumulate", "3")
+    flags += ("--accumulate", "3", "--device", device)
     assert run_main(*small_run(tiny_data, tmp_path / "whole", *flags)) == 0
     preempt_at.append(len(calls) + 3)
     assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags)) == 1
@@ -753,6 +758,29 @@ def test_a_resumed_run_is_exact_with_a_forks_own_random_draws(precision, tiny_da
     whole, resumed = (results(tmp_path / name)[1]["history"] for name in ("whole", "stopped"))
     assert without_times(resumed) == without_times(whole)
     assert len({row["train/loss"] for row in whole}) == 4
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=ON_CUDA)])
+def test_every_rank_takes_rank_zeros_state_on_its_device(device):
+    """Under torchrun every rank starts from rank 0's snapshot (a resumed run's, or its first); on a GPU its
+    CPU generator states once failed to load, so no job on GPUs could start. One process runs the same path."""
+
+    def training_state(seed: int) -> dict:
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(4, 2).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), fused=True)
+        return {"model": model, "optimizer": optimizer, "generator": torch.Generator().manual_seed(seed)}
+
+    rank0 = training_state(0)
+    rank0["model"](torch.ones(3, 4, device=device)).sum().backward()
+    rank0["optimizer"].step()
+    snapshot = checkpoints.snapshot(3, rank0, [{"epoch": 1}], ["Success"])
+    other = training_state(1)  # another rank: its own initialisation, no step taken yet
+    assert distributed.restored(snapshot, other) == (3, [{"epoch": 1}], ["Success"])
+    pairs = zip(other["model"].parameters(), rank0["model"].parameters(), strict=True)
+    assert all(torch.equal(mine, theirs) and mine.device.type == device for mine, theirs in pairs)
+    assert other["optimizer"].state_dict()["state"][0]["exp_avg"].device.type == device
+    assert torch.equal(other["generator"].get_state(), rank0["generator"].get_state())
 
 
 def test_torch_takes_the_cores_this_process_may_run_on(tiny_data, tmp_path, monkeypatch):
