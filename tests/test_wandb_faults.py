@@ -136,6 +136,16 @@ def test_wandbs_service_failing_as_it_starts_never_hangs_the_run_nor_blames_it(w
         assert sum(len(wandb_epochs(run.history)) for run in runs) == len(epochs) and runs[-1].tags == res["tags"]
 
 
+def listening(training: int) -> bool:
+    """Whether W&B's service has written its port file whole (W&B reads it once its last line is "EOF"): CI
+    once froze a service that had created the file but not yet written it, and W&B, failing fast, tried again."""
+    for path in Path(tempfile.gettempdir()).glob(f"*/port-{training}.txt"):
+        with contextlib.suppress(OSError):
+            if path.read_text().splitlines()[-1:] == ["EOF"]:
+                return True
+    return False
+
+
 def test_a_forks_own_wandb_log_after_wandbs_start_hung_stops_the_run_resumable_never_as_a_bug(tiny_data, tmp_path):
     """W&B's service frozen as it starts: the run goes on without W&B, and no run (not even a disabled one)
     can start in that process now, so W&B refuses the fork's own wandb.log. That is W&B's fault too: the
@@ -154,7 +164,7 @@ def test_a_forks_own_wandb_log_after_wandbs_start_hung_stops_the_run_resumable_n
         os.kill(training, signal.SIGSTOP)
         try:
             deadline = time.monotonic() + 60
-            while not list(Path(tempfile.gettempdir()).glob(f"*/port-{training}.txt")) and time.monotonic() < deadline:
+            while not listening(training) and time.monotonic() < deadline:
                 time.sleep(0.001)
             for core in cores:
                 os.kill(core, signal.SIGSTOP)
