@@ -176,7 +176,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule, st
         with steps.autocast():  # --precision bf16: the forward pass and the loss under autocast
             logits = model(x)
             loss = loss_of(logits, y, args)
-        (loss * steps.share).backward()  # --accumulate N: N batches' gradients add up to one step's
+        steps.scaled(loss).backward()  # --accumulate N: N batches' gradients add up to one step's
         if not steps.keep(loss, logits, y):  # sync point: False for a non-finite loss or gradient, never stepped
             break
         if not steps.stepping:  # the step waits for the rest of its batches

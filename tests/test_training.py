@@ -569,6 +569,24 @@ def test_the_private_apis_kept_for_speed_still_work_as_the_loop_uses_them(name):
         assert (not torch.equal(param.detach(), torch.ones(4))) == moved
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_private_apis_kept_for_speed_flag_a_non_finite_row_and_keep_it(dtype):
+    """GradScaler's check (Steps.flag) sets the flag to exactly 1 (what the fused optimizers read) for a
+    NaN or an infinity anywhere in the row, leaves it for a finite row, never clears it, and leaves the
+    row's values as they are."""
+    flag = torch.zeros(())
+    bookkeeping = steps.Steps.__new__(steps.Steps)  # flag() needs nothing of an epoch but the flag itself
+    bookkeeping.nonfinite, bookkeeping.one = flag, torch.ones(())
+    for values, expected in [([1.5, 3e38, 0.0], 0.0), ([1.5, -math.inf, 2.0], 1.0), ([1.0, 2.0, 3.0], 1.0)]:
+        row = torch.tensor(values, dtype=dtype)
+        before = row.clone()
+        bookkeeping.flag(row)
+        assert flag.item() == expected and torch.equal(row, before)
+    flag.zero_()
+    bookkeeping.flag(torch.tensor([math.nan, 1.0], dtype=dtype))
+    assert flag.item() == 1.0
+
+
 def test_irrelevant_combination_is_not_trained(tiny_data, wandb_dir, tmp_path):
     code = run_main(*small_run(tiny_data, tmp_path, "--momentum", "0.9", "--wandb_project", "boilerplate-tests"))
     folder, res = results(tmp_path)
