@@ -234,6 +234,8 @@ def read_settings(wandb: Any) -> "wandb.Settings":
 
 
 def setup_error(e: BaseException, wandb: Any) -> errors.StartError:
+    if os.environ.get("WANDB_MODE") in ("offline", "dryrun"):  # offline already: the fault is a setting
+        return errors.StartError(f"W&B could not start ({errors.described(e)}).\nCheck W&B's WANDB_ variables.")
     login = "Log in with `wandb login`, or run" if isinstance(e, wandb.errors.AuthenticationError) else "Run"
     return errors.StartError(
         f"W&B could not start ({errors.described(e)}).\n{login} with WANDB_MODE=offline "
@@ -265,8 +267,12 @@ def disabled_run() -> "wandb.Run | None":
         return within(limit(), lambda: wandb.init(mode="disabled"))
     except WandbStuck:
         pass
-    except Exception:  # noqa: BLE001 (no run at all then: a fork's wandb.log raises, as in any W&B script)
-        pass
+    except Exception as e:  # noqa: BLE001 (no run at all then: a fork's wandb.log raises, as in any W&B script)
+        print(
+            f"Warning: W&B's disabled run could not start ({errors.described(e)}): a wandb.log of your own will fail.",
+            file=sys.stderr,
+            flush=True,
+        )
     return None
 
 

@@ -43,11 +43,12 @@ def write_runs(data: Path, out: Path, sweep: str = "") -> None:
         (HIGH, 1, False),
         (HIGH, 2, True),
     ]:
-        os.environ["WANDB_SWEEP_ID"] = sweep
+        if sweep:  # as `wandb agent` sets it (an empty one W&B refuses, even with W&B off)
+            os.environ["WANDB_SWEEP_ID"] = sweep
         try:
             train(small_run(data, out, "--epochs", "3", "--lr", lr, "--seed", str(seed)), preempt)
         finally:
-            os.environ.pop("WANDB_SWEEP_ID")
+            os.environ.pop("WANDB_SWEEP_ID", None)
     train(small_run(data, out, "--optimizer", "sgd", "--lr", "1e30", "--epochs", "3"))
 
 

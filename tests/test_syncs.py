@@ -22,7 +22,7 @@ import demo
 import main
 from boilerplate import devices, options
 from boilerplate.batches import DeviceBatches
-from conftest import in_memory, one_epoch, parse
+from conftest import a_disabled_run, in_memory, one_epoch, parse
 
 pytestmark = pytest.mark.usefixtures("in_a_run")  # a fork's wandb.log in train_epoch works, as in main.py
 
@@ -161,7 +161,7 @@ def witness_one_rank(rank: int, data_path: str, rendezvous: str, out: str) -> No
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
         model, optim, batches, args = epoch_setup(data_path, "cpu", "sgd")
-        with HostReads() as reads:
+        with a_disabled_run(), HostReads() as reads:  # as in_a_run: a fork's wandb.log in the loop works
             stats, tag = one_epoch(distributed.wrapped(model), optim, batches, args, sync_every=devices.SYNC_EVERY)
         found = {"in_loop": in_loop(reads.lines), "all": len(reads.lines), "batches": stats["train/batches"]}
         Path(out, f"{rank}.json").write_text(json.dumps({**found, "tag": tag, "check": loop_lines()[2]}))
