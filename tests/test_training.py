@@ -692,16 +692,17 @@ def test_a_wandb_variable_wandb_refuses_is_named_with_wandb_on_or_off(
     tiny_data, wandb_dir, tmp_path, monkeypatch, capsys
 ):
     """An empty WANDB_SWEEP_ID, which W&B refuses even in its disabled mode: with a project, the run cannot
-    start and says why, without advising the offline mode it is in; without one, the run trains and warns
-    that a wandb.log of a fork's own would fail (it would, as in any W&B script), naming W&B's reason."""
+    start and says why, without advising the offline mode it is in; without one, the run warns, naming W&B's
+    reason, that a wandb.log of a fork's own will fail (as it would in any W&B script: a fork that has one
+    then ends as a bug, the demo trains on)."""
     monkeypatch.setenv("WANDB_SWEEP_ID", "")
     assert run_main(*small_run(tiny_data, tmp_path / "on", "--wandb_project", "boilerplate-tests")) == 1
     err = capsys.readouterr().err
     assert "W&B could not start (UsageError: Sweep ID cannot be empty)" in err and "WANDB_MODE=" not in err
     assert "Traceback" not in err and not list((tmp_path / "on").glob("*/*"))
-    assert run_main(*small_run(tiny_data, tmp_path / "off")) == 0
-    err = capsys.readouterr().err
-    assert "disabled run could not start (UsageError: Sweep ID cannot be empty)" in err and "Traceback" not in err
+    run_main(*small_run(tiny_data, tmp_path / "off"))
+    warning = "Warning: W&B's disabled run could not start (UsageError: Sweep ID cannot be empty)"
+    assert capsys.readouterr().err.startswith(warning)  # before anything the training code may have raised
 
 
 def test_an_unwritable_wandb_dir_is_a_clear_error_before_training(tiny_data, wandb_dir, tmp_path, monkeypatch, capsys):
