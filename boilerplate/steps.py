@@ -44,7 +44,7 @@ def squared_gradient_norms(params: list[nn.Parameter]) -> Callable[[], list[torc
 
 class Steps:
     """One epoch's batches and what the detectors need of them. The training loop iterates over it for its
-    batches, scales each batch's loss by its `share` of the optimizer step (scaled), calls keep() after each
+    batches, scales each batch's loss by its `share` of the optimizer step (scaled()), calls keep() after each
     backward pass (False: a loss or gradient was not finite: take no step), steps the optimizer where
     `stepping` says, and end() gives the epoch's statistics and the tag that stopped it early, if any.
 
@@ -99,8 +99,9 @@ class Steps:
         # the fused optimizers read it as GradScaler's found_inf and skip their step on the device themselves.
         # A private attribute (GradScaler's way to talk to the fused optimizers), kept for speed: the public way
         # waits for the device every batch. test_training's test_the_private_apis_kept_for_speed pins it.
-        self.nonfinite = torch.zeros((), device=self.params[0].device)
-        self.one = torch.ones((), device=self.nonfinite.device)  # the check's unscale factor: nothing to unscale
+        # float32 whatever torch's default dtype: GradScaler's check (flag) takes no other.
+        self.nonfinite = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
+        self.one = torch.ones_like(self.nonfinite)  # the check's unscale factor: nothing to unscale
         optimizer.found_inf = self.nonfinite if sync_every > 1 else None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -401,6 +401,30 @@ def test_between_host_looks_the_fused_optimizer_skips_non_finite_steps(tiny_data
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_between_host_looks_a_non_finite_step_is_skipped_whatever_the_default_dtype():
+    """A fork working in float64 (torch.set_default_dtype): the flag the fused optimizer reads is still
+    float32, which GradScaler's check (Steps.flag) requires, and the NaN steps between looks are skipped."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+        data = DeviceBatches(torch.utils.data.TensorDataset(torch.randn(8, 3), torch.zeros(8, dtype=torch.long)), "cpu")
+        before = [p.detach().clone() for p in model.parameters()]
+        bookkeeping = steps.Steps(data, 4, torch.Generator(), model, optimizer, watch.Link(), sync_every=50)
+        for x, y in bookkeeping:
+            logits = model(x) * math.nan
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            bookkeeping.scaled(loss).backward()
+            assert bookkeeping.keep(loss, logits, y)  # no look yet: the host has not read the flag
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        assert bookkeeping.nonfinite.item() == 1.0 and bookkeeping.end()[1] == "NaN loss"
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    finally:
+        torch.set_default_dtype(default)
+
+
 class NaNAt(DeviceBatches):
     """The same batches, but batch `k` is NaN: a fork's data gone bad mid-epoch."""
 
