@@ -286,7 +286,9 @@ def teardown(wandb: Any = None, seconds: float | None = None) -> bool:
         within(limit() if seconds is None else seconds, wandb.teardown)
     except WandbStuck:
         return False
-    except Exception:  # noqa: BLE001 (a service already dead: nothing left to end)
+    # A service already dead: nothing left to end. W&B's teardown then calls sys.exit with the service's exit
+    # status (-9 for one end_services killed): that is W&B's news of its service, not this process's end.
+    except (Exception, SystemExit):  # noqa: BLE001
         pass
     return True
 

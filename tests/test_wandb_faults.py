@@ -61,6 +61,20 @@ def epochs_shown(output: Output) -> int:
     return sum(line.startswith("epoch ") for line in str(output).splitlines())
 
 
+def test_ending_wandbs_killed_service_never_ends_the_process(wandb_dir):
+    """W&B's own teardown calls sys.exit with its service's exit status when that is not 0: the -9 of a
+    service end_services killed (one frozen as it started, say). It once ended a training process with
+    status 247 before its run began, silently (CI, the frozen-0.2s case below). The teardown that replaces
+    such a service returns, in this process."""
+    import wandb
+
+    from boilerplate import wandb_start
+
+    wandb.init(project="boilerplate-tests")
+    wandb_start.end_services()
+    assert wandb_start.teardown(wandb) is True
+
+
 @pytest.mark.parametrize(
     "what, after, every",
     [
