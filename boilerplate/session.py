@@ -284,8 +284,8 @@ def train(
             + utils.overfitting_tags(row, args.overfitting_threshold, utils.OVERFITTING_LEARNING),
         )
         record.log(row, tags)
-        if args.verbose:
-            tqdm.write(summary_line(row, args.epochs))
+        if args.verbose:  # one write, newline included: runs sharing one output (parallel agents, -u) never split it
+            tqdm.write(summary_line(row, args.epochs) + "\n", end="")
         better = row["evaluated"] and utils.best_epoch(history, args.monitor) is row
         if better and args.save and folder:
             unsaved = save_weights(folder / "best.pt", model)

@@ -870,6 +870,24 @@ def test_verbosity_levels(tiny_data, tmp_path, capsys):
     assert "epoch 2/2" in loud.out and "Run finished" in loud.out and "batches" in loud.err and "epochs" in loud.err
 
 
+def test_each_epoch_line_is_one_write_so_runs_sharing_an_output_never_split_it(tiny_data, tmp_path, monkeypatch):
+    # Parallel agents' runs write to one pipe, unbuffered under PYTHONUNBUFFERED (Docker images set it): a line
+    # and its newline written apart let another run's line in between (CI: "epoch 1/" twice on one line).
+    class Writes(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def write(self, text: str) -> int:
+            self.calls.append(text)
+            return super().write(text)
+
+    monkeypatch.setattr(sys, "stdout", Writes())
+    assert run_main(*small_run(tiny_data, tmp_path / "out"), "--verbose", "1") == 0
+    lines = [call for call in sys.stdout.calls if "epoch " in call]
+    assert len(lines) == 2 and all(line.startswith("epoch ") and line.endswith("\n") for line in lines), lines
+
+
 @pytest.mark.every_python
 def test_bf16_learns_tags_stops_on_a_non_finite_loss_and_names_its_own_group(tiny_data, wandb_dir, tmp_path):
     args = ("--wandb_project", "boilerplate-tests")
