@@ -64,6 +64,9 @@ WANDB_GRACE = 10.0  # seconds it allows past W&B's own limit: training gives up 
 # Seconds the guard waits for the run folder's lock once training has died: its DataLoader workers hold
 # it (they inherit it) until they notice their parent's death, which they check every 5 s.
 LOCK_WAIT = 10.0
+# What the training process exits with before its run began, having said why itself (docs/modes.md): done or
+# declined, a start error, a usage error, stopped by Ctrl+C or SIGTERM. Any other status is news to it too.
+SAID_BEFORE_START = (0, 1, 2, 130, 143)
 # Seconds within which a SIGTERM of the training process's own turns the guard's "Stopped" into "Preempted":
 # a job-wide SIGTERM reaches both processes at once, but Python runs SIGUSR1's handler before SIGTERM's.
 TERM_GRACE = 2.0
@@ -389,8 +392,8 @@ class Watch:
     def end(self, code: int) -> int:
         if self.ended:  # killed as it left, after its run's end was written: that end's status
             return int(utils.failed(self.tags)) if code < 0 else code
-        if self.started is None and code >= 0 and not self.hung:
-            return code  # one the training process reported itself before the run began
+        if self.started is None and code in SAID_BEFORE_START and not self.hung:
+            return code
         if self.decided and self.started and not self.hung:
             return self.write_decided(code)
         tag, message = self.hung or self.death(code)

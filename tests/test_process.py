@@ -195,6 +195,25 @@ def fork(tmp_path: Path, *changes: tuple[str, str]) -> Path:
     return folder
 
 
+@pytest.mark.parametrize(
+    "end, said",
+    [("os._exit(3)", "exited with status 3"), ("os.kill(os.getpid(), signal.SIGKILL)", "was killed by SIGKILL")],
+)
+def test_a_training_process_ending_unasked_before_its_run_began_is_named_and_leaves_nothing(
+    end, said, tiny_data, tmp_path
+):
+    """A status the training process never gives by itself (a native library's exit, a library's sys.exit of
+    its own, the kernel's kill) before the run began: one line names it, exit status 1, no folder left."""
+    anchor = '    raw = Path(args.data_path, "MNIST", "raw").resolve()\n'
+    folder = fork(tmp_path, (anchor, f"    import os\n    import signal\n\n    {end}\n"))
+    out = tmp_path / "out"
+    proc = start_main(small_run(tiny_data, out), script=folder / "main.py")
+    _, stderr = Output(proc).finish()
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    assert f"Error: the training process {said}" in stderr and "before the run began: nothing was trained." in stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
 @pytest.mark.every_python
 @pytest.mark.parametrize("watchdog", ["yes", "no"])
 def test_a_forks_own_wandb_calls_land_in_the_run_and_each_epoch_stays_one_row(watchdog, tiny_data, tmp_path):
