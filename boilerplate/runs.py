@@ -29,6 +29,29 @@ if TYPE_CHECKING:  # wandb is imported by the runs that log, as they start
     from . import watch
 
 
+def server_epochs(run: "wandb.Run") -> set[int]:
+    """The epochs W&B's server holds in the history of `run` (online), and 0. Its history, not its summary:
+    W&B sends a row's summary apart from the row, and a process killed between the two leaves the summary
+    ahead (seen under load: the summary at epoch 1, the history empty). The history is what the process
+    logged, in order, up to what the server received."""
+    import wandb
+    from wandb.errors import CommError
+
+    try:
+        api = wandb.Api(timeout=int(wandb_start.limit()))
+        rows = api.run(run.path).history(keys=["epoch"], samples=1_000_000, pandas=False)
+        return {0, *(row["epoch"] for row in rows)}
+    except (CommError, OSError, ValueError) as e:  # OSError: requests' errors among them
+        last = run.summary.get("epoch") or 0
+        print(
+            f"Warning: W&B's server did not say which epochs its history holds ({type(e).__name__}: {e}): taken "
+            f"as those up to {last}, the epoch its summary names, which can be ahead of its history.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return {0, last}
+
+
 def wandb_wanted(opts: dict) -> bool:
     """As for any W&B script: WANDB_PROJECT in the environment turns logging on like --wandb_project;
     under `wandb agent` (WANDB_SWEEP_ID set) the project comes from the sweep."""
@@ -290,9 +313,10 @@ class Record:
             ) -> "wandb.Run":  # part of W&B's start: a service that dies just after wandb.init fails here
                 run.config.update(self.constants, allow_val_change=True)
                 # Each epoch is logged to W&B, then saved to results.json: a kill (or a full disk) between the
-                # two leaves W&B one epoch ahead. The re-opened run's summary says where W&B's history ends, so
-                # that a resume trains that epoch again but logs it once. (Offline the summary starts empty.)
-                self.logged = max(self.logged, run.summary.get("epoch") or 0)
+                # two leaves W&B one epoch ahead. The server's history says so, and a resume trains that epoch
+                # again but logs it once. (Offline, a re-opened run starts with nothing.)
+                if run.resumed and not run.offline:
+                    self.logged = max(self.logged, *server_epochs(run))
                 return with_epoch_axis(run)
 
             self.tell_guard("wandb", seconds=wandb_start.limit())
@@ -508,11 +532,11 @@ class Record:
 
     def catch_up(self) -> None:
         """Online, W&B's server may lack the last epochs a killed training process logged: W&B uploads a
-        run's history every few seconds and drops what it had not sent when that process dies. The
-        re-opened run's summary says which epoch the server's history ends at; the whole epochs after
-        it are logged again here, from results.json, so that the server holds each once. (Offline, the
-        dead process's run file holds them all: W&B flushes it every WANDB_FLUSH_INTERVAL.)"""
-        last = self.run.summary.get("epoch") or 0
+        run's history every few seconds and drops what it had not sent when that process dies. The whole
+        epochs the server's history lacks are logged again here, from results.json, so that the server
+        holds each once. (Offline, the dead process's run file holds them all: W&B flushes it every
+        WANDB_FLUSH_INTERVAL.)"""
+        held = server_epochs(self.run)
         for row in self.history:
-            if row["epoch"] > last and row.get("evaluated"):
+            if row["epoch"] > max(held) and row.get("evaluated"):
                 self.run.log(wandb_row(row))

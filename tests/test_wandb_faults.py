@@ -19,6 +19,7 @@ from test_seams import OWN_WANDB_LOG, fork
 from conftest import (
     OFFLINE,
     ROOT,
+    WAIT,
     Output,
     calls_wandb,
     children,
@@ -292,6 +293,27 @@ def test_the_guard_gives_wandbs_server_every_epoch_a_killed_run_had_logged(tiny_
     assert wandb_epochs(run.history) == whole_epochs(res["history"])  # each once, none missing
     assert run.exit_code == 1 and run.tags[-1] == "Crashed" and wandb_server.sessions[folder.name] == 2
     assert "killed by SIGKILL" in run.summary["end"]
+
+
+def test_the_guard_goes_by_wandbs_history_when_the_servers_summary_is_ahead_of_it(tiny_data, wandb_server, tmp_path):
+    """W&B sends a row's summary apart from the row: a process killed between the two leaves the server's
+    summary ahead of its history (CI, under load: the summary at epoch 1, the history empty, and the guard
+    logged epoch 2 alone). Here the server loses the killed process's history and keeps its summaries."""
+    out = tmp_path / "out"
+    wandb_server.first_history_lost = True
+
+    def summary_then_kill(pid, output):
+        deadline = time.monotonic() + WAIT
+        while not any(run.summary.get("epoch") for run in wandb_server.runs.values()):
+            assert time.monotonic() < deadline, f"no summary reached the server; the output:\n{output}"
+            time.sleep(0.05)
+        os.kill(training_process(pid), signal.SIGKILL)
+
+    proc, text = online_past_epoch_2(tiny_data, out, wandb_server, 100000, summary_then_kill)
+    assert proc.returncode == 1 and "Traceback" not in text and "Warning" not in text, text
+    folder, res = results(out)
+    assert res["tags"][-1] == "Crashed" and len(whole_epochs(res["history"])) >= 2
+    assert wandb_epochs(wandb_server.runs[folder.name].history) == whole_epochs(res["history"])  # each once
 
 
 def test_a_run_killed_in_an_outage_is_whole_on_the_server_after_the_sync_it_names(tiny_data, wandb_server, tmp_path):

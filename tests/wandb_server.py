@@ -101,6 +101,9 @@ class WandbServer:
         # artifact id -> its name, type, aliases, metadata, files, state (PENDING, COMMITTED), uploads (name -> bytes)
         self.artifacts: dict[str, dict] = {}
         self.outage: int | None = None  # an HTTP status every request is answered with (an outage behind a gateway)
+        # The history a run's first session sends is lost, its summaries kept: as W&B's server stands when W&B
+        # sent a row's summary, apart from the row, and the process was killed before the row went.
+        self.first_history_lost = False
         server = self
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (Handler,), {"server_state": server}))
         self.httpd.daemon_threads = True
@@ -280,8 +283,8 @@ class WandbServer:
                     for spec in specs
                 ]
                 return {"project": {"run": {"sampledHistory": sampled} if run else None}}
-            if operation in ("QueryRunInfo", "RunState"):
-                run = self.runs.get(variables.get("run"))
+            if operation in ("QueryRunInfo", "RunState", "Run"):  # Run: wandb.Api().run(PATH)
+                run = self.runs.get(variables.get("run") or variables.get("name"))
                 return {"project": {"run": run.bucket() if run else None}}
             return {}
 
@@ -307,6 +310,8 @@ class WandbServer:
         with self.lock:
             run = self.run(run_name)
             for name, chunk in body.get("files", {}).items():
+                if name == "wandb-history.jsonl" and self.first_history_lost and self.sessions[run_name] < 2:
+                    continue
                 if name == "wandb-history.jsonl":
                     for i, line in enumerate(chunk["content"]):
                         run.lines[chunk["offset"] + i] = line
