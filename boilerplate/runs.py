@@ -35,13 +35,13 @@ def server_epochs(run: "wandb.Run") -> set[int]:
     ahead (seen under load: the summary at epoch 1, the history empty). The history is what the process
     logged, in order, up to what the server received."""
     import wandb
-    from wandb.errors import CommError
+    from wandb.errors import CommError, UsageError
 
     try:
         api = wandb.Api(timeout=int(wandb_start.limit()))
         rows = api.run(run.path).history(keys=["epoch"], samples=1_000_000, pandas=False)
         return {0, *(row["epoch"] for row in rows)}
-    except (CommError, OSError, ValueError) as e:  # OSError: requests' errors among them
+    except (CommError, UsageError, OSError, ValueError) as e:  # OSError: requests' errors among them
         last = run.summary.get("epoch") or 0
         print(
             f"Warning: W&B's server did not say which epochs its history holds ({type(e).__name__}: {e}): taken "

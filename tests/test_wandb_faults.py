@@ -316,6 +316,21 @@ def test_the_guard_goes_by_wandbs_history_when_the_servers_summary_is_ahead_of_i
     assert wandb_epochs(wandb_server.runs[folder.name].history) == whole_epochs(res["history"])  # each once
 
 
+def test_a_history_the_guard_cannot_read_costs_a_warning_not_the_runs_end(tiny_data, wandb_server, tmp_path):
+    """W&B's public API failing as the guard asks which epochs the server holds: it says so, goes by the
+    summary, and still ends the run on the server."""
+    out = tmp_path / "out"
+    wandb_server.runs_unread = True
+    proc, text = online_past_epoch_2(
+        tiny_data, out, wandb_server, 100000, lambda pid, _: os.kill(training_process(pid), signal.SIGKILL)
+    )
+    assert proc.returncode == 1 and "Traceback" not in text, text
+    assert "Warning: W&B's server did not say which epochs its history holds (CommError: " in text, text
+    folder, res = results(out)
+    run = wandb_server.runs[folder.name]
+    assert run.exit_code == 1 and run.tags[-1] == "Crashed" and res["tags"][-1] == "Crashed"
+
+
 def test_a_run_killed_in_an_outage_is_whole_on_the_server_after_the_sync_it_names(tiny_data, wandb_server, tmp_path):
     """W&B's server down (a gateway answers 503) when the training process is killed: the guard writes the
     run's end to W&B offline, and its warning names the one `wandb sync` that puts the whole run on the

@@ -104,6 +104,7 @@ class WandbServer:
         # The history a run's first session sends is lost, its summaries kept: as W&B's server stands when W&B
         # sent a row's summary, apart from the row, and the process was killed before the row went.
         self.first_history_lost = False
+        self.runs_unread = False  # wandb.Api().run(PATH) finds no run: the public API failing while the run goes on
         server = self
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (Handler,), {"server_state": server}))
         self.httpd.daemon_threads = True
@@ -285,6 +286,7 @@ class WandbServer:
                 return {"project": {"run": {"sampledHistory": sampled} if run else None}}
             if operation in ("QueryRunInfo", "RunState", "Run"):  # Run: wandb.Api().run(PATH)
                 run = self.runs.get(variables.get("run") or variables.get("name"))
+                run = None if operation == "Run" and self.runs_unread else run
                 return {"project": {"run": run.bucket() if run else None}}
             return {}
 
