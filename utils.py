@@ -79,6 +79,13 @@ IRRELEVANT = Tag(
 USER_ABORT = Tag(
     "User abort", True, "stopped by SIGINT (Ctrl+C) at the next batch; history so far kept", resumable=True
 )
+HANGUP = Tag(
+    "Hangup",
+    True,
+    "stopped by SIGHUP (the terminal it ran in closed: a dropped ssh session, a shut window) at the next batch; "
+    "history so far kept; under nohup, tmux or screen a closed terminal stops nothing",
+    resumable=True,
+)
 TIMEOUT = Tag(
     "Timeout",
     True,
@@ -147,6 +154,7 @@ TAGS = (
     HIGH_STD,
     IRRELEVANT,
     USER_ABORT,
+    HANGUP,
     TIMEOUT,
     NAN_LOSS,
     INF_LOSS,
@@ -159,10 +167,17 @@ TAGS = (
     CRASHED,
 )
 ERROR_TAGS = frozenset(tag.template for tag in TAGS if tag.error)
-# What the training process makes of a stop signal: SIGINT is Ctrl+C; SIGTERM a scheduler's preemption
-# (it reaches every process of the job, the training process too); SIGUSR1 is the guard's word for a
-# SIGTERM that reached main.py alone, and SIGUSR2 what Linux sends when the guard dies (see watch.py).
-STOP_SIGNALS = {signal.SIGINT: USER_ABORT, signal.SIGTERM: PREEMPTED, signal.SIGUSR1: STOPPED, signal.SIGUSR2: STOPPED}
+# What the training process makes of a stop signal: SIGINT is Ctrl+C; SIGHUP a closed terminal (unless the
+# process started ignoring it, under nohup); SIGTERM a scheduler's preemption (it reaches every process of
+# the job, the training process too); SIGUSR1 is the guard's word for a SIGTERM that reached main.py alone,
+# and SIGUSR2 what Linux sends when the guard dies (see watch.py).
+STOP_SIGNALS = {
+    signal.SIGINT: USER_ABORT,
+    signal.SIGHUP: HANGUP,
+    signal.SIGTERM: PREEMPTED,
+    signal.SIGUSR1: STOPPED,
+    signal.SIGUSR2: STOPPED,
+}
 
 # Ends that --resume yes can continue from the last checkpoint; after the others it would only repeat them.
 RESUMABLE_TAGS = frozenset(tag.template for tag in TAGS if tag.resumable)

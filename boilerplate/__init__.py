@@ -14,7 +14,8 @@ What main.py uses:
 
 Behind them: runs (the W&B run, the run folder, results.json, resume), checkpoints, metrics, distributed
 (torchrun's ranks as one run),
-wandb_start (W&B's start and a time limit on its calls), files (atomic writes). For the tools beside
+wandb_start (W&B's start and a time limit on its calls), files (atomic writes), output (stdout and
+stderr that outlive their reader). For the tools beside
 main.py: replicates (runs read back from their folders or W&B, and the statistics over a group's seeds,
 for report.py and local_sweep.py). Nothing imported here:
 the guard loads only what it needs, and never torch.

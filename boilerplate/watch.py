@@ -10,6 +10,8 @@ run's end is rank 0's to write (a rank of several says `owner: false` when it st
 Stops. The first cause of a stop names the run's end, and nothing changes it once the end is decided.
 - Ctrl+C (SIGINT) reaches both processes (a terminal signals the whole foreground group); the guard
   passes it on too, for a SIGINT to main.py alone. A second Ctrl+C kills training (`User abort`).
+- A closed terminal (an ssh session dropped) sends SIGHUP to both: `Hangup`, as Ctrl+C ends a run, its output
+  from then on dropped (output.py). Under nohup, which starts main.py ignoring SIGHUP, it is left ignored.
 - A SIGTERM that reaches main.py alone is a stop the user asked for: `wandb agent`'s stop command and
   early termination, its second Ctrl+C, `kill PID`. The guard says so at once with SIGUSR1 (`Stopped`,
   not re-queued by W&B). A SIGTERM to every process of the job is a scheduler's preemption (SLURM
@@ -17,7 +19,7 @@ Stops. The first cause of a stop names the run's end, and nothing changes it onc
   of the two signals it handles first. The agent's SIGKILL that follows a stop kills the guard: the
   training process then has its stop already, and keeps it.
 - Until the run has begun (W&B started, results.json written), a stop ends the training process at
-  once, leaving nothing: exit status 130 after Ctrl+C, 143 after the others. Main.py's first line
+  once, leaving nothing: exit status 130 after Ctrl+C, 129 after SIGHUP, 143 after the others. Main.py's first line
   holds stop signals back until the process can act on them, so none is lost and none is a traceback.
 - Once the last epoch is saved, or the run's end is being written, stop signals change nothing.
 
@@ -56,7 +58,7 @@ if TYPE_CHECKING:
 
 import utils
 
-from . import errors, files, wandb_start
+from . import errors, files, output, wandb_start
 
 CHANNEL = "MAIN_PY_GUARD_FD"  # the environment variable that tells the training process where to report
 WATCH_GRACE = 2.0  # seconds the guard allows past an epoch's deadline before it acts
@@ -65,17 +67,27 @@ WANDB_GRACE = 10.0  # seconds it allows past W&B's own limit: training gives up 
 # it (they inherit it) until they notice their parent's death, which they check every 5 s.
 LOCK_WAIT = 10.0
 # What the training process exits with before its run began, having said why itself (docs/modes.md): done or
-# declined, a start error, a usage error, stopped by Ctrl+C or SIGTERM. Any other status is news to it too.
-SAID_BEFORE_START = (0, 1, 2, 130, 143)
+# declined, a start error, a usage error, stopped by Ctrl+C, SIGHUP or SIGTERM. Any other status is news to it too.
+SAID_BEFORE_START = (0, 1, 2, 129, 130, 143)
 # Seconds within which a SIGTERM of the training process's own turns the guard's "Stopped" into "Preempted":
 # a job-wide SIGTERM reaches both processes at once, but Python runs SIGUSR1's handler before SIGTERM's.
 TERM_GRACE = 2.0
 GUARD_STOP = signal.SIGUSR1  # the guard's word for a SIGTERM that reached main.py alone
 GUARD_DIED = signal.SIGUSR2  # what Linux sends the training process when the guard dies
 HELD = tuple(utils.STOP_SIGNALS)  # the signals main.py's first line holds back until it can act on them
+# Those this process acts on: nohup starts it ignoring SIGHUP, so that a closed terminal stops nothing, and
+# it stays so (the training process inherits the guard's SIG_IGN; a handler Linux resets as it starts it).
+HEARD = tuple(s for s in HELD if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN))
+PERSONAL = tuple(s for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM) if s in HEARD)  # the guard's
 # What stopped a process before its run began, as its last line says: before the run has begun, a
 # preemption and a stop end alike (nothing is recorded), so the message names the signal, not a tag.
-CAUSES = {signal.SIGINT: "Ctrl+C", signal.SIGTERM: "SIGTERM", GUARD_STOP: "SIGTERM", GUARD_DIED: "the guard's death"}
+CAUSES = {
+    signal.SIGINT: "Ctrl+C",
+    signal.SIGHUP: "a closed terminal (SIGHUP)",
+    signal.SIGTERM: "SIGTERM",
+    GUARD_STOP: "SIGTERM",
+    GUARD_DIED: "the guard's death",
+}
 
 
 def line_break() -> str:
@@ -91,7 +103,7 @@ def stopped_before_start(signum: int) -> int:
         file=sys.stderr,
         flush=True,
     )
-    return 128 + (signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+    return 128 + (signum if signum in (signal.SIGINT, signal.SIGHUP) else signal.SIGTERM)
 
 
 class Channel:
@@ -143,7 +155,7 @@ class Link:
 
     def listen(self) -> "Link":
         if self.previous is None:
-            self.previous = {signum: signal.signal(signum, self._handle) for signum in HELD}
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in HEARD}
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)  # what waited is handled now
         return self
 
@@ -170,7 +182,7 @@ class Link:
                 self.stop_now()
             return
         self.send("stopping", tag=tag)
-        if signum in (signal.SIGINT, signal.SIGTERM):  # not for the guard's words: a process asked, not a person
+        if signum in PERSONAL:  # not for the guard's words: a process asked, not a person
             print(f"{line_break()}Stopping at the next batch: {tag}.", file=sys.stderr, flush=True)
 
     def stop_now(self) -> NoReturn:
@@ -275,10 +287,10 @@ def guard(script: str, argv: list[str], epoch_timeout: float) -> int:
     """Runs `python script argv` as the training process and watches it; returns the run's exit status."""
     read, write = os.pipe()
     watch = Watch(epoch_timeout)
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in PERSONAL:
         signal.signal(signum, watch.heard)
     signal.set_wakeup_fd(watch.wake[1])  # a signal wakes the loop's select at once
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))  # held since main.py's first line
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PERSONAL)  # held since main.py's first line
     try:
         for signum in watch.take_signals():
             watch.act(signum)
@@ -288,7 +300,7 @@ def guard(script: str, argv: list[str], epoch_timeout: float) -> int:
         os.close(write)  # the training process holds the only writing end: its death closes the pipe
         return watch.follow(read)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):  # after the run's end a stop signal changes nothing: the
+        for signum in PERSONAL:  # after the run's end a stop signal changes nothing: the
             signal.signal(signum, signal.SIG_IGN)  # exit status is the run's (SIG_IGN: Python restores none)
         if watch.process and watch.process.poll() is None:
             watch.process.kill()
@@ -330,14 +342,15 @@ class Watch:
                 self.process.kill()
             return
         # A SIGTERM here may be the job's (the training process then says Preempted) or main.py's alone: Stopped.
-        self.stop_tag = utils.USER_ABORT() if signum == signal.SIGINT else utils.STOPPED()
+        self.stop_tag = {signal.SIGINT: utils.USER_ABORT(), signal.SIGHUP: utils.HANGUP()}.get(signum, utils.STOPPED())
         if self.process:
             with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGINT if signum == signal.SIGINT else GUARD_STOP)
+                self.process.send_signal(GUARD_STOP if signum == signal.SIGTERM else signum)
 
     def stopped_before_start(self) -> int:
         self.remove_unstarted()
-        return stopped_before_start(signal.SIGINT if self.stop_tag == utils.USER_ABORT() else signal.SIGTERM)
+        causes = {utils.USER_ABORT(): signal.SIGINT, utils.HANGUP(): signal.SIGHUP}
+        return stopped_before_start(causes.get(self.stop_tag, signal.SIGTERM))
 
     def remove_unstarted(self) -> None:
         """What the training process made for a run that never began (its folder) goes with it."""
@@ -486,6 +499,7 @@ def begin(script: str, parser: "argparse.ArgumentParser") -> "Link":
     process and exits with the run's status, or, in the training process (or under a debugger, where a
     breakpoint must stop in this process), returns the Link that hears stop signals."""
     sys.stdout.reconfigure(line_buffering=True)  # a log file gets each line as it is printed, as a terminal does
+    output.outlive_readers()  # a reader gone (`| tee` ended by the same Ctrl+C, a closed terminal) ends no run
     args = parser.parse_args()
     if args.watchdog and not guarded() and (debugged := debugger()):
         print(

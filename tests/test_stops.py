@@ -5,10 +5,13 @@ stand-in of W&B's server), and a log file that follows the run whatever stdout i
 import ast
 import contextlib
 import ctypes
+import fcntl
 import os
+import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -30,13 +33,16 @@ from conftest import (
 from wandb_file import find_runs, whole_run
 from wandb_server import WandbServer
 
-STOPS = {signal.SIGINT: ("User abort", 130), signal.SIGTERM: ("Preempted", 143)}
+STOPS = {signal.SIGINT: ("User abort", 130), signal.SIGHUP: ("Hangup", 129), signal.SIGTERM: ("Preempted", 143)}
+MOMENTS = [0.2, 0.6, 1.2, 2.0, 3.0, "W&B starting"]  # of the start: seconds after main.py's first line, or an event
+
+
+def launch_env(wandb_dir: Path) -> dict[str, str]:
+    return {**OFFLINE, "WANDB_DIR": str(wandb_dir)}
 
 
 def launch(argv: list[str], wandb_dir: Path, **env) -> subprocess.Popen:
-    return start_main(
-        argv, cwd=wandb_dir, env={**OFFLINE, "WANDB_DIR": str(wandb_dir), **env}, stderr=subprocess.STDOUT
-    )
+    return start_main(argv, cwd=wandb_dir, env={**launch_env(wandb_dir), **env}, stderr=subprocess.STDOUT)
 
 
 def logged(data: Path, out: Path, *extra: str) -> list[str]:
@@ -143,8 +149,12 @@ def wait_for_wandb_core(proc: subprocess.Popen) -> int:
     return cores[0]
 
 
-@pytest.mark.parametrize("after", [0.2, 0.6, 1.2, 2.0, 3.0, "W&B starting"])
-@pytest.mark.parametrize("signum", list(STOPS), ids=lambda s: signal.Signals(s).name)
+@pytest.mark.parametrize(
+    ("signum", "after"),
+    [(signum, after) for signum in (signal.SIGINT, signal.SIGTERM) for after in MOMENTS]
+    + [(signal.SIGHUP, after) for after in (0.6, 2.0, "W&B starting")],  # handled as SIGINT is
+    ids=lambda value: signal.Signals(value).name if isinstance(value, signal.Signals) else str(value),
+)
 def test_a_stop_at_any_moment_of_the_start_is_clean(signum, after, tiny_data, tmp_path):
     """While the guard, Python, torch, the data, the model and W&B start. Which of them the signal meets
     after so many seconds depends on the machine's speed; what must hold does not."""
@@ -158,14 +168,14 @@ def test_a_stop_at_any_moment_of_the_start_is_clean(signum, after, tiny_data, tm
             wait_for_wandb_core(proc)
         else:
             time.sleep(after)
-        os.killpg(proc.pid, signum)  # a terminal's Ctrl+C, a scheduler's SIGTERM: the whole process group
+        os.killpg(proc.pid, signum)  # a terminal's Ctrl+C or hangup, a scheduler's SIGTERM: the whole process group
         text, _ = output.finish()
     finally:
         proc.kill()
     assert "Traceback" not in text and "Error: None" not in text, text
     saved = list(out.glob("*/*/results.json"))
     if not saved:  # stopped before the run began: nothing left behind, not even a folder
-        cause = "Ctrl+C" if signum == signal.SIGINT else "SIGTERM"
+        cause = watch.CAUSES[signum]
         assert proc.returncode == status and f"Stopped by {cause} before the run began" in text, text
         assert not (out.exists() and list(out.rglob("*"))) and not list(tmp_path.glob("wandb/*run-*"))
         return
@@ -174,6 +184,108 @@ def test_a_stop_at_any_moment_of_the_start_is_clean(signum, after, tiny_data, tm
     assert (folder / "checkpoint.pt").exists() or not res["history"]
     run = whole_run(tmp_path, folder.name)
     assert run.exit_code == 1 and run.tags[-1] == tag and run.preempting == (signum == signal.SIGTERM)
+
+
+def in_a_terminal(argv: list[str], cwd: Path, stderr) -> tuple[subprocess.Popen, int]:
+    """`argv` run in a terminal of its own (a pseudo-terminal, as ssh gives one): its session's controlling
+    terminal, its stdin and stdout. Returns the process and the terminal's other end: closing that is the
+    terminal closing, as when an ssh session drops."""
+    master, slave = os.openpty()
+
+    def take_the_terminal():  # as a login shell does
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env={**os.environ, **launch_env(cwd)},
+        stdin=slave,
+        stdout=slave,
+        stderr=stderr,
+        start_new_session=True,
+        preexec_fn=take_the_terminal,
+    )
+    os.close(slave)
+    return proc, master
+
+
+def until_seen(master: int, text: bytes, log: Path | None = None) -> None:
+    """Reads the terminal (else it fills, and the run waits on it) until `text` shows there or in `log`."""
+    shown, deadline, held = b"", time.monotonic() + 120, True
+    while text not in shown and not (log and log.exists() and text in log.read_bytes()):
+        assert time.monotonic() < deadline, shown.decode(errors="replace")
+        if not held:
+            time.sleep(0.1)
+        elif select.select([master], [], [], 0.1)[0]:
+            try:
+                shown += os.read(master, 65536)
+            except OSError:  # EIO: nothing holds the terminal any more (nohup let go of it)
+                held = False
+
+
+@pytest.mark.parametrize("nohup", [False, True], ids=["plain", "nohup"])
+def test_a_closed_terminal_ends_the_run_as_a_hangup_and_nohup_keeps_it_going(nohup, tiny_data, tmp_path):
+    """An ssh session that drops closes the terminal: Linux sends SIGHUP to the processes in it (the guard
+    and the training process alike), and every write to the terminal fails from then on. The run ends once
+    and rightly: `Hangup`, resumable, in results.json and W&B, with no traceback. Under nohup, which starts
+    main.py ignoring SIGHUP, the run trains on to its end."""
+    out, stderr = tmp_path / "out", tmp_path / "stderr.log"
+    argv = [sys.executable, str(ROOT / "main.py"), *logged(tiny_data, out, "--epochs", "30" if nohup else "100000")]
+    with open(stderr, "w") as errors:
+        proc, master = in_a_terminal(["nohup", *argv] if nohup else argv, tmp_path, errors)
+    try:
+        until_seen(master, b"epoch 1/", tmp_path / "nohup.out")  # nohup sends stdout there, from a terminal
+        assert results(out)[1]["status"] == "running"
+        os.close(master)
+        proc.wait(120)
+    finally:
+        proc.kill()
+    text = stderr.read_text()
+    assert "Traceback" not in text, text
+    folder, res = results(out)
+    run = whole_run(tmp_path, folder.name)
+    if nohup:
+        assert proc.returncode == 0 and res["status"] == "finished" and len(res["history"]) == 30, (text, res["tags"])
+        assert run.exit_code == 0 and run.tags == res["tags"] and res["tags"][0] == "Success"
+        return
+    assert proc.returncode == 1 and res["status"] == "failed" and res["tags"][-1] == "Hangup", (text, res["tags"])
+    assert (folder / "checkpoint.pt").exists()
+    assert run.exit_code == 1 and run.tags == res["tags"] and not run.preempting
+
+
+@pytest.mark.parametrize("stop", ["none", "ctrl+c"])
+def test_a_reader_gone_from_the_output_ends_no_run(stop, tiny_data, tmp_path):
+    """`python main.py 2>&1 | head -1`: once head has its line, every write the run makes fails (a broken
+    pipe). `python main.py | tee log`, then Ctrl+C: the same Ctrl+C ends tee at once, and stdout's writes
+    fail from then on (stderr, on the terminal, is a file here). The run ends as it would have: Success with
+    every epoch, or `User abort`, in results.json and W&B, with the run's exit status and no traceback."""
+    out, stderr = tmp_path / "out", tmp_path / "stderr.log"
+    argv = logged(tiny_data, out, "--epochs", "30" if stop == "none" else "100000")
+    with open(stderr, "w") as errors:
+        proc = (
+            launch(argv, tmp_path)
+            if stop == "none"
+            else start_main(argv, cwd=tmp_path, env=launch_env(tmp_path), stderr=errors)
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not proc.stdout.readline().startswith("epoch 1/"):
+            assert time.monotonic() < deadline and proc.poll() is None
+        proc.stdout.close()  # the reader goes
+        if stop == "ctrl+c":
+            os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(120)
+    finally:
+        proc.kill()
+    folder, res = results(out)
+    run = whole_run(tmp_path, folder.name)
+    if stop == "none":
+        assert proc.returncode == 0 and res["status"] == "finished" and len(res["history"]) == 30, res["tags"]
+        assert run.exit_code == 0 and run.tags == res["tags"] and res["tags"][0] == "Success"
+        return
+    text = stderr.read_text()
+    assert proc.returncode == 1 and res["status"] == "failed" and res["tags"] == ["User abort"], (text, res["tags"])
+    assert run.exit_code == 1 and run.tags == res["tags"] and "Traceback" not in text, text
 
 
 def a_thread_hearing(pid: int, signum: int) -> int:

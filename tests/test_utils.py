@@ -199,12 +199,13 @@ def test_failed_and_tag_bookkeeping():
     assert utils.resumable(["Vanishing gradient", "Crashed"]) and not utils.resumable(tags)
     assert (
         utils.RESUMABLE_TAGS
-        == {"User abort", "Timeout", "Preempted", "Stopped", "Save failed", "W&B lost", "Crashed"}
+        == {"User abort", "Hangup", "Timeout", "Preempted", "Stopped", "Save failed", "W&B lost", "Crashed"}
         <= utils.ERROR_TAGS
     )
     assert {t.template for t in utils.TAGS if t.error} == {
         "Irrelevant hyperparameters",
         "User abort",
+        "Hangup",
         "Timeout",
         "NaN loss",
         "Inf loss",
