@@ -43,7 +43,7 @@ import yaml
 
 import report
 import utils
-from boilerplate import options, replicates, watch
+from boilerplate import options, output, replicates, watch
 from boilerplate.files import remove_partial_writes, write_json
 
 POLL_SECONDS = 0.5
@@ -413,4 +413,5 @@ def sweep(args: argparse.Namespace, config: dict, extra: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    output.outlive_readers()  # `| head`, or a tee that a Ctrl+C ended: the sweep goes on, and records its runs
     sys.exit(main())

@@ -348,6 +348,22 @@ def test_an_interrupted_sweep_resumes_without_repeating_a_run(tiny_data, tmp_pat
     assert first[0] in runs and all(r["status"] == "finished" for r in runs)
 
 
+def test_a_sweep_whose_output_nobody_reads_any_more_goes_on_to_its_end(tiny_data, tmp_path):
+    """`local_sweep.py ... | head -1`: every line it prints after that meets a broken pipe. The sweep runs
+    every configuration all the same, records each, and exits 0 without a traceback."""
+    sweep = write_sweep(tmp_path, {"seed": {"values": [0, 1]}, "epochs": {"value": 1}})
+    proc = start_local_sweep(sweep, tiny_data, "--wandb", "disabled")
+    try:
+        assert proc.stdout.readline().startswith("start")
+        proc.stdout.close()  # the reader goes
+        proc.wait(120)
+        stderr = proc.stderr.read()
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert [r["status"] for r in state(sweep)] == ["finished", "finished"]
+
+
 def test_two_sweep_processes_share_a_sweep_without_running_a_configuration_twice(tiny_data, tmp_path):
     sweep = write_sweep(tmp_path, {"seed": {"values": [0, 1, 2, 3]}, "epochs": {"value": 1}})
     procs = [start_local_sweep(sweep, tiny_data, "--wandb", "disabled") for _ in range(2)]
