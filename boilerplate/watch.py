@@ -12,6 +12,7 @@ Stops. The first cause of a stop names the run's end, and nothing changes it onc
   passes it on too, for a SIGINT to main.py alone. A second Ctrl+C kills training (`User abort`).
 - A closed terminal (an ssh session dropped) sends SIGHUP to both: `Hangup`, as Ctrl+C ends a run, its output
   from then on dropped (output.py). Under nohup, which starts main.py ignoring SIGHUP, it is left ignored.
+- Ctrl+\\ (SIGQUIT) kills the training process; the guard, outliving it, ends the run as after a second Ctrl+C.
 - A SIGTERM that reaches main.py alone is a stop the user asked for: `wandb agent`'s stop command and
   early termination, its second Ctrl+C, `kill PID`. The guard says so at once with SIGUSR1 (`Stopped`,
   not re-queued by W&B). A SIGTERM to every process of the job is a scheduler's preemption (SLURM
@@ -19,8 +20,9 @@ Stops. The first cause of a stop names the run's end, and nothing changes it onc
   of the two signals it handles first. The agent's SIGKILL that follows a stop kills the guard: the
   training process then has its stop already, and keeps it.
 - Until the run has begun (W&B started, results.json written), a stop ends the training process at
-  once, leaving nothing: exit status 130 after Ctrl+C, 129 after SIGHUP, 143 after the others. Main.py's first line
-  holds stop signals back until the process can act on them, so none is lost and none is a traceback.
+  once, leaving nothing: exit status 130 after Ctrl+C, 129 after SIGHUP, 131 after Ctrl+\\, 143 after the
+  others. Main.py's first line holds stop signals back until the process can act on them, so none is lost
+  and none is a traceback.
 - Once the last epoch is saved, or the run's end is being written, stop signals change nothing.
 
 The training process's messages, one JSON object a line, each named by its "kind":
@@ -79,11 +81,15 @@ HELD = tuple(utils.STOP_SIGNALS)  # the signals main.py's first line holds back 
 # it stays so (the training process inherits the guard's SIG_IGN; a handler Linux resets as it starts it).
 HEARD = tuple(s for s in HELD if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN))
 PERSONAL = tuple(s for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM) if s in HEARD)  # the guard's
+# Ctrl+\ (SIGQUIT) kills the training process at once, as Linux's default has it; the guard outlives it, to
+# end the run as after a second Ctrl+C (it left results.json `running` for good when it died of it too).
+QUIT = signal.SIGQUIT
 # What stopped a process before its run began, as its last line says: before the run has begun, a
 # preemption and a stop end alike (nothing is recorded), so the message names the signal, not a tag.
 CAUSES = {
     signal.SIGINT: "Ctrl+C",
     signal.SIGHUP: "a closed terminal (SIGHUP)",
+    QUIT: "Ctrl+\\",
     signal.SIGTERM: "SIGTERM",
     GUARD_STOP: "SIGTERM",
     GUARD_DIED: "the guard's death",
@@ -103,7 +109,7 @@ def stopped_before_start(signum: int) -> int:
         file=sys.stderr,
         flush=True,
     )
-    return 128 + (signum if signum in (signal.SIGINT, signal.SIGHUP) else signal.SIGTERM)
+    return 128 + (signum if signum in (signal.SIGINT, signal.SIGHUP, QUIT) else signal.SIGTERM)
 
 
 class Channel:
@@ -287,7 +293,7 @@ def guard(script: str, argv: list[str], epoch_timeout: float) -> int:
     """Runs `python script argv` as the training process and watches it; returns the run's exit status."""
     read, write = os.pipe()
     watch = Watch(epoch_timeout)
-    for signum in PERSONAL:
+    for signum in (*PERSONAL, QUIT):
         signal.signal(signum, watch.heard)
     signal.set_wakeup_fd(watch.wake[1])  # a signal wakes the loop's select at once
     signal.pthread_sigmask(signal.SIG_UNBLOCK, PERSONAL)  # held since main.py's first line
@@ -300,7 +306,7 @@ def guard(script: str, argv: list[str], epoch_timeout: float) -> int:
         os.close(write)  # the training process holds the only writing end: its death closes the pipe
         return watch.follow(read)
     finally:
-        for signum in PERSONAL:  # after the run's end a stop signal changes nothing: the
+        for signum in (*PERSONAL, QUIT):  # after the run's end a stop signal changes nothing: the
             signal.signal(signum, signal.SIG_IGN)  # exit status is the run's (SIG_IGN: Python restores none)
         if watch.process and watch.process.poll() is None:
             watch.process.kill()
@@ -319,6 +325,7 @@ class Watch:
         self.signals, self.hung = [], None  # signals not yet acted on; why training was killed as hung
         self.decided = None  # the end the training process decided and began to write ("ending")
         self.acted = False  # whether the guard has acted on a stop signal of its own
+        self.quit = False  # whether Ctrl+\ was the first stop
         self.wake = os.pipe()
         for fd in self.wake:
             os.set_blocking(fd, False)
@@ -334,12 +341,15 @@ class Watch:
         if self.ending:  # the last epoch is saved, or the run's end is being written: a late signal changes nothing
             return
         acted_before, self.acted = self.acted, True
+        if signum == QUIT:  # the training process has its own, and dies of it: the run ends now, as it began
+            self.stop_tag, self.quit = self.stop_tag or utils.USER_ABORT(), not self.stop_tag
+            self.end_now("Ctrl+\\")
+            return
         if self.stop_tag:  # the first stop names the end; Ctrl+C after one the guard heard ends it now
             # Not after one the training process alone has reported: a Ctrl+C reaches both processes, and
             # its "stopping" may be read before the guard acts on its own copy of the same signal.
-            if signum == signal.SIGINT and acted_before and self.process:
-                print(f"{line_break()}Ctrl+C again: ending the run now.", file=sys.stderr, flush=True)
-                self.process.kill()
+            if signum == signal.SIGINT and acted_before:
+                self.end_now("Ctrl+C again")
             return
         # A SIGTERM here may be the job's (the training process then says Preempted) or main.py's alone: Stopped.
         self.stop_tag = {signal.SIGINT: utils.USER_ABORT(), signal.SIGHUP: utils.HANGUP()}.get(signum, utils.STOPPED())
@@ -347,9 +357,14 @@ class Watch:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(GUARD_STOP if signum == signal.SIGTERM else signum)
 
+    def end_now(self, why: str) -> None:
+        if self.process:
+            print(f"{line_break()}{why}: ending the run now.", file=sys.stderr, flush=True)
+            self.process.kill()
+
     def stopped_before_start(self) -> int:
         self.remove_unstarted()
-        causes = {utils.USER_ABORT(): signal.SIGINT, utils.HANGUP(): signal.SIGHUP}
+        causes = {utils.USER_ABORT(): QUIT if self.quit else signal.SIGINT, utils.HANGUP(): signal.SIGHUP}
         return stopped_before_start(causes.get(self.stop_tag, signal.SIGTERM))
 
     def remove_unstarted(self) -> None:

@@ -33,7 +33,12 @@ from conftest import (
 from wandb_file import find_runs, whole_run
 from wandb_server import WandbServer
 
-STOPS = {signal.SIGINT: ("User abort", 130), signal.SIGHUP: ("Hangup", 129), signal.SIGTERM: ("Preempted", 143)}
+STOPS = {
+    signal.SIGINT: ("User abort", 130),
+    signal.SIGHUP: ("Hangup", 129),
+    signal.SIGTERM: ("Preempted", 143),
+    signal.SIGQUIT: ("User abort", 131),  # Ctrl+\: the training process dies of it, the guard ends the run
+}
 MOMENTS = [0.2, 0.6, 1.2, 2.0, 3.0, "W&B starting"]  # of the start: seconds after main.py's first line, or an event
 
 
@@ -152,7 +157,8 @@ def wait_for_wandb_core(proc: subprocess.Popen) -> int:
 @pytest.mark.parametrize(
     ("signum", "after"),
     [(signum, after) for signum in (signal.SIGINT, signal.SIGTERM) for after in MOMENTS]
-    + [(signal.SIGHUP, after) for after in (0.6, 2.0, "W&B starting")],  # handled as SIGINT is
+    + [(signal.SIGHUP, after) for after in (0.6, 2.0, "W&B starting")]  # handled as SIGINT is
+    + [(signal.SIGQUIT, 0.2)],  # later, below: killed as W&B starts, it leaves W&B's local files
     ids=lambda value: signal.Signals(value).name if isinstance(value, signal.Signals) else str(value),
 )
 def test_a_stop_at_any_moment_of_the_start_is_clean(signum, after, tiny_data, tmp_path):
@@ -184,6 +190,27 @@ def test_a_stop_at_any_moment_of_the_start_is_clean(signum, after, tiny_data, tm
     assert (folder / "checkpoint.pt").exists() or not res["history"]
     run = whole_run(tmp_path, folder.name)
     assert run.exit_code == 1 and run.tags[-1] == tag and run.preempting == (signum == signal.SIGTERM)
+
+
+def test_ctrl_backslash_ends_the_run_at_once_as_a_second_ctrl_c_does(tiny_data, tmp_path):
+    """Ctrl+\\ (SIGQUIT to every process in the terminal) kills the training process at once, as Linux's
+    default has it, and the guard, outliving it, ends the run `User abort`, resumable, in results.json
+    and W&B. Before, the guard died of it too, and results.json said `running` for good."""
+    out = tmp_path / "out"
+    proc = launch(logged(tiny_data, out, "--epochs", "100000"), tmp_path)
+    try:
+        output = Output(proc)
+        output.wait_for(lambda text: text.startswith("epoch 2/"))
+        os.killpg(proc.pid, signal.SIGQUIT)
+        text, _ = output.finish()
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Ctrl+\\: ending the run now." in text and "Traceback" not in text, text
+    folder, res = results(out)
+    assert res["status"] == "failed" and res["tags"][-1] == "User abort" and (folder / "checkpoint.pt").exists()
+    assert [row["epoch"] for row in res["history"] if row["evaluated"]][:2] == [1, 2]
+    run = whole_run(tmp_path, folder.name)
+    assert run.exit_code == 1 and run.tags == res["tags"] and not run.preempting
 
 
 def in_a_terminal(argv: list[str], cwd: Path, stderr) -> tuple[subprocess.Popen, int]:
