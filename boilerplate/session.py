@@ -273,7 +273,7 @@ def train(
                 row.update(evaluate(experiment, model, data[split], split, classes, args))
             row.update({f"gap/{m}": row[f"train/{m}"] - row[f"test/{m}"] for m in utils.METRIC_NAMES})
             epoch_time = sum(row[f"{s}/time"] for s in utils.SPLITS)
-            if args.epoch_timeout and epoch_time > 60 * args.epoch_timeout:
+            if args.epoch_timeout and epoch_time > 60 * args.epoch_timeout and stop.resumed < steps.start:
                 stop_tag = utils.TIMEOUT()
         history.append(row)
         utils.add_tags(

@@ -72,6 +72,7 @@ class Steps:
         self.start, self.epoch = time.perf_counter(), epoch  # the epoch's number, from 1
         self.data, self.batch_size, self.generator, self.stop = batches, batch_size, generator, stop
         self.precision, self.deadline, self.sync_every = precision, deadline, sync_every
+        self.span = deadline - self.start  # how long the epoch may take: stop.past gives it again after a suspension
         distributed.DEADLINE[0] = deadline
         self.predictions_of, self.progress = predictions_of, progress
         self.params = [p for p in model.parameters() if p.requires_grad]  # a fork may freeze some
@@ -118,7 +119,7 @@ class Steps:
             elif self.stop.requested:
                 self.tag = self.stop.tag
                 return
-            elif time.perf_counter() > self.deadline:
+            elif self.stop.past(self.deadline, self.span):
                 self.tag = utils.TIMEOUT()
                 return
             with self.model.no_sync() if self.model and not self.stepping else contextlib.nullcontext():
@@ -128,7 +129,7 @@ class Steps:
         """This rank's reason to stop, as a number of STOPS."""
         if self.stop.requested:
             return STOPS.index(self.stop.tag)
-        return STOPS.index(utils.TIMEOUT()) if time.perf_counter() > self.deadline else 0
+        return STOPS.index(utils.TIMEOUT()) if self.stop.past(self.deadline, self.span) else 0
 
     def autocast(self) -> torch.autocast:
         """Where the forward pass and the loss run (devices.autocast): bf16 with --precision bf16."""

@@ -153,6 +153,7 @@ class Link:
     def __init__(self, channel: Channel | None = None, whole_process: bool = False):
         self.channel, self.tag, self.heard_at, self.phase, self.deferring = channel, None, 0.0, self.EARLY, 0
         self.signum = None  # the first stop signal heard
+        self.resumed = -math.inf  # when the process last went on after a suspension (SIGCONT), perf_counter's time
         self.previous, self.whole_process, self.unstarted = None, whole_process, None
 
     @property
@@ -162,6 +163,7 @@ class Link:
     def listen(self) -> "Link":
         if self.previous is None:
             self.previous = {signum: signal.signal(signum, self._handle) for signum in HEARD}
+            self.previous[signal.SIGCONT] = signal.signal(signal.SIGCONT, self._resumed)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)  # what waited is handled now
         return self
 
@@ -190,6 +192,16 @@ class Link:
         self.send("stopping", tag=tag)
         if signum in PERSONAL:  # not for the guard's words: a process asked, not a person
             print(f"{line_break()}Stopping at the next batch: {tag}.", file=sys.stderr, flush=True)
+
+    def _resumed(self, signum: int, frame: FrameType | None) -> None:
+        self.resumed = time.perf_counter()
+
+    def past(self, deadline: float, span: float) -> bool:
+        """Whether perf_counter's time is past `deadline`, `span` seconds after what it times began. A job
+        suspended meanwhile (SIGSTOP then SIGCONT: Ctrl+Z then fg, SLURM's suspend and gang scheduling) has
+        the whole span again from its resume: the time it stood still is no hang."""
+        now = time.perf_counter()
+        return now > deadline and now > self.resumed + span
 
     def stop_now(self) -> NoReturn:
         self.phase = self.CLOSED
@@ -293,7 +305,7 @@ def guard(script: str, argv: list[str], epoch_timeout: float) -> int:
     """Runs `python script argv` as the training process and watches it; returns the run's exit status."""
     read, write = os.pipe()
     watch = Watch(epoch_timeout)
-    for signum in (*PERSONAL, QUIT):
+    for signum in (*PERSONAL, QUIT, signal.SIGCONT):
         signal.signal(signum, watch.heard)
     signal.set_wakeup_fd(watch.wake[1])  # a signal wakes the loop's select at once
     signal.pthread_sigmask(signal.SIG_UNBLOCK, PERSONAL)  # held since main.py's first line
@@ -306,7 +318,7 @@ def guard(script: str, argv: list[str], epoch_timeout: float) -> int:
         os.close(write)  # the training process holds the only writing end: its death closes the pipe
         return watch.follow(read)
     finally:
-        for signum in (*PERSONAL, QUIT):  # after the run's end a stop signal changes nothing: the
+        for signum in (*PERSONAL, QUIT, signal.SIGCONT):  # after the run's end a stop signal changes nothing: the
             signal.signal(signum, signal.SIG_IGN)  # exit status is the run's (SIG_IGN: Python restores none)
         if watch.process and watch.process.poll() is None:
             watch.process.kill()
@@ -321,6 +333,7 @@ class Watch:
     def __init__(self, epoch_timeout: float):
         self.process, self.started, self.tags, self.ending, self.ended = None, None, [], False, False
         self.deadline, self.stop_tag, self.minutes, self.folder = math.inf, None, epoch_timeout, None
+        self.span = math.inf  # how long the deadline allowed when it was set
         self.timeout = 60 * epoch_timeout + WATCH_GRACE if epoch_timeout else None
         self.signals, self.hung = [], None  # signals not yet acted on; why training was killed as hung
         self.decided = None  # the end the training process decided and began to write ("ending")
@@ -338,6 +351,9 @@ class Watch:
         return signals
 
     def act(self, signum: int) -> None:
+        if signum == signal.SIGCONT:  # the job was suspended, this process with it: the time it stood still is
+            self.deadline = max(self.deadline, time.monotonic() + self.span)  # no hang (Link.past)
+            return
         if self.ending:  # the last epoch is saved, or the run's end is being written: a late signal changes nothing
             return
         acted_before, self.acted = self.acted, True
@@ -453,10 +469,12 @@ class Watch:
         # Once started, the training process reports at least once an epoch: as one starts, as it ends
         # (then its checkpoint is written). Silence past the timeout is a hang; so is a W&B start past its limit.
         if kind == "wandb":
-            self.deadline = time.monotonic() + message["seconds"] + WANDB_GRACE
+            self.span = message["seconds"] + WANDB_GRACE
+            self.deadline = time.monotonic() + self.span
         elif self.started or kind == "started":
             since = message["started"] if kind == "epoch" else time.monotonic()
-            self.deadline = since + self.timeout if self.timeout and not self.ending else math.inf
+            self.span = self.timeout if self.timeout and not self.ending else math.inf
+            self.deadline = since + self.span
 
     def wait(self) -> int:
         try:

@@ -462,6 +462,29 @@ def test_a_training_process_stuck_past_the_epoch_timeout_is_killed(fault_data, t
     assert wandb_epochs(wandb_run.history) == whole_epochs(res["history"])
 
 
+def test_a_job_suspended_past_the_epoch_timeout_goes_on_when_it_resumes(tiny_data, tmp_path):
+    """SIGSTOP to the whole job, then SIGCONT (Ctrl+Z then fg; SLURM's suspend and gang scheduling): it stood
+    still longer than --epoch_timeout, and nothing hung. The run trains on to its end, Success: the time
+    suspended counts for neither the loop's check nor the guard's. Before, it ended Timeout as it resumed."""
+    out = tmp_path / "out"
+    argv = small_run(tiny_data, out, *demo.SLOW, "--epochs", "4", "--epoch_timeout", "0.1", "--verbose", "1")
+    proc = launch([*argv, "--wandb_project", "boilerplate-tests"], tmp_path)
+    try:
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch 1/"))
+        time.sleep(0.2)  # into the second epoch's batches, where the loop checks the time
+        os.killpg(proc.pid, signal.SIGSTOP)
+        time.sleep(10)  # longer than the 6 s --epoch_timeout allows, and the guard's 2 s of grace after it
+        os.killpg(proc.pid, signal.SIGCONT)
+        text, _ = output.finish()
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in text, text
+    folder, res = results(out)
+    assert res["status"] == "finished" and res["tags"][0] == "Success" and len(res["history"]) == 4, text
+    assert whole_run(tmp_path, folder.name).exit_code == 0
+
+
 def test_a_preempted_sweep_run_resumes_by_itself_when_wandb_requeues_it(fault_data, uninterrupted, tmp_path):
     # W&B's agent starts a re-queued run again with its own run id (WANDB_RUN_ID) and no new flag.
     expected_res, expected_model = uninterrupted
