@@ -302,6 +302,13 @@ class Record:
         self.logged = max([row["epoch"] for row in history if row.get("evaluated")], default=0)
         self.tell_guard("starting", folder=str(folder) if folder else None)
 
+    def log_in(self) -> None:
+        """W&B's login, where W&B would ask a person for its key (wandb_start.log_in): now, before the data
+        loads and outside the start's time limit. A stop at the prompt ends the run before it began."""
+        if self.owner and wandb_wanted(self.opts) and self.guard:
+            with self.guard.deferred():
+                wandb_start.log_in(lambda: self.guard.requested)
+
     def start(self, constants: dict) -> None:
         """The run starts: its data is loaded and its model built. W&B starts now, in this process, so
         that a fork's own wandb.log calls anywhere in the training code land in this run."""

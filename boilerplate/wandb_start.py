@@ -11,6 +11,8 @@ start_wandb() is wandb.init with three guards around it:
   kills a training process whose W&B start outlasts that limit by far, as a backstop;
 - W&B's server gone mid-run: a later call that waits on it (the finish's uploads, which W&B retries for
   far longer than the limit) is given up as soon as the server cannot be reached (WandbServerLost).
+W&B's login prompt (an online run on a terminal, no key found) comes before all that, in log_in(): a
+person's answer has no time limit, and a Ctrl+C at it ends the run before it began.
 Errors of the user's setup (no login, a WANDB_MODE W&B rejects, a WANDB_DIR that cannot be written)
 are a StartError before any epoch, naming W&B's own message.
 
@@ -22,6 +24,7 @@ import contextlib
 import logging
 import os
 import sys
+import termios
 import threading
 import time
 import traceback
@@ -93,16 +96,7 @@ def within(seconds: float, call: Callable[[], Any], server: str | None = None) -
     `server` an online run talks to: sooner, WandbServerLost, once the call has waited WANDB_SERVER_CHECK
     and the server cannot be reached."""
     global stuck
-    outcome = {}
-
-    def run():
-        try:
-            outcome["value"] = call()
-        except BaseException as e:  # noqa: BLE001 (handed to the caller, whatever it is)
-            outcome["error"] = e
-
-    thread = threading.Thread(target=run, name="wandb-start", daemon=True)
-    thread.start()
+    thread, outcome = in_a_thread(call)
     deadline = time.monotonic() + seconds
     join(thread, min(seconds, WANDB_SERVER_CHECK) if server else seconds)
     while server and thread.is_alive() and time.monotonic() < deadline:
@@ -113,9 +107,34 @@ def within(seconds: float, call: Callable[[], Any], server: str | None = None) -
     if thread.is_alive():
         stuck = f"no answer within {seconds:g} s"
         raise WandbStuck(stuck)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    return outcome.get()
+
+
+class Outcome:
+    """What a call in another thread returned or raised, once it has."""
+
+    def set(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.value, self.error = value, error
+
+    def get(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def in_a_thread(call: Callable[[], Any]) -> tuple[threading.Thread, Outcome]:
+    """call(), started in a daemon thread (W&B's may hang for good: the process must still be able to leave)."""
+    outcome = Outcome()
+
+    def run():
+        try:
+            outcome.set(call())
+        except BaseException as e:  # noqa: BLE001 (handed to the caller, whatever it is)
+            outcome.set(error=e)
+
+    thread = threading.Thread(target=run, name="wandb-start", daemon=True)
+    thread.start()
+    return thread, outcome
 
 
 def join(thread: threading.Thread, seconds: float) -> None:
@@ -147,6 +166,62 @@ def unreachable(url: str) -> str | None:
     return None
 
 
+def log_in(stopped: Callable[[], bool]) -> None:
+    """W&B's login, where W&B would ask a person for its API key: a run to log online, on a terminal (W&B asks
+    only where its input and its messages both are one), and no key found. It comes before the start, which
+    has limit() for all it does: a person's answer takes what it takes (copying a key from the browser),
+    and a start still waiting on it would be given up as hung. A stop meanwhile (`stopped()`: a Ctrl+C at
+    the prompt) ends the wait at once, the terminal's settings put back (the key's prompt hides what is
+    typed), for the caller to end the run before it began. Answered "Don't visualize my results", the run
+    logs offline, as W&B has it."""
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return
+    import wandb
+
+    try:
+        found = read_settings(wandb)
+        # Unreachable, the start logs offline (and says so): no key to ask for.
+        if found.mode not in ONLINE or found.silent or key_found(found) or unreachable(found.base_url):
+            return
+        terminal = termios.tcgetattr(sys.stdin)
+        thread, outcome = in_a_thread(lambda: wandb.login(verify=False))  # a wrong key: the start says so
+        while thread.is_alive() and not stopped():
+            thread.join(SIGNAL_WAIT)  # in slices: the stop signals are heard meanwhile
+        if thread.is_alive():
+            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, terminal)
+            return
+        outcome.get()
+    except user_errors(wandb) as e:
+        raise setup_error(e, wandb) from None
+
+
+ONLINE = ("online", "shared", "run")  # W&B's modes that log to its server
+
+
+def key_found(settings: "wandb.Settings") -> bool:
+    """Whether W&B has a key for its server without asking for one: in one of the places wandb.login's
+    documentation lists (WANDB_API_KEY, an identity token file, the api_key setting, the .netrc file's
+    entry for the server, or for api.wandb.ai, behind W&B's default server). A .netrc that cannot be read
+    counts as found: W&B's start then goes as it would have."""
+    import netrc
+    from urllib.parse import urlsplit
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE") or settings.api_key:
+        return True
+    try:
+        entries = netrc.netrc(Path(os.environ.get("NETRC") or "~/.netrc").expanduser())
+    except FileNotFoundError:
+        return False
+    except (netrc.NetrcParseError, OSError):
+        return True
+    return any(entries.authenticators(host) for host in (urlsplit(settings.base_url).netloc, "api.wandb.ai"))
+
+
+def user_errors(wandb: Any) -> tuple[type[BaseException], ...]:
+    """W&B's errors that are the user's setup's to fix: no login, a rejected key, a setting W&B refuses."""
+    return (wandb.errors.UsageError, wandb.errors.AuthenticationError, ValueError)
+
+
 def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run, **init: Any) -> "wandb.Run | None":
     """wandb.init(**init) then prepare(run), as described above: the run, or None when W&B failed by
     itself (it has said so). `prepare` is part of the start: W&B dying just after init fails there."""
@@ -156,7 +231,6 @@ def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run,
     # failed send on the screen: a server that is down would fill the run's log with W&B's retries, where
     # our one warning says what it means for the run.
     logging.getLogger("opentelemetry.exporter.otlp").setLevel(logging.CRITICAL)
-    user_errors = (wandb.errors.UsageError, wandb.errors.AuthenticationError, ValueError)  # ValueError: settings
     try:
         if os.environ.get("WANDB_DIR"):  # W&B would fall back to a temporary folder, which a reboot may empty
             check_writable(os.environ["WANDB_DIR"], "WANDB_DIR")
@@ -168,7 +242,7 @@ def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run,
             settings["init_timeout"] = WANDB_INIT_TIMEOUT
         init["settings"] = wandb.Settings(**settings)
         defaults = read_settings(wandb)
-    except user_errors as e:
+    except user_errors(wandb) as e:
         raise setup_error(e, wandb) from None
     if (init.get("mode") or defaults.mode) == "online" and (why := unreachable(defaults.base_url)):
         print(
@@ -195,7 +269,7 @@ def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run,
     for last in (False, True):
         try:
             return within(max(0.0, deadline - time.monotonic()), attempt)
-        except user_errors as e:
+        except user_errors(wandb) as e:
             raise setup_error(e, wandb) from None
         except WandbStuck:
             print(

@@ -213,10 +213,10 @@ def test_ctrl_backslash_ends_the_run_at_once_as_a_second_ctrl_c_does(tiny_data, 
     assert run.exit_code == 1 and run.tags == res["tags"] and not run.preempting
 
 
-def in_a_terminal(argv: list[str], cwd: Path, stderr) -> tuple[subprocess.Popen, int]:
+def in_a_terminal(argv: list[str], cwd: Path, stderr=None, env: dict | None = None) -> tuple[subprocess.Popen, int]:
     """`argv` run in a terminal of its own (a pseudo-terminal, as ssh gives one): its session's controlling
-    terminal, its stdin and stdout. Returns the process and the terminal's other end: closing that is the
-    terminal closing, as when an ssh session drops."""
+    terminal, its stdin and stdout (stderr too, unless given). Returns the process and the terminal's other
+    end: closing that is the terminal closing, as when an ssh session drops."""
     master, slave = os.openpty()
 
     def take_the_terminal():  # as a login shell does
@@ -225,10 +225,10 @@ def in_a_terminal(argv: list[str], cwd: Path, stderr) -> tuple[subprocess.Popen,
     proc = subprocess.Popen(
         argv,
         cwd=cwd,
-        env={**os.environ, **launch_env(cwd)},
+        env=env or {**os.environ, **launch_env(cwd)},
         stdin=slave,
         stdout=slave,
-        stderr=stderr,
+        stderr=slave if stderr is None else stderr,
         start_new_session=True,
         preexec_fn=take_the_terminal,
     )
@@ -278,6 +278,69 @@ def test_a_closed_terminal_ends_the_run_as_a_hangup_and_nohup_keeps_it_going(noh
     assert proc.returncode == 1 and res["status"] == "failed" and res["tags"][-1] == "Hangup", (text, res["tags"])
     assert (folder / "checkpoint.pt").exists()
     assert run.exit_code == 1 and run.tags == res["tags"] and not run.preempting
+
+
+def read_to_the_end(proc: subprocess.Popen, master: int) -> str:
+    """What the terminal shows until the process has ended (read as it goes: a full terminal holds the run)."""
+    shown, deadline = b"", time.monotonic() + 120
+    while proc.poll() is None or select.select([master], [], [], 0.1)[0]:
+        assert time.monotonic() < deadline, shown.decode(errors="replace")
+        if select.select([master], [], [], 0.1)[0]:
+            try:
+                shown += os.read(master, 65536)
+            except OSError:  # EIO: nothing holds the terminal any more
+                break
+    proc.wait(60)
+    return shown.decode(errors="replace")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("answer", ["late", "ctrl+c"])
+def test_a_person_at_wandbs_login_prompt_has_all_the_time_and_a_ctrl_c_there_ends_the_run_at_once(
+    answer, tiny_data, wandb_server, tmp_path
+):
+    """A first run online, on a terminal, with no W&B key anywhere: W&B asks for one, as in any W&B script.
+    A person answers in their own time, longer than W&B's start may take (limit(): 34 s here), and the
+    run logs to W&B's server with the key, which W&B keeps in ~/.netrc. A Ctrl+C at the key's prompt (which
+    hides what is typed) ends the run before it began, at once: exit 130, nothing left, the terminal
+    echoing again. Before, the start counted the person's time and gave W&B up as hung, and the Ctrl+C
+    waited for that."""
+    home, out = tmp_path / "home", tmp_path / "out"
+    home.mkdir()
+    env = {**os.environ, **launch_env(tmp_path), **wandb_server.environment(), "HOME": str(home)}
+    env.update(WANDB_X_SERVICE_WAIT="8", WANDB_INIT_TIMEOUT="4")  # limit() = 2 * (8 + 4) + 10 s
+    for variable in ("WANDB_API_KEY", "WANDB_SILENT", "NETRC"):
+        env.pop(variable, None)
+    argv = [sys.executable, str(ROOT / "main.py"), *logged(tiny_data, out)]
+    proc, master = in_a_terminal(argv, tmp_path, env=env)
+    try:
+        until_seen(master, b"Enter your choice")
+        if answer == "late":
+            time.sleep(36)
+        os.write(master, b"2\n")  # an existing W&B account
+        until_seen(master, b"hit enter")
+        assert not termios.tcgetattr(master)[3] & termios.ECHO  # what is typed is hidden
+        if answer == "ctrl+c":
+            asked = time.monotonic()
+            os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl+C: its whole foreground group
+        else:
+            os.write(master, b"k" * 40 + b"\n")
+        shown = read_to_the_end(proc, master)
+        echoing = termios.tcgetattr(master)[3] & termios.ECHO
+    finally:
+        proc.kill()
+        os.close(master)
+    assert "Traceback" not in shown and echoing, shown
+    if answer == "ctrl+c":
+        assert proc.returncode == 130 and time.monotonic() - asked < 20, shown
+        assert "Stopped by Ctrl+C before the run began" in shown and not list(out.rglob("*")), shown
+        assert not list(tmp_path.glob("wandb/*run-*")) and not wandb_server.runs and not (home / ".netrc").exists()
+        return
+    folder, res = results(out)
+    assert proc.returncode == 0 and res["tags"] == ["Success"] and "hung" not in shown, shown
+    server_run = wandb_server.runs[folder.name]
+    assert server_run.tags == ["Success"] and len(server_run.history) == 2, shown
+    assert "k" * 40 in (home / ".netrc").read_text()
 
 
 @pytest.mark.parametrize("stop", ["none", "ctrl+c"])
