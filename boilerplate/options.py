@@ -125,6 +125,27 @@ class Widths(Validator):
         return widths
 
 
+@dataclass(frozen=True)
+class ProjectName(Validator):
+    """A W&B project's name, by W&B's own rule (wandb.Settings' validator; tests/test_utils.py holds them
+    together), checked as the command line is read: W&B would refuse it only once the data had loaded and
+    the model was built, and this process must not import W&B to ask it (`--help` answers at once)."""
+
+    longest: int = 128
+    refused: str = "/\\#?%:"
+
+    def describe(self) -> str:
+        return f"str, at most {self.longest} characters, none of {' '.join(self.refused)}"
+
+    def __call__(self, text: str) -> str:
+        if found := [c for c in self.refused if c in text]:
+            entity = " (an entity goes in WANDB_ENTITY)" if "/" in found else ""
+            raise argparse.ArgumentTypeError(f"W&B refuses {' '.join(found)} in a project's name{entity}, got {text!r}")
+        if len(text) > self.longest:
+            raise argparse.ArgumentTypeError(f"W&B takes at most {self.longest} characters, got {len(text)}")
+        return text
+
+
 # ----------------------------------------------------------------------------------------------
 # The parser: options in the HYPERPARAMETERS group change results and make up the group name; every
 # other group is housekeeping.
@@ -315,7 +336,7 @@ def parser(description: str, add_hyperparameters: Callable[[Any], None]) -> Pars
     )
 
     out = parser.add_argument_group("output")
-    out.add_argument("--wandb_project", type=text, default=None, help="W&B project; unset = no W&B")
+    out.add_argument("--wandb_project", type=ProjectName(), default=None, help="W&B project; unset = no W&B")
     out.add_argument(
         "--save",
         type=yes_no,

@@ -217,6 +217,14 @@ def key_found(settings: "wandb.Settings") -> bool:
     return any(entries.authenticators(host) for host in (urlsplit(settings.base_url).netloc, "api.wandb.ai"))
 
 
+def any_key(wandb: Any) -> bool:
+    """key_found(), settings W&B refuses counting as found (the fault is then theirs, not the key's)."""
+    try:
+        return key_found(read_settings(wandb))
+    except Exception:  # noqa: BLE001 (any refusal of W&B's settings)
+        return True
+
+
 def user_errors(wandb: Any) -> tuple[type[BaseException], ...]:
     """W&B's errors that are the user's setup's to fix: no login, a rejected key, a setting W&B refuses."""
     return (wandb.errors.UsageError, wandb.errors.AuthenticationError, ValueError)
@@ -308,9 +316,13 @@ def read_settings(wandb: Any) -> "wandb.Settings":
 
 
 def setup_error(e: BaseException, wandb: Any) -> errors.StartError:
-    if os.environ.get("WANDB_MODE") in ("offline", "dryrun"):  # offline already: the fault is a setting
+    """W&B's refusal to start, with advice: the offline mode only where the fault is the key (none found, or
+    refused by W&B's server), which the offline mode needs none of; any other fault is a setting that would
+    fail offline too (a WANDB_PROJECT W&B refuses, say)."""
+    refused = isinstance(e, wandb.errors.AuthenticationError)
+    if os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not (refused or not any_key(wandb)):
         return errors.StartError(f"W&B could not start ({errors.described(e)}).\nCheck W&B's WANDB_ variables.")
-    login = "Log in with `wandb login`, or run" if isinstance(e, wandb.errors.AuthenticationError) else "Run"
+    login = "Log in with `wandb login`, or run" if refused else "Run"
     return errors.StartError(
         f"W&B could not start ({errors.described(e)}).\n{login} with WANDB_MODE=offline "
         "(upload later with `wandb sync`)."

@@ -712,6 +712,21 @@ def test_a_wandb_mode_wandb_rejects_is_a_clear_error_naming_it(tiny_data, wandb_
     assert not list((tmp_path / "out").glob("*/*"))  # nothing trained, nothing saved
 
 
+def test_a_wandb_project_wandb_refuses_online_is_named_without_advice_to_go_offline(
+    tiny_data, wandb_dir, wandb_server, tmp_path, monkeypatch, capsys
+):
+    """WANDB_PROJECT set to "entity/project" (the usual slip): the offline mode would refuse it too, so the
+    message says to check the variables, as it does for a key that is there, not to log offline."""
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_PROJECT", "my-team/mnist")
+    assert run_main(*small_run(tiny_data, tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert "W&B could not start (UsageError: Invalid project name 'my-team/mnist'" in err, err
+    assert "Check W&B's WANDB_ variables" in err and "WANDB_MODE=offline" not in err, err
+    assert "Traceback" not in err and not list((tmp_path / "out").glob("*/*"))
+
+
 def test_a_wandb_variable_wandb_refuses_is_named_with_wandb_on_or_off(
     tiny_data, wandb_dir, tmp_path, monkeypatch, capsys
 ):

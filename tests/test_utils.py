@@ -60,6 +60,9 @@ def test_both_flag_forms_and_every_boolean_spelling():
         (["--grad_clipping", "inf"], "--grad_clipping"),
         (["--hid", "32"], "--hid"),
         (["--epoch", "3"], "--epoch"),
+        # W&B would refuse these only once the data had loaded: "entity/project" is the usual slip
+        (["--wandb_project", "my-team/mnist"], "--wandb_project"),
+        (["--wandb_project", "x" * 129], "--wandb_project"),
     ],
 )
 def test_bad_values_end_with_a_usage_error_naming_the_flag(args, flag, capsys):
@@ -68,6 +71,28 @@ def test_bad_values_end_with_a_usage_error_naming_the_flag(args, flag, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "usage:" in err and flag in err and "Traceback" not in err
+
+
+PROJECT_NAMES = ["mnist", "my-team_mnist.v2", "team/mnist", "a\\b", "#1", "why?", "100%", "a:b", "x" * 128, "x" * 129]
+
+
+@pytest.mark.parametrize("name", [*PROJECT_NAMES, "ünï côdé", " spaced ", "a@b!c(d)[e]"])
+def test_the_command_line_refuses_a_project_name_exactly_when_wandb_does(name):
+    """--wandb_project is checked by W&B's rule as the command line is read, without W&B (options.ProjectName);
+    this holds the copy to W&B's own validator, so that a W&B release that changes its rule shows here."""
+    import wandb
+
+    try:
+        wandb.Settings(project=name)
+        wandb_takes = True
+    except wandb.errors.UsageError:
+        wandb_takes = False
+    try:
+        options.ProjectName()(name)
+        we_take = True
+    except argparse.ArgumentTypeError:
+        we_take = False
+    assert we_take == wandb_takes
 
 
 def test_the_largest_values_the_parser_allows_are_taken():
