@@ -1,6 +1,7 @@
 """Files written whole or not at all, so a run killed while saving never leaves half a file; and JSON
 that strict readers accept."""
 
+import errno
 import json
 import math
 import os
@@ -25,6 +26,27 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)  # a full disk; the user's quota spent (a cluster's home folder)
+
+
+def room(folder: str | Path) -> None:
+    """Writes one block in `folder` and syncs it: OSError (ENOSPC, EDQUOT) where there is no room. Making
+    an empty file takes none (an inode only), and a network file system may say so only as it syncs."""
+    with tempfile.TemporaryFile(dir=folder) as probe:
+        probe.write(bytes(4096))
+        probe.flush()
+        os.fsync(probe.fileno())
+
+
+def no_room(folder: str | Path) -> str | None:
+    """Why `folder` has no room left (the OS's words), if it has none; None otherwise, or if it is gone."""
+    try:
+        room(folder)
+    except OSError as e:
+        return e.strerror if e.errno in NO_ROOM else None
+    return None
 
 
 def remove_partial_writes(folder: Path, name: str = "*") -> None:

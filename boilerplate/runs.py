@@ -302,12 +302,15 @@ class Record:
         self.logged = max([row["epoch"] for row in history if row.get("evaluated")], default=0)
         self.tell_guard("starting", folder=str(folder) if folder else None)
 
-    def log_in(self) -> None:
-        """W&B's login, where W&B would ask a person for its key (wandb_start.log_in): now, before the data
-        loads and outside the start's time limit. A stop at the prompt ends the run before it began."""
-        if self.owner and wandb_wanted(self.opts) and self.guard:
-            with self.guard.deferred():
-                wandb_start.log_in(lambda: self.guard.requested)
+    def prepare_wandb(self) -> None:
+        """What W&B's start needs, checked before the data loads: room for W&B's run (wandb_start.check_folder),
+        and W&B's key where W&B would ask a person for it (wandb_start.log_in), outside the start's time limit.
+        A stop at W&B's prompt ends the run before it began."""
+        if self.owner and wandb_wanted(self.opts):
+            wandb_start.check_folder()
+            if self.guard:
+                with self.guard.deferred():
+                    wandb_start.log_in(lambda: self.guard.requested)
 
     def start(self, constants: dict) -> None:
         """The run starts: its data is loaded and its model built. W&B starts now, in this process, so
@@ -435,10 +438,11 @@ class Record:
     def lost_wandb(self, what: str, e: BaseException, then: str) -> None:
         """W&B failed while `what` (its service has died, most likely): say so and what `then` happens,
         and go on without it."""
+        full = isinstance(e, OSError) and e.errno in files.NO_ROOM
+        cause = "its disk has no room left" if full else "its service has probably died"
         print(
-            f"Warning: W&B failed while {what} ({type(e).__name__}: {str(e).strip()[:200]}): its service has "
-            f"probably died, and what it had not written yet is lost from W&B. {then}; results.json holds every "
-            "epoch and the run's end.",
+            f"Warning: W&B failed while {what} ({type(e).__name__}: {str(e).strip()[:200]}): {cause}, and what "
+            f"it had not written yet is lost from W&B. {then}; results.json holds every epoch and the run's end.",
             file=sys.stderr,
             flush=True,
         )
@@ -481,7 +485,18 @@ class Record:
                 self.run.mark_preempting()  # W&B then re-queues a preempted sweep run
             self.run.finish(exit_code=int(failed))
 
+        # W&B's local record (the run file `wandb sync` uploads) is written by its service, which says nothing
+        # here when its disk fills: the run would end as if W&B had kept it all.
+        local = self.run.settings.sync_dir if self.run and not self.run.disabled else None
         self.use_wandb("finishing the run", finish)
+        if local and self.run and (why := files.no_room(local)):  # (self.run: W&B has not said so itself)
+            print(
+                f"Warning: W&B's run folder {local} has no room left ({why}): W&B's local record of this run "
+                "(what `wandb sync` uploads) is likely incomplete."
+                + (" results.json holds every epoch." if self.folder else ""),
+                file=sys.stderr,
+                flush=True,
+            )
         # W&B reads its settings once a process: a next run in it (a notebook, the tests) reads them afresh
         wandb_start.teardown()
         resumable = self.opts["checkpoint_every"] and utils.resumable(self.tags)

@@ -96,7 +96,7 @@ def run(experiment: Experiment, argv: list[str] | None, link: watch.Link) -> int
             return word["status"]
         args.seed = config["seed"] = word["seed"]
         record = runs.Record(opts, config, folder, previous["history"] if previous else [], link, owner)
-        record.log_in()
+        record.prepare_wandb()
         if reasons and args.abort_irrelevant:
             with link.deferred():
                 record.start({})

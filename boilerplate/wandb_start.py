@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import errors
+from . import errors, files
 
 if TYPE_CHECKING:  # imported by the runs that log, as they start
     import wandb
@@ -240,8 +240,7 @@ def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run,
     # our one warning says what it means for the run.
     logging.getLogger("opentelemetry.exporter.otlp").setLevel(logging.CRITICAL)
     try:
-        if os.environ.get("WANDB_DIR"):  # W&B would fall back to a temporary folder, which a reboot may empty
-            check_writable(os.environ["WANDB_DIR"], "WANDB_DIR")
+        check_folder()
         settings = {
             "x_transaction_log_flush_interval": WANDB_FLUSH_INTERVAL,
             "x_file_stream_transmit_interval": WANDB_UPLOAD_INTERVAL,
@@ -379,13 +378,24 @@ def teardown(wandb: Any = None, seconds: float | None = None) -> bool:
     return True
 
 
-def check_writable(path: str, what: str = "--output_path") -> None:
-    """Fail before training, not after it, when results could not be saved."""
-    import tempfile
+def check_folder() -> None:
+    """W&B's folder (WANDB_DIR, else ./wandb) can hold the run: its service would write nothing to a full disk
+    without a word to the run, and the run end as if W&B had kept it all."""
+    if os.environ.get("WANDB_DIR"):  # W&B would fall back to a temporary folder, which a reboot may empty
+        check_writable(os.environ["WANDB_DIR"], "WANDB_DIR")
+    elif why := files.no_room(os.getcwd()):
+        raise errors.StartError(
+            f"no room for W&B's run in {Path.cwd() / 'wandb'} ({why}): free some, or set WANDB_DIR to a folder "
+            "that has room."
+        )
 
+
+def check_writable(path: str, what: str = "--output_path") -> None:
+    """Fail before training, not after it, when results could not be saved: a folder that cannot be made
+    or written, or a disk with no room left (full, or the user's quota spent)."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
+        files.room(path)
     except OSError as e:
         raise errors.StartError(f"cannot save under {what} {path}: {e.strerror or e}") from None
 

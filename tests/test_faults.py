@@ -9,6 +9,7 @@ seen in the run's own output, never timed, so a machine that is slow at one mome
 moves nothing.
 """
 
+import contextlib
 import json
 import os
 import resource
@@ -334,6 +335,61 @@ def test_a_full_disk_ends_the_run_with_its_cause_and_keeps_what_was_saved(
         wandb_run = find_runs(tmp_path, folder.name)[-1]
         assert wandb_run.exit_code == 1 and "Save failed" in wandb_run.tags
         assert "could not write" in wandb_run.summary["end"]
+
+
+def filled(folder: Path) -> None:
+    """Fills the disk under `folder` to its last block, as another job's files would."""
+    with contextlib.suppress(OSError), open(folder / "filler", "wb", buffering=0) as filler:
+        while True:
+            filler.write(bytes(4096))
+
+
+@pytest.mark.parametrize("folder", ["WANDB_DIR", "./wandb", "--output_path"])
+def test_a_full_disk_where_the_run_writes_is_a_clear_error_before_the_data_loads(
+    folder, tiny_data, full_disk, tmp_path
+):
+    """W&B's service writes its run file to a full disk without a word to the run: the run ended `Success`
+    with an empty W&B run file, and W&B's advice to `wandb sync` it. Now the start says so, before the data
+    loads: exit 1, nothing trained. W&B's folder is WANDB_DIR, or ./wandb where the run starts. A full
+    --output_path, which took an empty file, failed only at the first epoch's save."""
+    disk, limit = full_disk(64)
+    if limit is not None:
+        pytest.skip("a full disk needs a tmpfs this machine lets the test mount")
+    filled(disk)
+    out = disk / "out" if folder == "--output_path" else tmp_path / "out"
+    if folder == "--output_path":
+        out.mkdir()  # a folder takes no block
+    argv = small_run(tiny_data, out, "--verbose", "1", "--wandb_project", "boilerplate-tests")
+    wandb_dir = tmp_path if folder == "--output_path" else disk  # main.py starts there; W&B writes there
+    code, output = run(argv, wandb_dir, {"WANDB_DIR": ""} if folder == "./wandb" else None)
+    said = {
+        "WANDB_DIR": f"cannot save under WANDB_DIR {disk}",
+        "./wandb": f"no room for W&B's run in {disk}/wandb",
+        "--output_path": f"cannot save under --output_path {out}",
+    }[folder]
+    assert code == 1 and f"Error: {said}" in output and "No space left on device" in output, output
+    assert "Traceback" not in output and "epoch" not in output and not list(out.rglob("*.json")), output
+
+
+def test_a_disk_that_fills_under_wandbs_folder_mid_run_is_said_at_the_end(tiny_data, full_disk, tmp_path):
+    """Another job fills the disk of W&B's folder mid-run: W&B keeps only part of the run there, and says so
+    only in its own debug log. The run trains to its end (results.json is elsewhere), and says that W&B's
+    local record is likely incomplete, naming the disk's state, not a dead service."""
+    disk, limit = full_disk(2048)
+    if limit is not None:
+        pytest.skip("a full disk needs a tmpfs this machine lets the test mount")
+    out = tmp_path / "out"
+    proc = launch(small_run(tiny_data, out, "--verbose", "1", "--epochs", "20", "--wandb_project", "p"), disk)
+    try:
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch 2/"))
+        filled(disk)
+        text, _ = output.finish(300)
+    finally:
+        proc.kill()
+    folder, res = results(out)
+    assert proc.returncode == 0 and res["status"] == "finished" and len(res["history"]) == 20, text
+    assert "no room left" in text and "its service has probably died" not in text, text
 
 
 def test_a_run_folder_that_cannot_be_made_is_a_clear_start_error(tiny_data, tmp_path):
