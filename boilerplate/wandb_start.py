@@ -2,7 +2,9 @@
 
 start_wandb() is wandb.init with three guards around it:
 - W&B's server unreachable (a gateway answering for it that it is down counts): one plain HTTP request
-  says so at once, and the run logs offline (wandb.init would retry until its init timeout);
+  says so at once, and the run logs offline (wandb.init would retry until its init timeout). A server
+  that answers and refuses the run (the key may not log to its entity) is a StartError: `wandb sync` would
+  be refused the same;
 - W&B failing by itself (its service, wandb-core, dying as it starts or just after): one more try,
   then the run goes on without W&B, with a warning naming W&B's error;
 - W&B hanging: the start runs in a thread with a time limit (`limit()`), and so does every later call
@@ -65,6 +67,11 @@ stuck: str | None = None  # why W&B is given up in this process, once a call to 
 
 class WandbStuck(Exception):
     """A W&B call outlasted limit(): its thread may hold W&B's locks for good."""
+
+
+class Refused(Exception):
+    """W&B's server answered wandb.init in time, refusing the run (a key that may not log to its entity: 403,
+    "permission denied"): a setting to fix, not a server to wait for."""
 
 
 class WandbServerLost(WandbStuck):
@@ -212,7 +219,7 @@ def key_found(settings: "wandb.Settings") -> bool:
         entries = netrc.netrc(Path(os.environ.get("NETRC") or "~/.netrc").expanduser())
     except FileNotFoundError:
         return False
-    except (netrc.NetrcParseError, OSError):
+    except (netrc.NetrcParseError, OSError, RuntimeError):  # RuntimeError: no home folder to look in
         return True
     return any(entries.authenticators(host) for host in (urlsplit(settings.base_url).netloc, "api.wandb.ai"))
 
@@ -260,9 +267,14 @@ def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run,
         init["mode"] = "offline"
 
     def attempt():
+        began = time.monotonic()
         try:
             run = wandb.init(**init)
         except wandb.errors.CommError as e:  # W&B's server unreachable: nothing is lost offline
+            # unless it answered in W&B's time, and refused the run: `wandb sync` would be refused the same
+            answered = time.monotonic() - began < seconds_from("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT)
+            if answered and not unreachable(defaults.base_url):
+                raise Refused(str(e).splitlines()[0]) from None
             print(
                 f"Warning: W&B is unreachable ({str(e).splitlines()[0]}); logging offline instead. Upload "
                 "later with `wandb sync`.",
@@ -278,6 +290,11 @@ def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run,
             return within(max(0.0, deadline - time.monotonic()), attempt)
         except user_errors(wandb) as e:
             raise setup_error(e, wandb) from None
+        except Refused as e:
+            raise errors.StartError(
+                f"W&B's server refused the run ({e}).\nCheck that your W&B key may log to the run's entity "
+                "(WANDB_ENTITY, else your default one) and project."
+            ) from None
         except WandbStuck:
             print(
                 f"Warning: W&B's start hung ({stuck}): the run goes on without W&B. Its results are on screen "

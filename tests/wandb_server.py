@@ -4,7 +4,8 @@ It answers what wandb's client (wandb-core and wandb.Api) sends: GraphQL operati
 queries are the client's own, unchanged), the file stream that carries a run's history, summary and
 output, and file uploads. It keeps what it is told per run, as the real server does: the history
 lines by their offset in the stream (a line sent twice is stored once, at its offset), the summary,
-the tags, the exit code and whether the run was marked preempting. A resumed run is told where its
+the tags, the exit code and whether the run was marked preempting. An entity in `denied` is refused, as
+W&B's server refuses a key that may not log there (403, "permission denied"). A resumed run is told where its
 history ends (RunResumeStatus), as the real server tells it. Artifacts (a model, a fork's wandb.Table)
 go through W&B's own steps: created, their manifest and files announced, uploaded, committed.
 
@@ -101,6 +102,8 @@ class WandbServer:
         # artifact id -> its name, type, aliases, metadata, files, state (PENDING, COMMITTED), uploads (name -> bytes)
         self.artifacts: dict[str, dict] = {}
         self.outage: int | None = None  # an HTTP status every request is answered with (an outage behind a gateway)
+        # Entities the key may not log to: a run there is refused as W&B's server refuses it (403, PERMISSION_ERROR)
+        self.denied: set[str] = set()
         # The history a run's first session sends is lost, its summaries kept: as W&B's server stands when W&B
         # sent a row's summary, apart from the row, and the process was killed before the row went.
         self.first_history_lost = False
@@ -350,7 +353,12 @@ class Handler(BaseHTTPRequestHandler):
             return self.answer({"error": "outage"}, state.outage)
         if self.path.startswith("/graphql"):
             request = json.loads(data or b"{}")
-            self.answer({"data": state.graphql(request.get("query", ""), request.get("variables") or {})})
+            variables = request.get("variables") or {}
+            if "UpsertBucket" in request.get("query", "") and variables.get("entity") in state.denied:
+                error = {"message": "permission denied", "path": ["upsertBucket"]}
+                error["extensions"] = {"code": "PERMISSION_ERROR"}
+                return self.answer({"errors": [error], "data": {"upsertBucket": None}}, 403)
+            self.answer({"data": state.graphql(request.get("query", ""), variables)})
         elif found := re.fullmatch(r"/files/[^/]+/[^/]+/([^/]+)/file_stream", self.path):
             state.file_stream(found[1], json.loads(data or b"{}"))
             self.answer({"exitcode": None, "limits": {}})
