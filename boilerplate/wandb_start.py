@@ -71,7 +71,7 @@ class WandbStuck(Exception):
 
 class Refused(Exception):
     """W&B's server answered wandb.init in time, refusing the run (a key that may not log to its entity: 403,
-    "permission denied"): a setting to fix, not a server to wait for."""
+    "permission denied"; a key it does not know: 401): a setting to fix, not a server to wait for."""
 
 
 class WandbServerLost(WandbStuck):
@@ -292,8 +292,8 @@ def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run,
             raise setup_error(e, wandb) from None
         except Refused as e:
             raise errors.StartError(
-                f"W&B's server refused the run ({e}).\nCheck that your W&B key may log to the run's entity "
-                "(WANDB_ENTITY, else your default one) and project."
+                f"W&B's server refused the run ({e}).\nCheck your W&B key (`wandb login --relogin`), and that it "
+                "may log to the run's entity (WANDB_ENTITY, else your default one) and project."
             ) from None
         except WandbStuck:
             print(

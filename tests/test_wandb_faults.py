@@ -391,16 +391,21 @@ def test_wandbs_server_lost_mid_run_costs_seconds_and_loses_nothing(tiny_data, t
     assert wandb_epochs(run.history) == [1, 2, 3, 4] and run.exit_code == 0 and run.tags == ["Success"]
 
 
-def test_a_run_wandbs_server_refuses_is_a_clear_error_not_an_offline_run(tiny_data, wandb_server, tmp_path):
+@pytest.mark.parametrize("refused", ["entity", "key"])
+def test_a_run_wandbs_server_refuses_is_a_clear_error_not_an_offline_run(refused, tiny_data, wandb_server, tmp_path):
     """A key that may not log to the run's entity (a team the user is not in, a mistyped WANDB_ENTITY): W&B's
-    server answers 403, "permission denied". The run said W&B was unreachable and logged offline, for a
-    `wandb sync` the server would refuse the same; now it is a start error naming W&B's answer and the entity."""
+    server answers 403, "permission denied"; a key it does not know (revoked, mistyped): 401. The run said
+    W&B was unreachable and logged offline, for a `wandb sync` the server would refuse the same; now it is a
+    start error naming W&B's answer, the key and the entity."""
     wandb_server.denied.add("their-team")
+    wandb_server.key_unknown = refused == "key"
     out = tmp_path / "out"
     argv = small_run(tiny_data, out, "--verbose", "1", "--wandb_project", "boilerplate-tests")
     proc = launch(argv, tmp_path, {**wandb_server.environment(), "WANDB_ENTITY": "their-team"})
     text, _ = Output(proc).finish(120)
     assert proc.returncode == 1 and "Error: W&B's server refused the run (" in text and "WANDB_ENTITY" in text, text
-    assert "permission denied" in text and "unreachable" not in text and "Traceback" not in text, text
+    answer = "permission denied" if refused == "entity" else "user is not logged in"
+    assert answer in text and "wandb login --relogin" in text, text
+    assert "unreachable" not in text and "Traceback" not in text, text
     assert "epoch 1/" not in text and not list(out.glob("*/*")) and not wandb_server.runs
     assert not list(tmp_path.glob("wandb/offline-run-*"))

@@ -5,7 +5,8 @@ queries are the client's own, unchanged), the file stream that carries a run's h
 output, and file uploads. It keeps what it is told per run, as the real server does: the history
 lines by their offset in the stream (a line sent twice is stored once, at its offset), the summary,
 the tags, the exit code and whether the run was marked preempting. An entity in `denied` is refused, as
-W&B's server refuses a key that may not log there (403, "permission denied"). A resumed run is told where its
+W&B's server refuses a key that may not log there (403, "permission denied"); with `key_unknown`, every
+request is refused as for a key the server does not know (401). A resumed run is told where its
 history ends (RunResumeStatus), as the real server tells it. Artifacts (a model, a fork's wandb.Table)
 go through W&B's own steps: created, their manifest and files announced, uploaded, committed.
 
@@ -104,6 +105,7 @@ class WandbServer:
         self.outage: int | None = None  # an HTTP status every request is answered with (an outage behind a gateway)
         # Entities the key may not log to: a run there is refused as W&B's server refuses it (403, PERMISSION_ERROR)
         self.denied: set[str] = set()
+        self.key_unknown = False  # every GraphQL request refused as with a key W&B's server does not know (401)
         # The history a run's first session sends is lost, its summaries kept: as W&B's server stands when W&B
         # sent a row's summary, apart from the row, and the process was killed before the row went.
         self.first_history_lost = False
@@ -354,6 +356,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.startswith("/graphql"):
             request = json.loads(data or b"{}")
             variables = request.get("variables") or {}
+            if state.key_unknown:
+                return self.answer({"errors": [{"message": "user is not logged in"}], "data": None}, 401)
             if "UpsertBucket" in request.get("query", "") and variables.get("entity") in state.denied:
                 error = {"message": "permission denied", "path": ["upsertBucket"]}
                 error["extensions"] = {"code": "PERMISSION_ERROR"}
