@@ -120,6 +120,9 @@ def within(seconds: float, call: Callable[[], Any], server: str | None = None) -
 class Outcome:
     """What a call in another thread returned or raised, once it has."""
 
+    value: Any = None
+    error: BaseException | None = None
+
     def set(self, value: Any = None, error: BaseException | None = None) -> None:
         self.value, self.error = value, error
 
@@ -194,8 +197,22 @@ def log_in(stopped: Callable[[], bool]) -> None:
         thread, outcome = in_a_thread(lambda: wandb.login(verify=False))  # a wrong key: the start says so
         while thread.is_alive() and not stopped():
             thread.join(SIGNAL_WAIT)  # in slices: the stop signals are heard meanwhile
-        if thread.is_alive():
-            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, terminal)
+        if not thread.is_alive() and isinstance(outcome.error, (KeyboardInterrupt, OSError)):
+            # The prompt's input ended (Ctrl+D: W&B says KeyboardInterrupt) or its terminal is gone (EIO): a
+            # closed terminal's SIGHUP, sent as it closes, may be a moment behind, and names the run's end then.
+            end = time.monotonic() + HANGUP_WAIT
+            while not stopped() and time.monotonic() < end:
+                time.sleep(SIGNAL_WAIT)
+            if not stopped():
+                error = outcome.error
+                why = "its input ended" if isinstance(error, KeyboardInterrupt) else errors.described(error)
+                raise errors.StartError(
+                    f"W&B's login was left unanswered ({why}).\nLog in with `wandb login`, or run with "
+                    "WANDB_MODE=offline (upload later with `wandb sync`)."
+                )
+        if stopped():  # the caller ends the run; the prompt goes with the process
+            with contextlib.suppress(termios.error):  # a closed terminal has no settings to put back
+                termios.tcsetattr(sys.stdin, termios.TCSADRAIN, terminal)
             return
         outcome.get()
     except user_errors(wandb) as e:
@@ -203,6 +220,7 @@ def log_in(stopped: Callable[[], bool]) -> None:
 
 
 ONLINE = ("online", "shared", "run")  # W&B's modes that log to its server
+HANGUP_WAIT = 1.0  # seconds a closed terminal's SIGHUP may come after its prompt has failed
 
 
 def key_found(settings: "wandb.Settings") -> bool:

@@ -295,7 +295,7 @@ def read_to_the_end(proc: subprocess.Popen, master: int) -> str:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("answer", ["late", "ctrl+c"])
+@pytest.mark.parametrize("answer", ["late", "ctrl+c", "ctrl+d", "closed"])
 def test_a_person_at_wandbs_login_prompt_has_all_the_time_and_a_ctrl_c_there_ends_the_run_at_once(
     answer, tiny_data, wandb_server, tmp_path
 ):
@@ -304,7 +304,8 @@ def test_a_person_at_wandbs_login_prompt_has_all_the_time_and_a_ctrl_c_there_end
     run logs to W&B's server with the key, which W&B keeps in ~/.netrc. A Ctrl+C at the key's prompt (which
     hides what is typed) ends the run before it began, at once: exit 130, nothing left, the terminal
     echoing again. Before, the start counted the person's time and gave W&B up as hung, and the Ctrl+C
-    waited for that."""
+    waited for that. Ctrl+D at the prompt (its input ended) is a start error saying so, exit 1; the terminal
+    closed there, a hangup before the run began, exit 129 (before, both ended as a SIGINT's death)."""
     home, out = tmp_path / "home", tmp_path / "out"
     home.mkdir()
     env = {**os.environ, **launch_env(tmp_path), **wandb_server.environment(), "HOME": str(home)}
@@ -313,28 +314,41 @@ def test_a_person_at_wandbs_login_prompt_has_all_the_time_and_a_ctrl_c_there_end
         env.pop(variable, None)
     argv = [sys.executable, str(ROOT / "main.py"), *logged(tiny_data, out)]
     proc, master = in_a_terminal(argv, tmp_path, env=env)
+    shown, echoing, asked = "", True, time.monotonic()
     try:
         until_seen(master, b"Enter your choice")
         if answer == "late":
             time.sleep(36)
-        os.write(master, b"2\n")  # an existing W&B account
-        until_seen(master, b"hit enter")
-        assert not termios.tcgetattr(master)[3] & termios.ECHO  # what is typed is hidden
-        if answer == "ctrl+c":
-            asked = time.monotonic()
-            os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl+C: its whole foreground group
+        if answer == "ctrl+d":
+            os.write(master, b"\x04")
+        elif answer == "closed":
+            os.close(master)  # the terminal closes: Linux sends SIGHUP to the processes in it
+            master = None
+            proc.wait(60)
         else:
-            os.write(master, b"k" * 40 + b"\n")
-        shown = read_to_the_end(proc, master)
-        echoing = termios.tcgetattr(master)[3] & termios.ECHO
+            os.write(master, b"2\n")  # an existing W&B account
+            until_seen(master, b"hit enter")
+            assert not termios.tcgetattr(master)[3] & termios.ECHO  # what is typed is hidden
+            if answer == "ctrl+c":
+                asked = time.monotonic()
+                os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl+C: its whole foreground group
+            else:
+                os.write(master, b"k" * 40 + b"\n")
+        if master is not None:
+            shown = read_to_the_end(proc, master)
+            echoing = termios.tcgetattr(master)[3] & termios.ECHO
     finally:
         proc.kill()
-        os.close(master)
+        if master is not None:
+            os.close(master)
     assert "Traceback" not in shown and echoing, shown
-    if answer == "ctrl+c":
-        assert proc.returncode == 130 and time.monotonic() - asked < 20, shown
-        assert "Stopped by Ctrl+C before the run began" in shown and not list(out.rglob("*")), shown
-        assert not list(tmp_path.glob("wandb/*run-*")) and not wandb_server.runs and not (home / ".netrc").exists()
+    if answer != "late":
+        status, said = {"ctrl+c": (130, "Stopped by Ctrl+C before"), "ctrl+d": (1, "Error: W&B's login was left")}.get(
+            answer, (129, "")
+        )
+        assert proc.returncode == status and time.monotonic() - asked < 30 and said in shown, shown
+        assert not list(out.rglob("*")) and not list(tmp_path.glob("wandb/*run-*")), shown
+        assert not wandb_server.runs and not (home / ".netrc").exists()
         return
     folder, res = results(out)
     assert proc.returncode == 0 and res["tags"] == ["Success"] and "hung" not in shown, shown
