@@ -303,14 +303,12 @@ class Record:
         self.tell_guard("starting", folder=str(folder) if folder else None)
 
     def prepare_wandb(self) -> None:
-        """What W&B's start needs, checked before the data loads: room for W&B's run (wandb_start.check_folder),
-        and W&B's key where W&B would ask a person for it (wandb_start.log_in), outside the start's time limit.
-        A stop at W&B's prompt ends the run before it began."""
+        """What W&B's start needs, checked before the data loads (wandb_start.prepare): W&B's settings, room for
+        its run, and its key where W&B would ask a person for it. A stop at W&B's prompt ends the run before
+        it began."""
         if self.owner and wandb_wanted(self.opts):
-            wandb_start.check_folder()
-            if self.guard:
-                with self.guard.deferred():
-                    wandb_start.log_in(lambda: self.guard.requested)
+            with self.guard.deferred() if self.guard else contextlib.nullcontext():
+                wandb_start.prepare(lambda: bool(self.guard and self.guard.requested))
 
     def start(self, constants: dict) -> None:
         """The run starts: its data is loaded and its model built. W&B starts now, in this process, so

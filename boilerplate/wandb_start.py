@@ -13,8 +13,9 @@ start_wandb() is wandb.init with three guards around it:
   kills a training process whose W&B start outlasts that limit by far, as a backstop;
 - W&B's server gone mid-run: a later call that waits on it (the finish's uploads, which W&B retries for
   far longer than the limit) is given up as soon as the server cannot be reached (WandbServerLost).
-W&B's login prompt (an online run on a terminal, no key found) comes before all that, in log_in(): a
-person's answer has no time limit, and a Ctrl+C at it ends the run before it began.
+prepare() comes before all that, before the data loads: W&B's settings, room for its run, and its login
+prompt (an online run on a terminal, no key found; log_in()): a person's answer has no time limit, and a
+Ctrl+C at it ends the run before it began.
 Errors of the user's setup (no login, a WANDB_MODE W&B rejects, a WANDB_DIR that cannot be written)
 are a StartError before any epoch, naming W&B's own message.
 
@@ -176,7 +177,22 @@ def unreachable(url: str) -> str | None:
     return None
 
 
-def log_in(stopped: Callable[[], bool]) -> None:
+def prepare(stopped: Callable[[], bool] = lambda: False) -> None:
+    """What W&B's start needs, checked before the data loads: settings W&B accepts, room for its run
+    (check_folder; W&B's disabled mode writes nothing), and its key where W&B would ask a person for it
+    (log_in), outside the start's time limit."""
+    import wandb
+
+    try:
+        found = read_settings(wandb)
+    except user_errors(wandb) as e:
+        raise setup_error(e, wandb) from None
+    if found.mode != "disabled":
+        check_folder()
+    log_in(wandb, found, stopped)
+
+
+def log_in(wandb: Any, found: "wandb.Settings", stopped: Callable[[], bool]) -> None:
     """W&B's login, where W&B would ask a person for its API key: a run to log online, on a terminal (W&B asks
     only where its input and its messages both are one), and no key found. It comes before the start, which
     has limit() for all it does: a person's answer takes what it takes (copying a key from the browser),
@@ -186,10 +202,7 @@ def log_in(stopped: Callable[[], bool]) -> None:
     logs offline, as W&B has it."""
     if not (sys.stdin.isatty() and sys.stderr.isatty()):
         return
-    import wandb
-
     try:
-        found = read_settings(wandb)
         # Unreachable, the start logs offline (and says so): no key to ask for.
         if found.mode not in ONLINE or found.silent or key_found(found) or unreachable(found.base_url):
             return
@@ -265,7 +278,6 @@ def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run,
     # our one warning says what it means for the run.
     logging.getLogger("opentelemetry.exporter.otlp").setLevel(logging.CRITICAL)
     try:
-        check_folder()
         settings = {
             "x_transaction_log_flush_interval": WANDB_FLUSH_INTERVAL,
             "x_file_stream_transmit_interval": WANDB_UPLOAD_INTERVAL,
@@ -276,6 +288,8 @@ def start_wandb(prepare: Callable[["wandb.Run"], "wandb.Run"] = lambda run: run,
         defaults = read_settings(wandb)
     except user_errors(wandb) as e:
         raise setup_error(e, wandb) from None
+    if (init.get("mode") or defaults.mode) != "disabled":  # W&B's disabled mode writes nothing
+        check_folder()
     if (init.get("mode") or defaults.mode) == "online" and (why := unreachable(defaults.base_url)):
         print(
             f"Warning: W&B's server {defaults.base_url} is unreachable ({why}); logging offline instead. "

@@ -344,14 +344,15 @@ def filled(folder: Path) -> None:
             filler.write(bytes(4096))
 
 
-@pytest.mark.parametrize("folder", ["WANDB_DIR", "./wandb", "--output_path"])
+@pytest.mark.parametrize("folder", ["WANDB_DIR", "./wandb", "--output_path", "W&B disabled"])
 def test_a_full_disk_where_the_run_writes_is_a_clear_error_before_the_data_loads(
     folder, tiny_data, full_disk, tmp_path
 ):
     """W&B's service writes its run file to a full disk without a word to the run: the run ended `Success`
     with an empty W&B run file, and W&B's advice to `wandb sync` it. Now the start says so, before the data
     loads: exit 1, nothing trained. W&B's folder is WANDB_DIR, or ./wandb where the run starts. A full
-    --output_path, which took an empty file, failed only at the first epoch's save."""
+    --output_path, which took an empty file, failed only at the first epoch's save. W&B's disabled mode
+    writes nothing: its run trains on."""
     disk, limit = full_disk(64)
     if limit is not None:
         pytest.skip("a full disk needs a tmpfs this machine lets the test mount")
@@ -361,7 +362,11 @@ def test_a_full_disk_where_the_run_writes_is_a_clear_error_before_the_data_loads
         out.mkdir()  # a folder takes no block
     argv = small_run(tiny_data, out, "--verbose", "1", "--wandb_project", "boilerplate-tests")
     wandb_dir = tmp_path if folder == "--output_path" else disk  # main.py starts there; W&B writes there
-    code, output = run(argv, wandb_dir, {"WANDB_DIR": ""} if folder == "./wandb" else None)
+    env = {"./wandb": {"WANDB_DIR": ""}, "W&B disabled": {"WANDB_DIR": "", "WANDB_MODE": "disabled"}}.get(folder)
+    code, output = run(argv, wandb_dir, env)
+    if folder == "W&B disabled":
+        assert code == 0 and "Tags: Success" in output and "Traceback" not in output, output
+        return
     said = {
         "WANDB_DIR": f"cannot save under WANDB_DIR {disk}",
         "./wandb": f"no room for W&B's run in {disk}/wandb",
