@@ -16,7 +16,7 @@ and finish happen in the process that trains, so your own wandb.log lands in the
 Every option: `python main.py --help`. Exit status: 0 when the run ended without an error tag (or
 declined to train a pruned combination), 1 when it ended with one (or could not start), 2 for an
 invalid command line, 130, 129, 131 or 143 when Ctrl+C, a closed terminal (SIGHUP), SIGQUIT or SIGTERM
-stopped it before the run began.
+(or a scheduler's SIGUSR1 or SIGUSR2) stopped it before the run began.
 """
 
 import signal

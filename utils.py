@@ -102,7 +102,8 @@ NAN_GRADIENT = Tag(
 PREEMPTED = Tag(
     "Preempted",
     True,
-    "stopped by SIGTERM to every process of the job (a scheduler's preemption, as SLURM sends it) at the "
+    "stopped by SIGTERM to every process of the job (a scheduler's preemption, as SLURM sends it), or by "
+    "SIGUSR1 or SIGUSR2 (a scheduler's warning of the job's end: SLURM's --signal=USR1@90), at the "
     "next batch; marked preempting in W&B, which re-queues a sweep run; "
     "the epoch under way is dropped, to be trained again by --resume yes from the last checkpoint",
     resumable=True,
@@ -169,14 +170,21 @@ TAGS = (
 ERROR_TAGS = frozenset(tag.template for tag in TAGS if tag.error)
 # What the training process makes of a stop signal: SIGINT is Ctrl+C; SIGHUP a closed terminal (unless the
 # process started ignoring it, under nohup); SIGTERM a scheduler's preemption (it reaches every process of
-# the job, the training process too); SIGUSR1 is the guard's word for a SIGTERM that reached main.py alone,
-# and SIGUSR2 what Linux sends when the guard dies (see watch.py).
+# the job, the training process too), and so are SIGUSR1 and SIGUSR2, which schedulers send ahead of a job's
+# end (SLURM's --signal=USR1@90, as Lightning's auto-requeue asks; Grid Engine's -notify). The guard's own
+# words (watch.py) are real-time signals, which nobody else sends: GUARD_STOP for a SIGTERM that reached
+# main.py alone, GUARD_DIED what Linux sends when the guard dies. Without real-time signals (not Linux) they
+# are SIGUSR1 and SIGUSR2, which then mean those words.
+_REALTIME = getattr(signal, "SIGRTMIN", None)
+GUARD_STOP, GUARD_DIED = (_REALTIME + 1, _REALTIME + 2) if _REALTIME else (signal.SIGUSR1, signal.SIGUSR2)
 STOP_SIGNALS = {
     signal.SIGINT: USER_ABORT,
     signal.SIGHUP: HANGUP,
     signal.SIGTERM: PREEMPTED,
-    signal.SIGUSR1: STOPPED,
-    signal.SIGUSR2: STOPPED,
+    signal.SIGUSR1: PREEMPTED,
+    signal.SIGUSR2: PREEMPTED,
+    GUARD_STOP: STOPPED,
+    GUARD_DIED: STOPPED,
 }
 
 # Ends that --resume yes can continue from the last checkpoint; after the others it would only repeat them.

@@ -3,8 +3,8 @@
 owns its run (W&B, the run folder; see runs.py) and tells the guard, through a pipe, how it goes
 (`Link`); the guard passes stop signals on to it, and only when it dies or hangs does the guard
 write the run's end itself: results.json's status and tags, and the W&B run, re-opened by its id,
-tagged and finished Failed. If the guard dies, Linux sends the training process SIGUSR2 and it
-stops as `Stopped`, resumable. Under torchrun each rank's `python main.py` is a guard of its own; the
+tagged and finished Failed. If the guard dies, Linux sends the training process a signal (GUARD_DIED)
+and it stops as `Stopped`, resumable. Under torchrun each rank's `python main.py` is a guard of its own; the
 run's end is rank 0's to write (a rank of several says `owner: false` when it starts; docs/distributed.md).
 
 Stops. The first cause of a stop names the run's end, and nothing changes it once the end is decided.
@@ -14,15 +14,17 @@ Stops. The first cause of a stop names the run's end, and nothing changes it onc
   from then on dropped (output.py). Under nohup, which starts main.py ignoring SIGHUP, it is left ignored.
 - Ctrl+\\ (SIGQUIT) kills the training process; the guard, outliving it, ends the run as after a second Ctrl+C.
 - A SIGTERM that reaches main.py alone is a stop the user asked for: `wandb agent`'s stop command and
-  early termination, its second Ctrl+C, `kill PID`. The guard says so at once with SIGUSR1 (`Stopped`,
+  early termination, its second Ctrl+C, `kill PID`. The guard says so at once (GUARD_STOP: `Stopped`,
   not re-queued by W&B). A SIGTERM to every process of the job is a scheduler's preemption (SLURM
   sends it so): the training process has one of its own, and that makes it `Preempted`, whichever
   of the two signals it handles first. The agent's SIGKILL that follows a stop kills the guard: the
   training process then has its stop already, and keeps it.
+- SIGUSR1 or SIGUSR2, a scheduler's warning of the job's end (SLURM's --signal=USR1@90), to either process
+  or both: `Preempted`, as the job's SIGTERM. The guard's own words are real-time signals, never these.
 - Until the run has begun (W&B started, results.json written), a stop ends the training process at
   once, leaving nothing: exit status 130 after Ctrl+C, 129 after SIGHUP, 131 after Ctrl+\\, 143 after the
-  others. Main.py's first line holds stop signals back until the process can act on them, so none is lost
-  and none is a traceback.
+  others (SIGTERM, SIGUSR1, SIGUSR2). Main.py's first line holds stop signals back until the process can
+  act on them, so none is lost and none is a traceback.
 - Once the last epoch is saved, or the run's end is being written, stop signals change nothing.
 
 The training process's messages, one JSON object a line, each named by its "kind":
@@ -72,15 +74,18 @@ LOCK_WAIT = 10.0
 # declined, a start error, a usage error, stopped by Ctrl+C, SIGHUP or SIGTERM. Any other status is news to it too.
 SAID_BEFORE_START = (0, 1, 2, 129, 130, 143)
 # Seconds within which a SIGTERM of the training process's own turns the guard's "Stopped" into "Preempted":
-# a job-wide SIGTERM reaches both processes at once, but Python runs SIGUSR1's handler before SIGTERM's.
+# a job-wide SIGTERM reaches both processes at once, and the guard's word for it may be handled first.
 TERM_GRACE = 2.0
-GUARD_STOP = signal.SIGUSR1  # the guard's word for a SIGTERM that reached main.py alone
-GUARD_DIED = signal.SIGUSR2  # what Linux sends the training process when the guard dies
-HELD = tuple(utils.STOP_SIGNALS)  # the signals main.py's first line holds back until it can act on them
+GUARD_STOP = utils.GUARD_STOP  # the guard's word for a SIGTERM that reached main.py alone
+GUARD_DIED = utils.GUARD_DIED  # what Linux sends the training process when the guard dies
+WORDS = (GUARD_STOP, GUARD_DIED)
+# The signals from outside, which main.py's first line holds back until the process can act on them (the
+# training process holds the guard's words too, from its start: Linux keeps a signal mask across exec).
+HELD = tuple(s for s in utils.STOP_SIGNALS if s not in WORDS)
 # Those this process acts on: nohup starts it ignoring SIGHUP, so that a closed terminal stops nothing, and
 # it stays so (the training process inherits the guard's SIG_IGN; a handler Linux resets as it starts it).
-HEARD = tuple(s for s in HELD if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN))
-PERSONAL = tuple(s for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM) if s in HEARD)  # the guard's
+HEARD = tuple(s for s in utils.STOP_SIGNALS if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN))
+PERSONAL = tuple(s for s in HELD if s in HEARD)  # the guard's
 # Ctrl+\ (SIGQUIT) kills the training process at once, as Linux's default has it; the guard outlives it, to
 # end the run as after a second Ctrl+C (it left results.json `running` for good when it died of it too).
 QUIT = signal.SIGQUIT
@@ -91,9 +96,17 @@ CAUSES = {
     signal.SIGHUP: "a closed terminal (SIGHUP)",
     QUIT: "Ctrl+\\",
     signal.SIGTERM: "SIGTERM",
+    signal.SIGUSR1: "SIGUSR1",
+    signal.SIGUSR2: "SIGUSR2",
     GUARD_STOP: "SIGTERM",
     GUARD_DIED: "the guard's death",
 }
+
+
+def signal_name(signum: int) -> str:
+    with contextlib.suppress(ValueError):
+        return signal.Signals(signum).name
+    return f"signal {signum}"  # a real-time signal has no name of its own
 
 
 def line_break() -> str:
@@ -164,7 +177,7 @@ class Link:
         if self.previous is None:
             self.previous = {signum: signal.signal(signum, self._handle) for signum in HEARD}
             self.previous[signal.SIGCONT] = signal.signal(signal.SIGCONT, self._resumed)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)  # what waited is handled now
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, utils.STOP_SIGNALS)  # what waited is handled now
         return self
 
     def __enter__(self) -> "Link":
@@ -290,7 +303,7 @@ def start_training(script: str, argv: list[str], write: int) -> subprocess.Popen
     guard_pid = os.getpid()
 
     def prepare():  # in the child, before it runs Python: stop signals held until it can act on them
-        signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+        signal.pthread_sigmask(signal.SIG_BLOCK, utils.STOP_SIGNALS)
         stop_with_parent(guard_pid, GUARD_DIED)
 
     return subprocess.Popen(
@@ -338,7 +351,7 @@ class Watch:
         self.signals, self.hung = [], None  # signals not yet acted on; why training was killed as hung
         self.decided = None  # the end the training process decided and began to write ("ending")
         self.acted = False  # whether the guard has acted on a stop signal of its own
-        self.quit = False  # whether Ctrl+\ was the first stop
+        self.first = None  # the signal that first stopped it
         self.wake = os.pipe()
         for fd in self.wake:
             os.set_blocking(fd, False)
@@ -358,7 +371,7 @@ class Watch:
             return
         acted_before, self.acted = self.acted, True
         if signum == QUIT:  # the training process has its own, and dies of it: the run ends now, as it began
-            self.stop_tag, self.quit = self.stop_tag or utils.USER_ABORT(), not self.stop_tag
+            self.stop_tag, self.first = self.stop_tag or utils.USER_ABORT(), self.first or signum
             self.end_now("Ctrl+\\")
             return
         if self.stop_tag:  # the first stop names the end; Ctrl+C after one the guard heard ends it now
@@ -368,10 +381,11 @@ class Watch:
                 self.end_now("Ctrl+C again")
             return
         # A SIGTERM here may be the job's (the training process then says Preempted) or main.py's alone: Stopped.
-        self.stop_tag = {signal.SIGINT: utils.USER_ABORT(), signal.SIGHUP: utils.HANGUP()}.get(signum, utils.STOPPED())
+        word = GUARD_STOP if signum == signal.SIGTERM else signum
+        self.stop_tag, self.first = utils.STOP_SIGNALS[word](), signum
         if self.process:
             with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(GUARD_STOP if signum == signal.SIGTERM else signum)
+                self.process.send_signal(word)
 
     def end_now(self, why: str) -> None:
         if self.process:
@@ -380,8 +394,7 @@ class Watch:
 
     def stopped_before_start(self) -> int:
         self.remove_unstarted()
-        causes = {utils.USER_ABORT(): QUIT if self.quit else signal.SIGINT, utils.HANGUP(): signal.SIGHUP}
-        return stopped_before_start(causes.get(self.stop_tag, signal.SIGTERM))
+        return stopped_before_start(self.first)
 
     def remove_unstarted(self) -> None:
         """What the training process made for a run that never began (its folder) goes with it."""
@@ -486,14 +499,14 @@ class Watch:
     def death(self, code: int) -> tuple[str, str | None]:
         if self.stop_tag:  # it was asked to stop (a second Ctrl+C kills it): the stop names the end
             return self.stop_tag, None
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        how = f"was killed by {signal_name(-code)}" if code < 0 else f"exited with status {code}"
         oom = " (the out-of-memory killer sends SIGKILL)" if code == -signal.SIGKILL else ""
         return utils.CRASHED(), f"the training process {how}{oom}"
 
     def write_decided(self, code: int) -> int:
         """The training process died while writing the end it had decided: the run trained and was judged,
         so that end stands (a crash now would flip a finished run to failed), written here."""
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        how = f"was killed by {signal_name(-code)}" if code < 0 else f"exited with status {code}"
         print(
             f"Warning: the training process {how} while writing the run's end: the guard writes it.",
             file=sys.stderr,

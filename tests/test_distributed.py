@@ -33,10 +33,13 @@ pytestmark = pytest.mark.timeout(300)
 EXACT = ("--optimizer", "sgd", "--lr", "0.1", "--seed", "3", "--checkpoint_every", "1")
 
 
-def torchrun(ranks: int, args: list[str], wandb_dir: Path) -> subprocess.Popen:
-    """`torchrun --standalone --nproc_per_node RANKS main.py ARGS` (a free port each: tests may overlap),
-    in a session of its own, as a shell starts a job; 1 rank is plain `python main.py`."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"  # torchrun's four, and SLURM's warnings
+
+
+def torchrun(ranks: int, args: list[str], wandb_dir: Path, *options: str) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node RANKS [OPTIONS] main.py ARGS` (a free port each: tests may
+    overlap), in a session of its own, as a shell starts a job; 1 rank is plain `python main.py`."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *options]
     return subprocess.Popen(
         [*(launcher if ranks > 1 else [sys.executable]), str(ROOT / "main.py"), *args],
         cwd=wandb_dir,
@@ -210,13 +213,15 @@ def test_a_rank_killed_as_the_end_is_written_changes_nothing(rank, tiny_data, tm
 
 
 @pytest.mark.parametrize("whom", ["every process", "rank 1 alone"])
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=lambda s: s.name)
 def test_a_stop_that_reaches_any_rank_stops_every_rank_after_the_same_batch(signum, whom, tiny_data, tmp_path):
-    """A terminal's Ctrl+C or a scheduler's SIGTERM reaches every process of the job; `kill` may reach rank
-    1's training process alone: either way every rank stops together (none waits forever for the other),
-    with the tag that signal gives, and the run is resumable."""
+    """A terminal's Ctrl+C, a scheduler's SIGTERM or its warning of the job's end (SIGUSR1, which torchrun
+    passes on when told to, as docs/distributed.md says) reach torchrun, which passes them on to every rank;
+    `kill` may reach rank 1's training process alone: either way every rank stops together (none waits
+    forever for the other), with the tag that signal gives, and the run is resumable."""
     flags = [*EXACT, "--epochs", "50", *SLOW]
-    proc = torchrun(2, small_run(tiny_data, tmp_path / "out", *flags), tmp_path)
+    told = ("--signals-to-handle", SIGNALS_TO_HANDLE) if signum == signal.SIGUSR1 else ()
+    proc = torchrun(2, small_run(tiny_data, tmp_path / "out", *flags), tmp_path, *told)
     output = Output(proc)
     wait_for_epochs(tmp_path / "out", 1, proc)
     if whom == "every process":
@@ -225,7 +230,7 @@ def test_a_stop_that_reaches_any_rank_stops_every_rank_after_the_same_batch(sign
         os.kill(training_process_of_rank(proc.pid, 1), signum)
     text, _ = output.finish()
     folder, res = results(tmp_path / "out")
-    assert res["tags"] == [{signal.SIGINT: "User abort", signal.SIGTERM: "Preempted"}[signum]], text
+    assert res["tags"] == [{signal.SIGINT: "User abort"}.get(signum, "Preempted")], text
     assert (folder / "checkpoint.pt").exists() and "boilerplate/" not in text, text
 
 

@@ -98,6 +98,38 @@ def test_sigterm_to_every_process_is_a_preemption_and_to_main_py_alone_a_stop(to
     assert run.tags[-1] == tag and run.exit_code == 1 and run.preempting == to_the_job
 
 
+WARNINGS = [(signal.SIGUSR1, "job"), (signal.SIGUSR2, "main.py"), (signal.SIGUSR1, "training process")]
+
+
+@pytest.mark.parametrize(("signum", "to"), WARNINGS, ids=lambda v: v.name if isinstance(v, signal.Signals) else v)
+def test_a_schedulers_warning_of_the_jobs_end_is_a_preemption_whichever_process_it_reaches(
+    signum, to, tiny_data, tmp_path
+):
+    """Schedulers warn a job of its end with SIGUSR1 or SIGUSR2 (SLURM's --signal=USR1@90, which Lightning's
+    auto-requeue asks for; Grid Engine's -notify), to every process of the job or to the one they started.
+    The run stops as for the job's SIGTERM: Preempted, resumable, marked for W&B to re-queue. Before, these
+    were the guard's own words: the run ended Stopped, or, sent to main.py alone, trained on unwarned."""
+    out = tmp_path / "out"
+    args = small_run(tiny_data, out, "--epochs", "100000", "--verbose", "1", "--wandb_project", "boilerplate-tests")
+    proc = start_main(args, env={**OFFLINE, "WANDB_DIR": str(tmp_path)})
+    try:
+        output = Output(proc)
+        output.wait_for(lambda line: line.startswith("epoch 2/"))
+        if to == "job":
+            os.killpg(proc.pid, signum)
+        else:
+            os.kill(proc.pid if to == "main.py" else training_process(proc.pid), signum)
+        stdout, stderr = output.finish(60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    assert "Stopping at the next batch: Preempted." in stderr, stderr
+    folder, res = results(out)
+    assert res["tags"][-1] == "Preempted" and (folder / "checkpoint.pt").exists()
+    run = find_run(tmp_path, folder.name)
+    assert run.tags[-1] == "Preempted" and run.exit_code == 1 and run.preempting
+
+
 def test_standalone_prints_a_summary_per_epoch_and_the_outcome(tiny_data, tmp_path):
     args = small_run(tiny_data, tmp_path / "out", "--verbose", "1", "--save", "no")
     proc = start_main(args)

@@ -37,6 +37,7 @@ STOPS = {
     signal.SIGINT: ("User abort", 130),
     signal.SIGHUP: ("Hangup", 129),
     signal.SIGTERM: ("Preempted", 143),
+    signal.SIGUSR1: ("Preempted", 143),  # a scheduler's warning of the job's end
     signal.SIGQUIT: ("User abort", 131),  # Ctrl+\: the training process dies of it, the guard ends the run
 }
 MOMENTS = [0.2, 0.6, 1.2, 2.0, 3.0, "W&B starting"]  # of the start: seconds after main.py's first line, or an event
@@ -158,6 +159,7 @@ def wait_for_wandb_core(proc: subprocess.Popen) -> int:
     ("signum", "after"),
     [(signum, after) for signum in (signal.SIGINT, signal.SIGTERM) for after in MOMENTS]
     + [(signal.SIGHUP, after) for after in (0.6, 2.0, "W&B starting")]  # handled as SIGINT is
+    + [(signal.SIGUSR1, after) for after in (0.6, "W&B starting")]  # handled as SIGTERM is
     + [(signal.SIGQUIT, 0.2)],  # later, below: killed as W&B starts, it leaves W&B's local files
     ids=lambda value: signal.Signals(value).name if isinstance(value, signal.Signals) else str(value),
 )
@@ -191,7 +193,7 @@ def test_a_stop_at_any_moment_of_the_start_is_clean(signum, after, tiny_data, tm
     # history keeps that epoch's batches so far; a preemption drops them): a resume starts it again.
     assert (folder / "checkpoint.pt").exists() or not any(row["evaluated"] for row in res["history"]), res
     run = whole_run(tmp_path, folder.name)
-    assert run.exit_code == 1 and run.tags[-1] == tag and run.preempting == (signum == signal.SIGTERM)
+    assert run.exit_code == 1 and run.tags[-1] == tag and run.preempting == (tag == "Preempted")
 
 
 def test_ctrl_backslash_ends_the_run_at_once_as_a_second_ctrl_c_does(tiny_data, tmp_path):
