@@ -50,6 +50,20 @@ HERE = Path(__file__).resolve().parent
 FORMATS = ("table", "markdown", "csv", "latex")
 
 
+def plot_file(value: str) -> Path:
+    """--plot's file: a format matplotlib writes, named by its suffix (none: png), checked before the runs
+    are read, so that a typo costs no wait for W&B."""
+    path = Path(value)
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return path  # said when the plot is drawn
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix and path.suffix[1:].lower() not in formats:
+        raise argparse.ArgumentTypeError(f"matplotlib writes no {path.suffix} file: name one {', '.join(formats)}")
+    return path if path.suffix else path.with_suffix(".png")  # what matplotlib writes then
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_path", nargs="?", type=Path, help="the folder of the run folders (--output_path)")
@@ -59,7 +73,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metric", action="append", help="a metric to show (repeat for more); default: see above")
     parser.add_argument("--at", choices=(BEST, LAST), default=BEST, help="the epoch each run's metrics are read at")
     parser.add_argument("--format", choices=FORMATS, default="table", help="how the table is written")
-    parser.add_argument("--plot", type=Path, metavar="FILE.png", help="draw each group's curve of the first metric")
+    parser.add_argument(
+        "--plot", type=plot_file, metavar="FILE.png", help="draw each group's curve of the first metric"
+    )
     parser.add_argument("--replicates", type=options.Number(int, min=1), metavar="N", help="list the missing seeds")
     return parser
 

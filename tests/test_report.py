@@ -163,6 +163,11 @@ def test_learning_curves_are_drawn_to_a_png(runs, tmp_path, capsys):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code, _, err = run_report(capsys, runs, "--plot", tmp_path / "no-folder" / "curves.png")
     assert code == 1 and "could not be written" in err and "Traceback" not in err
+    code, out, err = run_report(capsys, runs, "--plot", tmp_path / "curves.txt")  # a format matplotlib lacks
+    assert code == 2 and "argument --plot: matplotlib writes no .txt file: name one" in err and "png" in err, err
+    assert not out and not (tmp_path / "curves.txt").exists()
+    code, _, err = run_report(capsys, runs, "--plot", tmp_path / "curves.PDF")  # any case, as matplotlib reads it
+    assert code == 0 and (tmp_path / "curves.PDF").read_bytes()[:5] == b"%PDF-", err
 
 
 def test_the_missing_seeds_are_commands_that_run_them(runs, tiny_data, tmp_path, capsys):
