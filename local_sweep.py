@@ -250,6 +250,18 @@ def record_end(name: str, output: Path, metric: str, state_path: Path, interrupt
         run = next(r for r in state["runs"] if r["name"] == name)
         run.update(result)
     print(f"end   {name}: {run['status']} {', '.join(run['tags'])}".rstrip(), flush=True)
+    if run["status"] == "finished" and run.get("metric") is None:
+        metric_missing(metric)
+
+
+@functools.cache  # said once, at the first run that finished without it
+def metric_missing(metric: str) -> None:
+    print(
+        f"Warning: the run finished without the sweep's metric {metric}: a bayes search cannot use it, nor the "
+        "summary (which lists the metrics the runs have)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,11 +275,16 @@ def summary(config: dict, runs: list[dict], runs_dir: Path) -> str:
     known = replicates.metrics_found(found)
     metrics = [m for m in dict.fromkeys([config["metric"]["name"], *replicates.default_metrics(found)]) if m in known]
     hyperparameters = options.hyperparameter_names(main_parser())
-    text = report.render(replicates.groups(found, metrics, replicates.BEST), hyperparameters, metrics, "markdown")
+    text = "No run left results to report."
+    if found and metrics:
+        text = report.render(replicates.groups(found, metrics, replicates.BEST), hyperparameters, metrics, "markdown")
+    if known and config["metric"]["name"] not in known:  # a typo (val_accuracy): W&B would say nothing either
+        text = (
+            f"Warning: no run logged the sweep's metric {config['metric']['name']}; they logged "
+            f"{', '.join(known)}\n\n{text}"
+        )
     lost = sum(r.get("group") is None for r in runs)
-    return (text if found and metrics else "No run left results to report.") + (
-        f"\n\n{lost} runs left no results (they could not start): see their output.log" if lost else ""
-    )
+    return text + (f"\n\n{lost} runs left no results (they could not start): see their output.log" if lost else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,6 +307,10 @@ def load_sweep(path: Path, parser: argparse.ArgumentParser) -> dict:
         parser.error(f"{path} is not a valid W&B sweep: " + "; ".join(problems))
     if config["method"] == "random" and "run_cap" not in config:
         parser.error(f"{path}: a random search never ends by itself; set run_cap")
+    program = Path(config["program"])
+    if "${program}" in config.get("command", ["${program}"]) and not program.is_file():
+        # Every run would fail at once: W&B's agent too starts it from the folder it runs in.
+        parser.error(f"{path}: its program {program} is not a file here ({Path.cwd()}): run local_sweep.py where it is")
     if Path(config["program"]).name == "main.py" and (
         problems := parameter_problems(config["parameters"], main_parser())
     ):

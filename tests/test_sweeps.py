@@ -235,8 +235,7 @@ def write_sweep(folder, parameters: dict, method: str = "grid", **extra):
         "method": method,
         "metric": {"name": "val/accuracy", "goal": "maximize"},
         "parameters": parameters,
-        **extra,
-    }
+    } | extra
     path = folder / "sweep.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -540,3 +539,28 @@ def test_an_invalid_sweep_file_is_refused_with_exit_2(tmp_path):
         [sys.executable, str(ROOT / "local_sweep.py"), str(sweep)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "not a valid W&B sweep" in done.stderr and "Traceback" not in done.stderr
+    # A program that is not there (run from another folder, a typo): every run would fail at once.
+    elsewhere = write_sweep(tmp_path, {"lr": {"value": 0.1}}, program="train.py")
+    done = run_local_sweep(elsewhere)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"its program train.py is not a file here ({Path.cwd()})" in done.stderr
+    assert not elsewhere.with_suffix(".runs").exists()
+
+
+def test_a_sweep_whose_runs_lack_its_metric_says_so(tiny_data, tmp_path):
+    """A metric's name mistyped in the sweep file (val_accuracy): W&B says nothing, and a bayes search goes
+    without it; here a warning at the first run that finishes, and the names the runs logged at the end.
+    Runs that evaluated no epoch at all (here each declines its pruned combination) leave no table, and
+    no traceback."""
+    typo = write_sweep(tmp_path, {"epochs": {"value": 1}}, metric={"name": "val_accuracy", "goal": "maximize"})
+    proc = start_local_sweep(typo, tiny_data, "--wandb", "disabled")
+    stdout, stderr = Output(proc).finish(120)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert stderr.count("Warning: the run finished without the sweep's metric val_accuracy") == 1, stderr
+    assert "Warning: no run logged the sweep's metric val_accuracy; they logged" in stdout and "val/accuracy" in stdout
+    declined = tmp_path / "declined"
+    declined.mkdir()
+    sweep = write_sweep(declined, {"optimizer": {"value": "adam"}, "momentum": {"values": [0.5, 0.9]}})
+    stdout = finish(start_local_sweep(sweep, tiny_data, "--wandb", "disabled"))
+    assert [run["status"] for run in state(sweep)] == ["failed", "failed"]  # Irrelevant hyperparameters
+    assert "No run left results to report." in stdout and "Warning" not in stdout
