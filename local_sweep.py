@@ -304,7 +304,7 @@ def load_sweep(path: Path, parser: argparse.ArgumentParser) -> dict:
     if not problems and not {"program", "metric"} <= config.keys():
         problems = ["local_sweep.py needs `program` and `metric`"]
     if problems:
-        parser.error(f"{path} is not a valid W&B sweep: " + "; ".join(problems))
+        parser.error(f"{path} is not a valid W&B sweep: " + "; ".join(dict.fromkeys(problems)))
     if config["method"] == "random" and "run_cap" not in config:
         parser.error(f"{path}: a random search never ends by itself; set run_cap")
     program = Path(config["program"])

@@ -539,6 +539,8 @@ def test_an_invalid_sweep_file_is_refused_with_exit_2(tmp_path):
         [sys.executable, str(ROOT / "local_sweep.py"), str(sweep)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "not a valid W&B sweep" in done.stderr and "Traceback" not in done.stderr
+    upside_down = run_local_sweep(write_sweep(tmp_path, {"lr": {"min": 0.1, "max": 0.01}}, method="random", run_cap=2))
+    assert upside_down.returncode == 2 and upside_down.stderr.count("min 0.1 is not less than max 0.01") == 1  # once
     # A program that is not there (run from another folder, a typo): every run would fail at once.
     elsewhere = write_sweep(tmp_path, {"lr": {"value": 0.1}}, program="train.py")
     done = run_local_sweep(elsewhere)
