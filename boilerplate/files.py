@@ -1,10 +1,12 @@
 """Files written whole or not at all, so a run killed while saving never leaves half a file; and JSON
 that strict readers accept."""
 
+import contextlib
 import errno
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +17,19 @@ PARTIAL = ".partial"  # the end of the name of a file atomic_write has not finis
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call write(file) on a temporary file beside `path`, then rename it over `path`. A kill in between
-    leaves the temporary file: remove_partial_writes() clears them."""
+    leaves the temporary file: remove_partial_writes() clears them. The file's permissions are those
+    open() would give: a new one's from the umask, a rewritten one's its own."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL)
     try:
+        # mkstemp's file is the owner's alone (0600): a lab's shared outputs folder would hide every
+        # model and results.json from the rest of the team, and a rewritten README from its readers.
+        # Where permissions cannot be set (a FAT or some network mounts), the file is written as it is.
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -26,6 +38,17 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def umask() -> int:
+    """This process's umask, read without setting it: os.umask sets it, for every thread, however briefly."""
+    try:
+        with open("/proc/self/status") as status:  # Linux 4.7 on
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT)  # a full disk; the user's quota spent (a cluster's home folder)

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -63,6 +64,19 @@ class Preempted:
 
     def start(self, *at: int) -> None:
         self.calls, self.at = 0, at
+
+
+def test_a_run_folder_is_shared_as_the_umask_asks(tiny_data, tmp_path):
+    """On a lab's shared storage the umask lets the group read (and here write) what a run saves: every
+    file of the run folder follows it, as open() would, not mkstemp's owner-only 0600."""
+    previous = os.umask(0o002)
+    try:
+        assert run_main(*small_run(tiny_data, tmp_path / "out")) == 0
+    finally:
+        os.umask(previous)
+    folder, _ = results(tmp_path / "out")
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()}
+    assert modes == dict.fromkeys(("config.json", "results.json", "model.pt", "best.pt"), 0o664), modes
 
 
 def wandb_run(wandb_dir: Path, run_id: str):

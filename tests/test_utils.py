@@ -2,7 +2,9 @@
 
 import argparse
 import json
+import os
 import re
+import stat
 
 import pytest
 import torch
@@ -287,6 +289,23 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
         files.atomic_write(path, broken)
     assert json.loads(path.read_text())["status"] == "running"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_atomic_write_gives_the_permissions_open_would(tmp_path):
+    """A new file's from the umask (mkstemp alone gives 0600: a lab's shared outputs folder would hide each
+    model and results.json from the rest of the team); a rewritten file keeps its own."""
+    previous = os.umask(0o027)
+    try:
+        assert files.umask() == 0o027
+        files.write_json(tmp_path / "new.json", {})
+        kept = tmp_path / "kept.md"
+        kept.write_text("old")
+        kept.chmod(0o604)
+        files.atomic_write(kept, lambda f: f.write(b"new"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o640
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o604 and kept.read_text() == "new"
 
 
 def test_validators_describe_themselves_through_public_attributes():
