@@ -6,6 +6,7 @@
     WANDB_MODE=offline python main.py --wandb_project mnist        # upload later with `wandb sync`
     wandb agent SWEEP_ID                                           # runs `python main.py --key=value ...`
     python main.py --data_path ../shared/data --resume yes         # go on from where a stopped run was
+    %run main.py --data_path ../shared/data                        # in a Jupyter notebook: trains in the kernel
 
 This file is the experiment, top to bottom: its hyper-parameters, data, model, loss, optimizer, one
 training epoch, evaluation. The machinery is the `boilerplate` package: the guard (`python main.py`

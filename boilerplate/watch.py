@@ -539,11 +539,27 @@ class Watch:
                 os.close(lock)
 
 
+def in_ipython() -> bool:
+    """Whether main.py runs in an IPython session: a Jupyter notebook's kernel or IPython's shell, by
+    `%run main.py`. The session goes on after the run, with its own streams, signals and process."""
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and ipython.get_ipython() is not None
+
+
 def begin(script: str, parser: "argparse.ArgumentParser") -> "Link":
     """The start of `python main.py`, before torch loads: parses the command line (so that --help and a
     usage error answer at once), then either becomes the guard, which runs `script` again as the training
     process and exits with the run's status, or, in the training process (or under a debugger, where a
     breakpoint must stop in this process), returns the Link that hears stop signals."""
+    if in_ipython():
+        # The signals main.py's first line held back are the session's again at once (the kernel's
+        # interrupt button sends SIGINT): a --help or a usage error ends the run here. Its streams stay as
+        # they are (a kernel's cannot be reconfigured, and no reader of them goes away), a stop before the
+        # run begins raises instead of ending the process, and the session's handlers come back after it.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
+        if parser.parse_args().watchdog:
+            print("In IPython: training in this process, without the guard (as --watchdog no).", file=sys.stderr)
+        return Link(Channel()).listen()
     sys.stdout.reconfigure(line_buffering=True)  # a log file gets each line as it is printed, as a terminal does
     output.outlive_readers()  # a reader gone (`| tee` ended by the same Ctrl+C, a closed terminal) ends no run
     args = parser.parse_args()

@@ -2,6 +2,8 @@
 
 import contextlib
 import os
+import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import demo
 from conftest import (
     OFFLINE,
     ROOT,
+    WAIT,
     Output,
     calls_wandb,
     children,
@@ -128,6 +131,73 @@ def test_a_schedulers_warning_of_the_jobs_end_is_a_preemption_whichever_process_
     assert res["tags"][-1] == "Preempted" and (folder / "checkpoint.pt").exists()
     run = find_run(tmp_path, folder.name)
     assert run.tags[-1] == "Preempted" and run.exit_code == 1 and run.preempting
+
+
+class Kernel:
+    """A real Jupyter kernel (ipykernel), as a notebook runs one: cells sent, what they print read back."""
+
+    def __init__(self, cwd: Path, env: dict[str, str]):
+        from jupyter_client.manager import start_new_kernel
+
+        self.manager, self.client = start_new_kernel(kernel_name="python3", cwd=str(cwd), env=env)
+
+    def run(self, code: str, until: str | None = None, then=None, timeout: float = WAIT) -> str:
+        """The cell's output (its error's name and value too), to its end; `then()` once `until` is printed."""
+        msg_id, text = self.client.execute(code), ""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                message = self.client.get_iopub_msg(timeout=1)
+                if message["parent_header"].get("msg_id") != msg_id:
+                    continue
+                kind, content = message["msg_type"], message["content"]
+                if kind == "stream":
+                    text += content["text"]
+                elif kind == "error":
+                    text += f"{content['ename']}: {content['evalue']}\n"
+                elif kind == "execute_result":
+                    text += content["data"]["text/plain"] + "\n"
+                elif kind == "status" and content["execution_state"] == "idle":
+                    return text
+                if until and until in text and then:
+                    then, _ = None, then()
+        pytest.fail(f"the cell never ended: {text}")
+
+    def close(self) -> None:
+        self.client.stop_channels()
+        self.manager.shutdown_kernel(now=True)
+
+
+@pytest.mark.timeout(240)
+def test_in_a_jupyter_notebook_run_main_py_trains_in_the_kernel_and_leaves_it_as_it_was(tiny_data, tmp_path):
+    """`%run main.py ...` in a notebook: the run trains in the kernel (its streams cannot be reconfigured;
+    until this test, an AttributeError at main.py's first call), the kernel's interrupt button stops it as
+    Ctrl+C does, and the kernel goes on as it was: its own Ctrl+C handler, no signal held back (after
+    --help and a usage error too), its own streams, its state."""
+    pytest.importorskip("jupyter_client", reason="requirements-tools.txt installs it, on Python 3.11 and later")
+    kernel = Kernel(tmp_path, {**os.environ, **OFFLINE, "WANDB_DIR": str(tmp_path)})
+    out = tmp_path / "out"
+    run = f"%run {ROOT / 'main.py'} " + " ".join(small_run(tiny_data, out, "--verbose", "1"))
+    # Its signal handlers and mask (ipykernel puts back its own SIGINT handler after each cell, not the others)
+    signals = "import signal, sys\nprint([signal.getsignal(s) for s in signal.Signals], signal.pthread_sigmask(0, []))"
+    try:
+        as_it_was = kernel.run(signals + "\nkept = 42")
+        text = kernel.run(run + " --wandb_project boilerplate-tests")
+        assert "Tags: Success" in text and "Error" not in text, text
+        assert kernel.run(signals) == as_it_was
+        assert kernel.run("print(type(sys.stdout).__name__, kept)") == "OutStream 42\n"
+        folder, res = results(out)
+        assert res["tags"][0] == "Success" and find_run(tmp_path, folder.name).exit_code == 0
+        shutil.rmtree(out)
+        text = kernel.run(run + " --epochs 100000", until="epoch 2/", then=kernel.manager.interrupt_kernel)
+        assert "Stopping at the next batch: User abort." in text and "SystemExit: 1" in text, text
+        assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+        assert results(out)[1]["tags"][-1] == "User abort" and kernel.run(signals) == as_it_was
+        for bad in ("--help", "--epochs -1"):
+            kernel.run(f"%run {ROOT / 'main.py'} {bad}")
+            assert kernel.run(signals) == as_it_was, bad
+    finally:
+        kernel.close()
 
 
 def test_standalone_prints_a_summary_per_epoch_and_the_outcome(tiny_data, tmp_path):
