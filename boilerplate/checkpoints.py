@@ -129,7 +129,14 @@ def load(path: Path, stateful: dict[str, object]) -> tuple[int, list, list]:
 def load_weights(model: torch.nn.Module, path: Path, device: torch.device) -> None:
     """Weights saved before into `model` (--init_from): a state_dict (best.pt, model.pt, a model artifact's
     file) or a checkpoint's model, loaded weights_only and checked against the model's own names and
-    shapes. A StartError says what does not fit."""
+    shapes. A folder holding one .pt file is that file: W&B's artifact.download() gives the folder. A
+    StartError says what does not fit."""
+    if path.is_dir():
+        found = sorted(path.glob("*.pt"))
+        if len(found) != 1:
+            which = f"name one of its files: {', '.join(f.name for f in found)}" if found else "it holds no .pt file"
+            raise StartError(f"--init_from {path} is a folder: {which}.")
+        path = found[0]
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 (missing, truncated, not torch's, unsafe: the message names it)

@@ -311,7 +311,10 @@ def test_init_from_starts_from_saved_weights_and_refuses_weights_that_do_not_fit
         checkpoints.load_weights(model, source, torch.device("cpu"))
         assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
 
-    argv = small_run(tiny_data, tmp_path / "second", "--epochs", "1", "--init_from", str(folder / "model.pt"))
+    artifact = tmp_path / "artifacts" / "model-run:v0"  # as W&B's artifact.download() leaves it: a folder
+    artifact.mkdir(parents=True)
+    shutil.copy(folder / "model.pt", artifact)
+    argv = small_run(tiny_data, tmp_path / "second", "--epochs", "1", "--init_from", str(artifact))
     assert run_main(*argv) == 0
     second = results(tmp_path / "second")[1]  # it begins where the first ended: a better first epoch
     assert second["history"][0]["train/accuracy"] > first["history"][0]["train/accuracy"]
@@ -319,10 +322,14 @@ def test_init_from_starts_from_saved_weights_and_refuses_weights_that_do_not_fit
     wrong = {name: torch.zeros(3, *tensor.shape[1:]) for name, tensor in saved.items()}  # another model's
     torch.save(wrong, tmp_path / "wrong.pt")
     (tmp_path / "garbage.pt").write_text("not torch's")
+    (tmp_path / "empty").mkdir()
+    shutil.copytree(folder, tmp_path / "run")  # a run folder: best.pt and model.pt
     bad = {
         "wrong.pt": "does not fit the model",
         "garbage.pt": "could not be loaded",
         "missing.pt": "could not be loaded",
+        "run": "is a folder: name one of its files: best.pt, model.pt.",
+        "empty": "is a folder: it holds no .pt file.",
     }
     for name, said in bad.items():
         assert run_main(*small_run(tiny_data, tmp_path / "bad", "--init_from", str(tmp_path / name))) == 1
