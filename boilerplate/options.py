@@ -9,6 +9,7 @@ wandb: `python main.py --help` answers before either is loaded.
 import argparse
 import ast
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -146,6 +147,15 @@ class ProjectName(Validator):
         return text
 
 
+class UserPath(Validator):
+    """A file's or a folder's path, a leading ~ the home folder as a shell makes it: W&B's agent and a
+    sweep file's values reach main.py through no shell, and `--output_path=~/runs` was a folder named ~
+    in the current one (and a `rm -rf ~` away from losing the home folder, to tidy it up)."""
+
+    def __call__(self, text: str) -> str:
+        return os.path.expanduser(text)
+
+
 # ----------------------------------------------------------------------------------------------
 # The parser: options in the HYPERPARAMETERS group change results and make up the group name; every
 # other group is housekeeping.
@@ -200,7 +210,7 @@ def parser(description: str, add_hyperparameters: Callable[[Any], None]) -> Pars
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,  # a misspelt sweep key must fail, not set another flag (--hid is not --hidden)
     )
-    yes_no, text = Boolean(), Validator()
+    yes_no, text, path = Boolean(), Validator(), UserPath()
 
     hyper = parser.add_argument_group(HYPERPARAMETERS, "they change results, so they name the W&B group")
     # The run's own: the loop, the precision checks and the held-out split read them (a fork changes a
@@ -265,7 +275,7 @@ def parser(description: str, add_hyperparameters: Callable[[Any], None]) -> Pars
     )
     hyper.add_argument(
         "--init_from",
-        type=Validator(),
+        type=path,
         default=None,
         help="start from these saved weights (a best.pt, a model.pt, a model artifact's file, or a checkpoint): "
         "fine-tuning; unset: from the model's own initialisation",
@@ -284,7 +294,7 @@ def parser(description: str, add_hyperparameters: Callable[[Any], None]) -> Pars
         default=None,
         help="cpu, cuda, cuda:N, ...; unset: $DEVICE, else cuda if available, else cpu",
     )
-    exp.add_argument("--data_path", type=text, default="data", help="folder holding MNIST/raw/")
+    exp.add_argument("--data_path", type=path, default="data", help="folder holding MNIST/raw/")
     exp.add_argument(
         "--workers",
         type=Number(int, min=0),
@@ -344,7 +354,7 @@ def parser(description: str, add_hyperparameters: Callable[[Any], None]) -> Pars
         metavar="{yes,no}",
         help="save model.pt, config.json and results.json under --output_path",
     )
-    out.add_argument("--output_path", type=text, default="outputs", help="folder for saved runs")
+    out.add_argument("--output_path", type=path, default="outputs", help="folder for saved runs")
     out.add_argument(
         "--log_model",
         choices=("no", "best", "end"),

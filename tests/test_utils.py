@@ -75,6 +75,17 @@ def test_bad_values_end_with_a_usage_error_naming_the_flag(args, flag, capsys):
     assert "usage:" in err and flag in err and "Traceback" not in err
 
 
+def test_paths_on_the_command_line_begin_at_the_home_folder_as_a_shell_would_have_it(monkeypatch, tmp_path):
+    """W&B's agent and a sweep file pass `--output_path=~/runs` through no shell: it was a folder named ~
+    in the current one. The runs from one file, however it was written, share a group."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    opts = parse("--output_path=~/runs", "--data_path", "~/data", "--init_from=~/best.pt")
+    assert (opts["output_path"], opts["data_path"]) == (str(tmp_path / "runs"), str(tmp_path / "data"))
+    names = options.hyperparameter_names(main.get_parser())
+    same = parse(f"--init_from={tmp_path / 'best.pt'}")
+    assert utils.generate_name(opts, names) == utils.generate_name(same, names)
+
+
 PROJECT_NAMES = ["mnist", "my-team_mnist.v2", "team/mnist", "a\\b", "#1", "why?", "100%", "a:b", "x" * 128, "x" * 129]
 
 
