@@ -306,9 +306,13 @@ class Record:
         """What W&B's start needs, checked before the data loads (wandb_start.prepare): W&B's settings, room for
         its run, and its key where W&B would ask a person for it. A stop at W&B's prompt ends the run before
         it began."""
+        from . import watch
+
         if self.owner and wandb_wanted(self.opts):
             with self.guard.deferred() if self.guard else contextlib.nullcontext():
-                wandb_start.prepare(lambda: bool(self.guard and self.guard.requested))
+                found = wandb_start.prepare(lambda: bool(self.guard and self.guard.requested))
+            if watch.in_ipython():  # a notebook's prompt: the interrupt button must reach its wait, undeferred
+                wandb_start.log_in_notebook(found)
 
     def start(self, constants: dict) -> None:
         """The run starts: its data is loaded and its model built. W&B starts now, in this process, so

@@ -14,8 +14,9 @@ start_wandb() is wandb.init with three guards around it:
 - W&B's server gone mid-run: a later call that waits on it (the finish's uploads, which W&B retries for
   far longer than the limit) is given up as soon as the server cannot be reached (WandbServerLost).
 prepare() comes before all that, before the data loads: W&B's settings, room for its run, and its login
-prompt (an online run on a terminal, no key found; log_in()): a person's answer has no time limit, and a
-Ctrl+C at it ends the run before it began.
+prompt (an online run on a terminal or in a notebook, no key found; log_in(), log_in_notebook()): a
+person's answer has no time limit, and a Ctrl+C (the kernel's interrupt button) at it ends the run before
+it began.
 Errors of the user's setup (no login, a WANDB_MODE W&B rejects, a WANDB_DIR that cannot be written)
 are a StartError before any epoch, naming W&B's own message.
 
@@ -177,10 +178,10 @@ def unreachable(url: str) -> str | None:
     return None
 
 
-def prepare(stopped: Callable[[], bool] = lambda: False) -> None:
+def prepare(stopped: Callable[[], bool] = lambda: False) -> "wandb.Settings":
     """What W&B's start needs, checked before the data loads: settings W&B accepts, room for its run
-    (check_folder; W&B's disabled mode writes nothing), and its key where W&B would ask a person for it
-    (log_in), outside the start's time limit."""
+    (check_folder; W&B's disabled mode writes nothing), and its key where W&B would ask a person for it on
+    a terminal (log_in), outside the start's time limit. The settings, for log_in_notebook."""
     import wandb
 
     try:
@@ -190,6 +191,7 @@ def prepare(stopped: Callable[[], bool] = lambda: False) -> None:
     if found.mode != "disabled":
         check_folder()
     log_in(wandb, found, stopped)
+    return found
 
 
 def log_in(wandb: Any, found: "wandb.Settings", stopped: Callable[[], bool]) -> None:
@@ -203,8 +205,7 @@ def log_in(wandb: Any, found: "wandb.Settings", stopped: Callable[[], bool]) -> 
     if not (sys.stdin.isatty() and sys.stderr.isatty()):
         return
     try:
-        # Unreachable, the start logs offline (and says so): no key to ask for.
-        if found.mode not in ONLINE or found.silent or key_found(found) or unreachable(found.base_url):
+        if not asks_for_key(found):
             return
         terminal = termios.tcgetattr(sys.stdin)
         thread, outcome = in_a_thread(lambda: wandb.login(verify=False))  # a wrong key: the start says so
@@ -217,12 +218,7 @@ def log_in(wandb: Any, found: "wandb.Settings", stopped: Callable[[], bool]) -> 
             while not stopped() and time.monotonic() < end:
                 time.sleep(SIGNAL_WAIT)
             if not stopped():
-                error = outcome.error
-                why = "its input ended" if isinstance(error, KeyboardInterrupt) else errors.described(error)
-                raise errors.StartError(
-                    f"W&B's login was left unanswered ({why}).\nLog in with `wandb login`, or run with "
-                    "WANDB_MODE=offline (upload later with `wandb sync`)."
-                )
+                raise unanswered(outcome.error)
         if stopped():  # the caller ends the run; the prompt goes with the process
             with contextlib.suppress(termios.error):  # a closed terminal has no settings to put back
                 termios.tcsetattr(sys.stdin, termios.TCSADRAIN, terminal)
@@ -230,6 +226,41 @@ def log_in(wandb: Any, found: "wandb.Settings", stopped: Callable[[], bool]) -> 
         outcome.get()
     except user_errors(wandb) as e:
         raise setup_error(e, wandb) from None
+
+
+def log_in_notebook(found: "wandb.Settings") -> None:
+    """W&B's login in a Jupyter notebook (`%run main.py`), where W&B asks through the notebook: its kernel's
+    input is no terminal, which log_in leaves alone. Before the start, for the same reason: a first run's
+    key was lost, the start given up as hung while the person copied it. In this thread, and the caller
+    defers no stop meanwhile: the kernel's interrupt button (SIGINT) then raises from the kernel's own wait
+    for the answer (watch.StoppedBeforeStart), which a thread's wait would never leave. Where W&B cannot ask
+    (a notebook run with no one at it, by papermill, say), W&B's own error says so."""
+    import wandb
+
+    if sys.stdin.isatty() or not asks_for_key(found):
+        return
+    try:
+        wandb.login(verify=False)  # a wrong key: the start says so
+    except user_errors(wandb) as e:
+        raise setup_error(e, wandb) from None
+    # Ctrl+D (W&B says KeyboardInterrupt); a notebook run that takes no input (IPython's StdinNotImplementedError)
+    except (KeyboardInterrupt, EOFError, NotImplementedError) as e:
+        raise unanswered(e) from None
+
+
+def asks_for_key(found: "wandb.Settings") -> bool:
+    """Whether W&B's start would ask a person for its key: a run to log online, no key found, and W&B's server
+    reachable (unreachable, the start logs offline, and says so: no key to ask for)."""
+    return found.mode in ONLINE and not found.silent and not key_found(found) and not unreachable(found.base_url)
+
+
+def unanswered(error: BaseException) -> errors.StartError:
+    """W&B's login prompt left without a key: its input ended (W&B says KeyboardInterrupt), or failed."""
+    why = "its input ended" if isinstance(error, (KeyboardInterrupt, EOFError)) else errors.described(error)
+    return errors.StartError(
+        f"W&B's login was left unanswered ({why}).\nLog in with `wandb login`, or run with "
+        "WANDB_MODE=offline (upload later with `wandb sync`)."
+    )
 
 
 ONLINE = ("online", "shared", "run")  # W&B's modes that log to its server

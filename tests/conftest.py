@@ -339,3 +339,52 @@ class Output:
         for reader in self.readers:
             reader.join(timeout)
         return "".join(self.lines["stdout"]), "".join(self.lines["stderr"])
+
+
+class Kernel:
+    """A real Jupyter kernel (ipykernel), as a notebook runs one: cells sent, what they print read back.
+    With `server`, its connection file is where a Jupyter server keeps it (~/.local/share/jupyter/runtime):
+    W&B knows a notebook by that, and only there asks for its key through the notebook."""
+
+    def __init__(self, cwd: Path, env: dict[str, str], server: bool = False):
+        from jupyter_client.manager import KernelManager
+
+        runtime = Path(cwd, ".local/share/jupyter/runtime" if server else ".")
+        runtime.mkdir(parents=True, exist_ok=True)
+        self.manager = KernelManager(kernel_name="python3", connection_file=str(runtime / "kernel-test.json"))
+        self.manager.start_kernel(cwd=str(cwd), env=env)
+        self.client = self.manager.client()
+        self.client.start_channels()
+        self.client.wait_for_ready(timeout=WAIT)
+
+    def run(self, code: str, until: str | None = None, then=None, timeout: float = WAIT, answer=None) -> str:
+        """The cell's output (its error's name and value too), to its end; `then()` once `until` is printed.
+        `answer(prompt)` replies to each input the cell asks for (None: no reply); without it, the cell may
+        ask for none, as where no one is there to answer (papermill, nbconvert)."""
+        msg_id, text = self.client.execute(code, allow_stdin=answer is not None), ""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                request = self.client.get_stdin_msg(timeout=0) if answer else None
+                if request and (reply := answer(request["content"]["prompt"])) is not None:
+                    self.client.input(reply)
+            with contextlib.suppress(queue.Empty):
+                message = self.client.get_iopub_msg(timeout=0.2)
+                if message["parent_header"].get("msg_id") != msg_id:
+                    continue
+                kind, content = message["msg_type"], message["content"]
+                if kind == "stream":
+                    text += content["text"]
+                elif kind == "error":
+                    text += f"{content['ename']}: {content['evalue']}\n"
+                elif kind == "execute_result":
+                    text += content["data"]["text/plain"] + "\n"
+                elif kind == "status" and content["execution_state"] == "idle":
+                    return text
+                if until and until in text and then:
+                    then, _ = None, then()
+        pytest.fail(f"the cell never ended: {text}")
+
+    def close(self) -> None:
+        self.client.stop_channels()
+        self.manager.shutdown_kernel(now=True)

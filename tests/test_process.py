@@ -2,7 +2,6 @@
 
 import contextlib
 import os
-import queue
 import shutil
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import demo
 from conftest import (
     OFFLINE,
     ROOT,
-    WAIT,
+    Kernel,
     Output,
     calls_wandb,
     children,
@@ -117,41 +116,6 @@ def test_a_stop_signal_from_outside_ends_the_run_with_its_tag_whichever_process_
     assert res["tags"][-1] == tag and (folder / "checkpoint.pt").exists()
     run = find_run(tmp_path, folder.name)
     assert run.tags[-1] == tag and run.exit_code == 1 and run.preempting == (tag == "Preempted")
-
-
-class Kernel:
-    """A real Jupyter kernel (ipykernel), as a notebook runs one: cells sent, what they print read back."""
-
-    def __init__(self, cwd: Path, env: dict[str, str]):
-        from jupyter_client.manager import start_new_kernel
-
-        self.manager, self.client = start_new_kernel(kernel_name="python3", cwd=str(cwd), env=env)
-
-    def run(self, code: str, until: str | None = None, then=None, timeout: float = WAIT) -> str:
-        """The cell's output (its error's name and value too), to its end; `then()` once `until` is printed."""
-        msg_id, text = self.client.execute(code), ""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(queue.Empty):
-                message = self.client.get_iopub_msg(timeout=1)
-                if message["parent_header"].get("msg_id") != msg_id:
-                    continue
-                kind, content = message["msg_type"], message["content"]
-                if kind == "stream":
-                    text += content["text"]
-                elif kind == "error":
-                    text += f"{content['ename']}: {content['evalue']}\n"
-                elif kind == "execute_result":
-                    text += content["data"]["text/plain"] + "\n"
-                elif kind == "status" and content["execution_state"] == "idle":
-                    return text
-                if until and until in text and then:
-                    then, _ = None, then()
-        pytest.fail(f"the cell never ended: {text}")
-
-    def close(self) -> None:
-        self.client.stop_channels()
-        self.manager.shutdown_kernel(now=True)
 
 
 @pytest.mark.timeout(240)

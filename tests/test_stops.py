@@ -22,6 +22,7 @@ from boilerplate import watch
 from conftest import (
     OFFLINE,
     ROOT,
+    Kernel,
     Output,
     children,
     kill_as_the_end_is_written,
@@ -358,6 +359,56 @@ def test_a_person_at_wandbs_login_prompt_has_all_the_time_and_a_ctrl_c_there_end
     assert proc.returncode == 0 and res["tags"] == ["Success"] and "hung" not in shown, shown
     server_run = wandb_server.runs[folder.name]
     assert server_run.tags == ["Success"] and len(server_run.history) == 2, shown
+    assert "k" * 40 in (home / ".netrc").read_text()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("answer", ["late", "interrupt", "no one there"])
+def test_in_a_notebook_wandbs_login_prompt_has_all_the_time_and_the_interrupt_button_ends_the_run_at_once(
+    answer, tiny_data, wandb_server, tmp_path
+):
+    """`%run main.py` in a Jupyter notebook, a first run online with no W&B key anywhere: W&B asks for one
+    through the notebook, as in any W&B notebook. Answered past the start's limit (34 s here), the run logs
+    to W&B's server with the key, which W&B keeps (until this test the start gave W&B up as hung while the
+    person copied the key, and the key was lost). The interrupt button at the key's prompt ends the run
+    before it began, at once, nothing left, the kernel as it was. A notebook run with no one there to answer
+    (papermill, nbconvert: no input requests) is a start error saying so."""
+    pytest.importorskip("jupyter_client", reason="requirements-tools.txt installs it, on Python 3.11 and later")
+    home, out = tmp_path / "home", tmp_path / "out"
+    env = {**os.environ, **launch_env(tmp_path), **wandb_server.environment(), "HOME": str(home)}
+    env.update(WANDB_X_SERVICE_WAIT="8", WANDB_INIT_TIMEOUT="4")  # limit() = 2 * (8 + 4) + 10 s
+    for variable in ("WANDB_API_KEY", "WANDB_SILENT", "NETRC"):
+        env.pop(variable, None)
+    kernel, asked = Kernel(home, env, server=True), []
+
+    def person(prompt: str) -> str | None:
+        if "choice" in prompt:
+            return "2"  # an existing W&B account
+        asked.append(time.monotonic())
+        if answer == "interrupt":
+            return kernel.manager.interrupt_kernel()
+        time.sleep(36)
+        return "k" * 40
+
+    signals = "import signal\nprint(signal.getsignal(signal.SIGINT), signal.pthread_sigmask(0, []))"
+    try:
+        as_it_was = kernel.run(signals)
+        run = f"%run {ROOT / 'main.py'} " + " ".join(logged(tiny_data, out))
+        text = kernel.run(run, answer=None if answer == "no one there" else person)
+        assert kernel.run(signals) == as_it_was and "Traceback" not in text, text
+    finally:
+        kernel.close()
+    if answer != "late":
+        said = "Stopped by Ctrl+C before" if asked else "Error: W&B's login was left unanswered"
+        assert said in text and ("StoppedBeforeStart: 130" if asked else "SystemExit: 1") in text, text
+        assert not asked or time.monotonic() - asked[0] < 30, text
+        assert not list(out.rglob("*")) and not list(tmp_path.glob("wandb/*run-*")), text
+        assert not wandb_server.runs and not (home / ".netrc").exists()
+        return
+    folder, res = results(out)
+    assert res["tags"] == ["Success"] and "hung" not in text, text
+    server_run = wandb_server.runs[folder.name]
+    assert server_run.tags == ["Success"] and len(server_run.history) == 2, text
     assert "k" * 40 in (home / ".netrc").read_text()
 
 
