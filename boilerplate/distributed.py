@@ -14,6 +14,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,15 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from .errors import StartError, UsageError, described
 
+if TYPE_CHECKING:
+    from . import watch
+
 TIMEOUT: datetime.timedelta | None = None  # how long a collective waits for the other ranks
+# Before the run begins the other ranks wait for rank 0's start: a person at W&B's login prompt, W&B's start
+# (wandb_start.limit(), 100 s). --epoch_timeout bounds an epoch, not these: they wait as torch would, in a
+# group of their own (gloo, whatever the training's backend), as long as its default timeout.
+START: "dist.ProcessGroup | None" = None
+START_TIMEOUT = datetime.timedelta(minutes=30)
 DEADLINE = [math.inf]  # the epoch's, on the perf_counter clock (--epoch_timeout): Steps sets it
 
 
@@ -53,10 +62,11 @@ def start(device: torch.device, timeout_minutes: float) -> None:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    global TIMEOUT
-    TIMEOUT = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes else datetime.timedelta(minutes=30)
+    global TIMEOUT, START
+    TIMEOUT = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes else START_TIMEOUT
     try:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+        START = dist.new_group(backend="gloo", timeout=START_TIMEOUT)
     except (RuntimeError, ValueError) as e:
         raise StartError(f"could not join the other processes of the job ({described(e)})") from None
 
@@ -76,19 +86,20 @@ class PeerLost(Exception):
 
 
 @contextlib.contextmanager
-def collective() -> Iterator[None]:
-    """Where a collective runs: its failure (a RuntimeError from gloo or NCCL, after so long) is PeerLost."""
+def collective(timeout: datetime.timedelta | None = None) -> Iterator[None]:
+    """Where a collective runs: its failure (a RuntimeError from gloo or NCCL, after so long) is PeerLost.
+    `timeout`: its group's, when not the training's (TIMEOUT)."""
     start = time.monotonic()
     try:
         yield
     except RuntimeError as e:
-        raise lost(e, start) from None
+        raise lost(e, start, timeout or TIMEOUT) from None
 
 
-def lost(e: BaseException, start: float) -> PeerLost:
+def lost(e: BaseException, start: float, timeout: datetime.timedelta | None = None) -> PeerLost:
     """A rank that hangs makes the others wait: past the group's timeout, or past the epoch's own deadline
     (its guard then kills the hung rank, and the others see it die), a peer lost is a hang."""
-    late = time.monotonic() - start >= TIMEOUT.total_seconds() if TIMEOUT else False
+    late = time.monotonic() - start >= timeout.total_seconds() if timeout else False
     hung = late or time.perf_counter() > DEADLINE[0]
     what = "did not answer in time" if hung else "died"
     return PeerLost(f"another process of the job {what} ({described(e)})", hung)
@@ -149,6 +160,16 @@ def gradients_lost() -> PeerLost | None:
 
 
 LOST: list[PeerLost] = []  # the gradients' all-reduce that failed, as PeerLost (DDP raises it as a RuntimeError)
+
+
+def wait_for_rank_0(link: "watch.Link | None" = None) -> None:
+    """Every rank waits here until rank 0 comes, for as long as its start takes (START). `link` (watch.Link)
+    tells the guard, which times the run once it has started, that the wait is no hang."""
+    if dist.is_initialized():
+        if link is not None:
+            link.send("waiting", seconds=START_TIMEOUT.total_seconds())
+        with collective(START_TIMEOUT):
+            dist.barrier(group=START)
 
 
 class Word:

@@ -331,7 +331,7 @@ class Record:
                     self.logged = max(self.logged, *server_epochs(run))
                 return with_epoch_axis(run)
 
-            self.tell_guard("wandb", seconds=wandb_start.limit())
+            self.tell_guard("waiting", seconds=wandb_start.limit())
             # A resumed run continues its own W&B run: resume="allow" with its id (under `wandb agent`, the
             # agent's). One id for every try, so that a second try re-opens the first's run.
             self.run = wandb_start.start_wandb(

@@ -187,6 +187,7 @@ def train(
 ) -> None:
     opts, device = vars(args), torch.device(args.device)
     description, data = prepare_data(experiment, args)
+    distributed.wait_for_rank_0()  # which loads the data only once past W&B's login prompt
     distributed.check_shares(len(data["train"]), args.batch_size, {split: len(b) for split, b in data.items()})
     classes = len(description.classes)
     guesses = baselines({split: batches.labels() for split, batches in data.items()}, classes)
@@ -234,6 +235,7 @@ def train(
                 "torch/processes": distributed.world(),  # torchrun's ranks: not a hyper-parameter (the same experiment)
             }
         )
+        distributed.wait_for_rank_0(stop)  # which has started W&B
         stop.begun()
 
     sync_every = devices.sync_interval(device)

@@ -66,7 +66,9 @@ from . import errors, files, output, wandb_start
 
 CHANNEL = "MAIN_PY_GUARD_FD"  # the environment variable that tells the training process where to report
 WATCH_GRACE = 2.0  # seconds the guard allows past an epoch's deadline before it acts
-WANDB_GRACE = 10.0  # seconds it allows past W&B's own limit: training gives up on W&B first, and says so
+# Seconds it allows past a wait's own limit (W&B's start, rank 0's start under torchrun): training gives up
+# first, and says so.
+WAIT_GRACE = 10.0
 # Seconds the guard waits for the run folder's lock once training has died: its DataLoader workers hold
 # it (they inherit it) until they notice their parent's death, which they check every 5 s.
 LOCK_WAIT = 10.0
@@ -480,9 +482,10 @@ class Watch:
         self.ending |= kind == "ending" or bool(final)
         self.ended |= kind == "ended"
         # Once started, the training process reports at least once an epoch: as one starts, as it ends
-        # (then its checkpoint is written). Silence past the timeout is a hang; so is a W&B start past its limit.
-        if kind == "wandb":
-            self.span = message["seconds"] + WANDB_GRACE
+        # (then its checkpoint is written). Silence past the timeout is a hang; so is a wait past its own limit
+        # (W&B's start; under torchrun, the other ranks' wait for rank 0's).
+        if kind == "waiting":
+            self.span = message["seconds"] + WAIT_GRACE
             self.deadline = time.monotonic() + self.span
         elif self.started or kind == "started":
             since = message["started"] if kind == "epoch" else time.monotonic()

@@ -121,6 +121,16 @@ def in_a_run():
         yield run
 
 
+@pytest.fixture
+def wandb_server():
+    """A local stand-in of W&B's server (tests/wandb_server.py), for the tests of the online path."""
+    from wandb_server import WandbServer
+
+    server = WandbServer()
+    yield server
+    server.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """600 training and 200 test images that an MLP learns in an epoch or two."""

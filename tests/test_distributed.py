@@ -36,15 +36,17 @@ EXACT = ("--optimizer", "sgd", "--lr", "0.1", "--seed", "3", "--checkpoint_every
 SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"  # torchrun's four, and SLURM's warnings
 
 
-def torchrun(ranks: int, args: list[str], wandb_dir: Path, *options: str) -> subprocess.Popen:
+def torchrun(ranks: int, args: list[str], wandb_dir: Path, *options: str, env: dict | None = None) -> subprocess.Popen:
     """`torchrun --standalone --nproc_per_node RANKS [OPTIONS] main.py ARGS` (a free port each: tests may
-    overlap), in a session of its own, as a shell starts a job; 1 rank is plain `python main.py`."""
+    overlap), in a session of its own, as a shell starts a job; 1 rank is plain `python main.py`. W&B logs
+    offline, unless `env` says otherwise."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *options]
     return subprocess.Popen(
         [*(launcher if ranks > 1 else [sys.executable]), str(ROOT / "main.py"), *args],
         cwd=wandb_dir,
         # PYTHONFAULTHANDLER: a hung job's processes print their stacks as the test ends them (conftest.end_hung)
-        env={**os.environ, **OFFLINE, "WANDB_DIR": str(wandb_dir), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
+        env={**os.environ, **OFFLINE, "WANDB_DIR": str(wandb_dir), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
+        | (env or {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -254,6 +256,20 @@ def test_a_rank_that_hangs_ends_the_run_timeout(watchdog, tiny_data, tmp_path):
     folder, res = results(tmp_path / "out")
     assert res["status"] == "failed" and res["tags"] == ["Timeout"], text
     assert res["history"] and (folder / "checkpoint.pt").exists()
+
+
+def test_rank_0s_start_may_outlast_the_epoch_timeout(tiny_data, wandb_server, tmp_path):
+    """--epoch_timeout bounds an epoch, not the start: the other ranks wait for rank 0 while W&B starts (its
+    server slow to create the run: 10 s here, past --epoch_timeout's 6; W&B's start may take its limit(),
+    100 s) as torch would wait for them, 30 minutes. Until this test the other ranks' first collective
+    gave rank 0 up at --epoch_timeout, and the job ended Timeout before its first epoch."""
+    wandb_server.slow["UpsertBucket"] = 10
+    flags = [*EXACT, "--epoch_timeout", "0.1", "--wandb_project", "boilerplate-tests"]
+    proc = torchrun(2, small_run(tiny_data, tmp_path / "out", *flags), tmp_path, env=wandb_server.environment())
+    text, _ = Output(proc).finish()
+    folder, res = results(tmp_path / "out")
+    assert proc.wait() == 0 and res["tags"] == ["Success"] and "Traceback" not in text, text
+    assert wandb_server.runs[folder.name].tags == ["Success"]
 
 
 def test_a_batch_that_leaves_a_rank_without_samples_is_a_usage_error(tiny_data, tmp_path):

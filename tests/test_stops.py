@@ -32,7 +32,6 @@ from conftest import (
     training_process,
 )
 from wandb_file import find_runs, whole_run
-from wandb_server import WandbServer
 
 STOPS = {
     signal.SIGINT: ("User abort", 130),
@@ -300,7 +299,7 @@ def read_to_the_end(proc: subprocess.Popen, master: int) -> str:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("answer", ["late", "ctrl+c", "ctrl+d", "closed"])
+@pytest.mark.parametrize("answer", ["late", "ctrl+c", "ctrl+d", "closed", "late, under torchrun"])
 def test_a_person_at_wandbs_login_prompt_has_all_the_time_and_a_ctrl_c_there_ends_the_run_at_once(
     answer, tiny_data, wandb_server, tmp_path
 ):
@@ -310,7 +309,9 @@ def test_a_person_at_wandbs_login_prompt_has_all_the_time_and_a_ctrl_c_there_end
     hides what is typed) ends the run before it began, at once: exit 130, nothing left, the terminal
     echoing again. Before, the start counted the person's time and gave W&B up as hung, and the Ctrl+C
     waited for that. Ctrl+D at the prompt (its input ended) is a start error saying so, exit 1; the terminal
-    closed there, a hangup before the run began, exit 129 (before, both ended as a SIGINT's death)."""
+    closed there, a hangup before the run began, exit 129 (before, both ended as a SIGINT's death). Under
+    torchrun rank 0 asks, and the other rank waits for it past --epoch_timeout, which bounds an epoch (until
+    this test that wait ended there, and the job with it)."""
     home, out = tmp_path / "home", tmp_path / "out"
     home.mkdir()
     env = {**os.environ, **launch_env(tmp_path), **wandb_server.environment(), "HOME": str(home)}
@@ -318,12 +319,15 @@ def test_a_person_at_wandbs_login_prompt_has_all_the_time_and_a_ctrl_c_there_end
     for variable in ("WANDB_API_KEY", "WANDB_SILENT", "NETRC"):
         env.pop(variable, None)
     argv = [sys.executable, str(ROOT / "main.py"), *logged(tiny_data, out)]
+    if answer == "late, under torchrun":
+        argv[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        argv += ["--epoch_timeout", "0.1"]  # 6 s
     proc, master = in_a_terminal(argv, tmp_path, env=env)
     shown, echoing, asked = "", True, time.monotonic()
     try:
         until_seen(master, b"Enter your choice")
-        if answer == "late":
-            time.sleep(36)
+        if answer.startswith("late"):
+            time.sleep(36 if answer == "late" else 10)
         if answer == "ctrl+d":
             os.write(master, b"\x04")
         elif answer == "closed":
@@ -347,7 +351,7 @@ def test_a_person_at_wandbs_login_prompt_has_all_the_time_and_a_ctrl_c_there_end
         if master is not None:
             os.close(master)
     assert "Traceback" not in shown and echoing, shown
-    if answer != "late":
+    if not answer.startswith("late"):
         status, said = {"ctrl+c": (130, "Stopped by Ctrl+C before"), "ctrl+d": (1, "Error: W&B's login was left")}.get(
             answer, (129, "")
         )
@@ -531,13 +535,6 @@ def test_one_ctrl_c_is_one_stop_whichever_process_hears_it_first(tiny_data, tmp_
     assert res["status"] == "failed" and "User abort" in res["tags"] and (folder / "checkpoint.pt").exists()
     [run] = find_runs(tmp_path, folder.name)  # the training process wrote the end: the guard never re-opened it
     assert run.exit_code == 1 and "User abort" in run.tags
-
-
-@pytest.fixture
-def wandb_server():
-    server = WandbServer()
-    yield server
-    server.close()
 
 
 def agent_args(data: Path, out: Path) -> dict:

@@ -13,6 +13,7 @@ go through W&B's own steps: created, their manifest and files announced, uploade
     server = WandbServer()            # listening on 127.0.0.1, a free port
     env = server.environment()         # WANDB_BASE_URL, WANDB_API_KEY, WANDB_MODE=online
     server.runs["RUN_ID"].history      # what the server holds
+    server.slow["UpsertBucket"] = 10   # it creates a run in 10 s
 
 For wandb.Api (report.py): a project's runs, filtered by sweep or group (`Runs`), with their config,
 state, tags and summary, and their history by keys (`RunSampledHistory`).
@@ -26,6 +27,7 @@ import gzip
 import json
 import re
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -110,6 +112,7 @@ class WandbServer:
         # sent a row's summary, apart from the row, and the process was killed before the row went.
         self.first_history_lost = False
         self.runs_unread = False  # wandb.Api().run(PATH) finds no run: the public API failing while the run goes on
+        self.slow: dict[str, float] = {}  # operation -> seconds it takes to answer (a busy server)
         server = self
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (Handler,), {"server_state": server}))
         self.httpd.daemon_threads = True
@@ -134,6 +137,7 @@ class WandbServer:
         found = re.search(r"(?:query|mutation)\s+(\w+)", query)
         operation = found[1] if found else ""
         self.requests.append(operation)
+        time.sleep(self.slow.get(operation, 0))
         with self.lock:
             if operation == "Viewer":
                 return {
