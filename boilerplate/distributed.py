@@ -31,6 +31,7 @@ TIMEOUT: datetime.timedelta | None = None  # how long a collective waits for the
 # group of their own (gloo, whatever the training's backend), as long as its default timeout.
 START: "dist.ProcessGroup | None" = None
 START_TIMEOUT = datetime.timedelta(minutes=30)
+SIGNAL_WAIT = 0.1  # seconds between looks at a wait (Python hears a signal only between them)
 DEADLINE = [math.inf]  # the epoch's, on the perf_counter clock (--epoch_timeout): Steps sets it
 
 
@@ -169,7 +170,10 @@ def wait_for_rank_0(link: "watch.Link | None" = None) -> None:
         if link is not None:
             link.send("waiting", seconds=START_TIMEOUT.total_seconds())
         with collective(START_TIMEOUT):
-            dist.barrier(group=START)
+            waiting = dist.barrier(group=START, async_op=True)
+            while not waiting.is_completed():  # in slices: a stop signal is heard meanwhile, not once rank 0 comes
+                time.sleep(SIGNAL_WAIT)
+            waiting.wait()
 
 
 class Word:

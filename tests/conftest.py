@@ -263,6 +263,21 @@ def training_process(pid: int) -> int:
     raise AssertionError("no training process found")
 
 
+def training_process_of_rank(job: int, rank: int, guarded: bool = True) -> int:
+    """The training process (main.py run again by its guard) of one rank of the job torchrun `job` started."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for guard in children(job, b"main.py"):
+            with contextlib.suppress(OSError):
+                environ = Path(f"/proc/{guard}/environ").read_bytes().split(b"\0")
+                if f"RANK={rank}".encode() in environ and not guarded:
+                    return guard
+                if f"RANK={rank}".encode() in environ and (trained := children(guard, b"main.py")):
+                    return trained[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no training process of rank {rank}")
+
+
 def kill_as_the_end_is_written(out: Path, pid: int, proc: subprocess.Popen) -> bool:
     """SIGKILL to process `pid` as soon as the run under `out` has saved its end (results.json's status is no
     longer running: W&B's finish comes next); whether it came before `proc` had ended."""

@@ -18,10 +18,10 @@ from conftest import (
     ROOT,
     WAIT,
     Output,
-    children,
     descendants,
     kill_as_the_end_is_written,
     results,
+    training_process_of_rank,
     without_times,
 )
 from demo import SLOW, small_run
@@ -158,21 +158,6 @@ def test_another_number_of_ranks_goes_on_and_says_so(tiny_data, tmp_path):
     code, text, _ = run(1, small_run(tiny_data, tmp_path / "out", *flags, "--resume", "yes"), tmp_path)
     assert code == 0 and "trained by 2 processes and goes on with 1" in text, text
     assert results(tmp_path / "out")[1]["tags"] == ["Success"]
-
-
-def training_process_of_rank(job: int, rank: int, guarded: bool = True) -> int:
-    """The training process (main.py run again by its guard) of one rank of the job torchrun `job` started."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        for guard in children(job, b"main.py"):
-            with contextlib.suppress(OSError):
-                environ = Path(f"/proc/{guard}/environ").read_bytes().split(b"\0")
-                if f"RANK={rank}".encode() in environ and not guarded:
-                    return guard
-                if f"RANK={rank}".encode() in environ and (trained := children(guard, b"main.py")):
-                    return trained[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no training process of rank {rank}")
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -30,6 +30,7 @@ from conftest import (
     small_run,
     start_main,
     training_process,
+    training_process_of_rank,
 )
 from wandb_file import find_runs, whole_run
 
@@ -299,7 +300,9 @@ def read_to_the_end(proc: subprocess.Popen, master: int) -> str:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("answer", ["late", "ctrl+c", "ctrl+d", "closed", "late, under torchrun"])
+@pytest.mark.parametrize(
+    "answer", ["late", "ctrl+c", "ctrl+d", "closed", "late, under torchrun", "rank 1 stopped, under torchrun"]
+)
 def test_a_person_at_wandbs_login_prompt_has_all_the_time_and_a_ctrl_c_there_ends_the_run_at_once(
     answer, tiny_data, wandb_server, tmp_path
 ):
@@ -311,7 +314,8 @@ def test_a_person_at_wandbs_login_prompt_has_all_the_time_and_a_ctrl_c_there_end
     waited for that. Ctrl+D at the prompt (its input ended) is a start error saying so, exit 1; the terminal
     closed there, a hangup before the run began, exit 129 (before, both ended as a SIGINT's death). Under
     torchrun rank 0 asks, and the other rank waits for it past --epoch_timeout, which bounds an epoch (until
-    this test that wait ended there, and the job with it)."""
+    this test that wait ended there, and the job with it); a stop signal to the waiting rank alone (`kill
+    PID`) ends the job before the run began, at once (it was heard only once rank 0 came)."""
     home, out = tmp_path / "home", tmp_path / "out"
     home.mkdir()
     env = {**os.environ, **launch_env(tmp_path), **wandb_server.environment(), "HOME": str(home)}
@@ -319,7 +323,7 @@ def test_a_person_at_wandbs_login_prompt_has_all_the_time_and_a_ctrl_c_there_end
     for variable in ("WANDB_API_KEY", "WANDB_SILENT", "NETRC"):
         env.pop(variable, None)
     argv = [sys.executable, str(ROOT / "main.py"), *logged(tiny_data, out)]
-    if answer == "late, under torchrun":
+    if answer.endswith("under torchrun"):
         argv[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
         argv += ["--epoch_timeout", "0.1"]  # 6 s
     proc, master = in_a_terminal(argv, tmp_path, env=env)
@@ -341,6 +345,9 @@ def test_a_person_at_wandbs_login_prompt_has_all_the_time_and_a_ctrl_c_there_end
             if answer == "ctrl+c":
                 asked = time.monotonic()
                 os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl+C: its whole foreground group
+            elif answer.startswith("rank 1"):
+                asked = time.monotonic()
+                os.kill(training_process_of_rank(proc.pid, 1), signal.SIGTERM)
             else:
                 os.write(master, b"k" * 40 + b"\n")
         if master is not None:
@@ -350,6 +357,11 @@ def test_a_person_at_wandbs_login_prompt_has_all_the_time_and_a_ctrl_c_there_end
         proc.kill()
         if master is not None:
             os.close(master)
+    if answer.startswith("rank 1"):  # torchrun ends the job as a rank failed, with its own traceback
+        assert proc.returncode == 1 and time.monotonic() - asked < 30 and echoing, shown
+        assert shown.count("Stopped by SIGTERM before the run began") == 2, shown
+        assert not list(out.rglob("*")) and not wandb_server.runs and not (home / ".netrc").exists()
+        return
     assert "Traceback" not in shown and echoing, shown
     if not answer.startswith("late"):
         status, said = {"ctrl+c": (130, "Stopped by Ctrl+C before"), "ctrl+d": (1, "Error: W&B's login was left")}.get(
