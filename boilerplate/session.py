@@ -144,7 +144,9 @@ def train_reporting_bugs(
         raise
     except Exception as e:  # noqa: BLE001 (a bug in the training code: shown whole, and the run's end written)
         if peer := e if isinstance(e, distributed.PeerLost) else distributed.gradients_lost():  # torchrun's
-            record.finish(record.tags + [utils.TIMEOUT() if peer.hung else utils.CRASHED()], f"{peer}; resumable")
+            # Before the run began (rank 0's start refused, a rank dead loading the data) there is nothing to resume
+            when = "; resumable" if stop.phase != stop.EARLY else " before the run began"
+            record.finish(record.tags + [utils.TIMEOUT() if peer.hung else utils.CRASHED()], f"{peer}{when}")
             return
         if (record.run or wandb_start.stuck) and wandb_start.lost_under(e):  # W&B's fault, under a fork's call
             hung = ", W&B having hung in this process before" if wandb_start.stuck else ""

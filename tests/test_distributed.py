@@ -257,6 +257,17 @@ def test_rank_0s_start_may_outlast_the_epoch_timeout(tiny_data, wandb_server, tm
     assert wandb_server.runs[folder.name].tags == ["Success"]
 
 
+def test_rank_0s_start_refused_ends_the_job_with_its_reason(tiny_data, wandb_server, tmp_path):
+    """W&B's server refuses rank 0's run (its entity is denied): the job ends with W&B's reason, nothing trained
+    or left, and the other rank, which waited for rank 0, says the run never began (it said "resumable")."""
+    wandb_server.denied.add(wandb_server.environment()["WANDB_ENTITY"])
+    flags = [*EXACT, "--wandb_project", "boilerplate-tests"]
+    proc = torchrun(2, small_run(tiny_data, tmp_path / "out", *flags), tmp_path, env=wandb_server.environment())
+    text, _ = Output(proc).finish()
+    assert proc.wait() == 1 and "Error: W&B's server refused the run (permission denied)" in text, text
+    assert "resumable" not in text and not list((tmp_path / "out").rglob("*")) and not wandb_server.runs, text
+
+
 def test_a_batch_that_leaves_a_rank_without_samples_is_a_usage_error(tiny_data, tmp_path):
     """2 ranks, --batch_size 1: rank 1 would have no sample in any batch (its loss a mean of nothing, NaN).
     Every rank says why, with the usage errors' exit status; nothing is trained, no folder is left."""
