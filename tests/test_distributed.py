@@ -4,6 +4,7 @@ real signals and a real SIGKILL of one rank. What holds for one process holds fo
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from conftest import (
     ROOT,
     WAIT,
     Output,
+    children,
     descendants,
     kill_as_the_end_is_written,
     results,
@@ -38,11 +40,12 @@ SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"  # torchrun'
 
 def torchrun(ranks: int, args: list[str], wandb_dir: Path, *options: str, env: dict | None = None) -> subprocess.Popen:
     """`torchrun --standalone --nproc_per_node RANKS [OPTIONS] main.py ARGS` (a free port each: tests may
-    overlap), in a session of its own, as a shell starts a job; 1 rank is plain `python main.py`. W&B logs
-    offline, unless `env` says otherwise."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *options]
+    overlap), in a session of its own, as a shell starts a job; 1 rank with no OPTIONS is plain `python
+    main.py`. W&B logs offline, unless `env` says otherwise."""
+    alone = () if "--rdzv-endpoint" in options else ("--standalone",)  # (machines() joins two launchers)
+    launcher = [sys.executable, "-m", "torch.distributed.run", *alone, f"--nproc_per_node={ranks}", *options]
     return subprocess.Popen(
-        [*(launcher if ranks > 1 else [sys.executable]), str(ROOT / "main.py"), *args],
+        [*(launcher if ranks > 1 or options else [sys.executable]), str(ROOT / "main.py"), *args],
         cwd=wandb_dir,
         # PYTHONFAULTHANDLER: a hung job's processes print their stacks as the test ends them (conftest.end_hung)
         env={**os.environ, **OFFLINE, "WANDB_DIR": str(wandb_dir), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
@@ -266,6 +269,68 @@ def test_rank_0s_start_refused_ends_the_job_with_its_reason(tiny_data, wandb_ser
     text, _ = Output(proc).finish()
     assert proc.wait() == 1 and "Error: W&B's server refused the run (permission denied)" in text, text
     assert "resumable" not in text and not list((tmp_path / "out").rglob("*")) and not wandb_server.runs, text
+
+
+def machines(args: list[str], wandb_dir: Path) -> list[subprocess.Popen]:
+    """Two machines' way on this one: two torchrun launchers of one rank each, joined by torchrun's c10d
+    rendezvous on a free port, as docs/distributed.md's command on each machine joins them. Each launcher is
+    in a session of its own, as on a machine of its own."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    rendezvous = ("--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "job")
+    return [torchrun(1, args, wandb_dir, *rendezvous) for _ in range(2)]
+
+
+def machine_of_rank(nodes: list[subprocess.Popen], rank: int) -> subprocess.Popen:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for node in nodes:
+            for guard in children(node.pid, b"main.py"):
+                with contextlib.suppress(OSError):
+                    if f"RANK={rank}".encode() in Path(f"/proc/{guard}/environ").read_bytes().split(b"\0"):
+                        return node
+        time.sleep(0.05)
+    raise AssertionError(f"no machine runs rank {rank}")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_machine_lost_ends_the_run_crashed_and_the_machines_resume_it(rank, tiny_data, tmp_path):
+    """Two machines (torchrun's rendezvous, on this one); every process of one machine killed at once
+    mid-run (the machine lost: its launcher, its rank's guard and training process, W&B's service). Rank 1's
+    machine lost: rank 0 ends the run Crashed, its epochs kept, resumable. Rank 0's: nothing is left to
+    write the run's end (results.json says running, as after a power cut), and rank 1 says the run is
+    resumable. Either way the same command with --resume yes on both machines finishes the run."""
+    flags = [*EXACT, "--epochs", "3", *SLOW]
+    nodes = machines(small_run(tiny_data, tmp_path / "out", *flags), tmp_path)
+    outputs = [Output(node) for node in nodes]
+    wait_for_epochs(tmp_path / "out", 1, nodes[0])
+    deadline = time.monotonic() + 60  # the epoch's checkpoint is saved after its results.json
+    while not list((tmp_path / "out").glob("*/*/checkpoint.pt")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    lost = machine_of_rank(nodes, rank)
+    tree = [lost.pid, *descendants(lost.pid)]
+    for pid in tree:  # all at once, as a machine goes: none of them sees another die
+        os.kill(pid, signal.SIGSTOP)
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
+    [(kept, output)] = [(node, out) for node, out in zip(nodes, outputs, strict=True) if node is not lost]
+    text, _ = output.finish()
+    outputs[nodes.index(lost)].finish()
+    assert kept.wait() != 0
+    folder, res = results(tmp_path / "out")
+    assert res["history"] and (folder / "checkpoint.pt").exists(), text
+    assert (res["status"], res["tags"]) == (("running", []) if rank == 0 else ("failed", ["Crashed"])), text
+    assert "another process of the job died" in text and "resumable" in text and "boilerplate/" not in text, text
+    nodes = machines(small_run(tiny_data, tmp_path / "out", *flags, "--resume", "yes"), tmp_path)
+    texts = [Output(node).finish()[0] for node in nodes]
+    assert [node.wait() for node in nodes] == [0, 0], texts
+    resumed = results(tmp_path / "out")[1]
+    assert resumed["tags"] == ["Success"] and [row["epoch"] for row in resumed["history"] if row["evaluated"]] == [
+        1,
+        2,
+        3,
+    ], texts
 
 
 def test_a_batch_that_leaves_a_rank_without_samples_is_a_usage_error(tiny_data, tmp_path):
