@@ -30,8 +30,8 @@ def device_error(device: str) -> str | None:
         if d.type == "cuda":
             if not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count():
                 return "no such CUDA device"
-        else:
-            torch.empty(0, device=d)
+        else:  # made and read back: `meta` makes tensors of shapes alone, with nothing to read
+            torch.zeros(1, device=d).cpu()
     except (RuntimeError, AssertionError) as e:
         return described(e)
     return None

@@ -803,11 +803,21 @@ def test_the_largest_seed_trains(tiny_data, tmp_path):
     assert results(tmp_path)[1]["seed"] == 2**63 - 1
 
 
-def test_unusable_device_is_a_usage_error(tiny_data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("DEVICE", "nonsense")
+@pytest.mark.parametrize(
+    "device, why",
+    [
+        ("nonsense", "Expected one of cpu, cuda"),  # in $DEVICE, the default of --device
+        ("cuda:99", "no such CUDA device"),
+        ("meta", "Cannot copy out of meta tensor"),  # a device of shapes alone: it raised in the training code
+    ],
+)
+def test_unusable_device_is_a_usage_error(device, why, tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DEVICE", device)
     with pytest.raises(SystemExit) as exit_:
-        run_main("--data_path", str(tiny_data))
-    assert exit_.value.code == 2 and "nonsense" in capsys.readouterr().err
+        run_main(*small_run(tiny_data, tmp_path, "--device", ""))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument --device: {device!r} cannot be used here" in err and why in err, err
+    assert not list(tmp_path.glob("*/*"))
 
 
 ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
