@@ -49,6 +49,12 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def restarts() -> tuple[int, int]:
+    """How many times torchrun has started the job's processes again after one failed (its --max-restarts),
+    and how many times it may."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+
+
 def device(chosen: str) -> str:
     """Under torchrun on CUDA, each rank its own device: LOCAL_RANK's."""
     if launched() and chosen == "cuda":
@@ -69,7 +75,13 @@ def start(device: torch.device, timeout_minutes: float) -> None:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
         START = dist.new_group(backend="gloo", timeout=START_TIMEOUT)
     except (RuntimeError, ValueError) as e:
-        raise StartError(f"could not join the other processes of the job ({described(e)})") from None
+        # torch's own fault (pytorch/pytorch#135712, #167288): after a restart the ranks may read the addresses
+        # the processes before them left in torchrun's store, and connect to nothing
+        stale = restarts()[0] and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        advice = (
+            "; restarted by torchrun, the job may need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set for it" if stale else ""
+        )
+        raise StartError(f"could not join the other processes of the job ({described(e)}){advice}") from None
 
 
 def stop() -> None:

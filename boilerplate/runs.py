@@ -213,11 +213,12 @@ def own(folder: Path, wait: float = 0.0) -> int:
 
 
 def run_folder(
-    opts: dict, config: dict, resume: bool, any_seed: bool, hyperparameters: list[str]
+    opts: dict, config: dict, resume: bool, any_seed: bool, hyperparameters: list[str], asked: str = "--resume yes"
 ) -> tuple[Path, dict | None, int]:
     """The run's folder, OUTPUT_PATH/GROUP/RUN_ID, owned by this process (see own()), and, with `resume`,
     the results of the run it continues (see resume_folder); else a new folder holding config.json, and
-    None. RUN_ID is also the W&B run's id: WANDB_RUN_ID under `wandb agent`, else 8 random hex digits."""
+    None. RUN_ID is also the W&B run's id: WANDB_RUN_ID under `wandb agent`, else 8 random hex digits.
+    `asked`: what asked for the resume, as the messages name it."""
     wandb_start.check_writable(opts["output_path"])
     if resume:
         if found := resume_folder(opts, config, any_seed):
@@ -226,7 +227,7 @@ def run_folder(
         if not os.environ.get("WANDB_RUN_ID"):  # under the agent a new run id is a new run: nothing to say
             which = "of this group" if any_seed else "of this group and seed"
             print(
-                f"--resume yes: no stopped run {which} under {Path(opts['output_path'], config['group'])}; "
+                f"{asked}: no stopped run {which} under {Path(opts['output_path'], config['group'])}; "
                 f"starting a new one.{why_no_match(opts, config, any_seed, hyperparameters)}",
                 file=sys.stderr,
             )

@@ -68,7 +68,11 @@ def run(experiment: Experiment, argv: list[str] | None, link: watch.Link) -> int
     if args.precision == "bf16" and (why := devices.bf16_error(torch.device(args.device))):
         parser.error(f"argument --precision: bf16 cannot run on {args.device} ({why}); use fp32")
     devices.use_the_allowed_cores()
-    distributed.start(torch.device(args.device), args.epoch_timeout)
+    try:
+        distributed.start(torch.device(args.device), args.epoch_timeout)
+    except StartError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
     owner = distributed.rank() == 0  # under torchrun, rank 0 alone owns the run: its folder, results and W&B
     hyperparameters = options.hyperparameter_names(parser)
     config = {**opts, "group": utils.generate_name(opts, hyperparameters)}
@@ -79,14 +83,26 @@ def run(experiment: Experiment, argv: list[str] | None, link: watch.Link) -> int
     for reason in reasons if owner else []:
         print(f"Warning: irrelevant hyper-parameters: {reason}", file=sys.stderr)
     keep = owner and (args.save or args.checkpoint_every)  # checkpoints live in the run folder too
+    # torchrun's --max-restarts starts every rank again after one failed: the job continues its run, as torch
+    # asks of a script that is restarted, where it would train another from scratch beside the one it left.
+    restart, most = distributed.restarts()
+    continues = owner and restart > 0 and bool(args.checkpoint_every)
+    if restart and owner:
+        what = (
+            "it continues the run it stopped, if it left one"
+            if continues
+            else "it trains a new run (--checkpoint_every 0: no checkpoint)"
+        )
+        print(f"torchrun restarted the job ({restart} of {most} restarts): {what}", file=sys.stderr)
+    asked = "--resume yes" if args.resume or not continues else "torchrun's restart"  # as messages name it
     # Under `wandb agent` a run id that left a checkpoint is a preempted run W&B has re-queued.
-    resume = keep and (args.resume or bool(os.environ.get("WANDB_RUN_ID")))
+    resume = keep and (args.resume or bool(os.environ.get("WANDB_RUN_ID")) or continues)
     folder, previous, lock, ranks = None, None, None, distributed.Word()
     try:
         if keep:
             with link.deferred():  # the folder is made and owned whole, or not at all
                 folder, previous, lock = runs.run_folder(
-                    opts, config, resume, any_seed and args.resume, hyperparameters
+                    opts, config, resume, any_seed and (args.resume or continues), hyperparameters, asked
                 )
                 link.unstarted = folder
         if previous:  # a run resumed: its own seed (another than drawn, with --seed random)
@@ -110,9 +126,9 @@ def run(experiment: Experiment, argv: list[str] | None, link: watch.Link) -> int
     except runs.AlreadyEnded as ended:
         results = ended.results
         print(
-            f"--resume yes: this run has ended already, in {ended.folder}: {results['status']} after "
-            f"{len(results['history'])} epochs, tags {', '.join(results['tags']) or 'none'}. Nothing to train "
-            "(without --resume yes it trains again).",
+            f"{asked}: this run has ended already, in {ended.folder}: {results['status']} after "
+            f"{len(results['history'])} epochs, tags {', '.join(results['tags']) or 'none'}. Nothing to train"
+            + (" (without --resume yes it trains again)." if asked == "--resume yes" else "."),
             file=sys.stderr,
         )
         return ranks.tell({"status": int(results["status"] != "finished")})["status"]

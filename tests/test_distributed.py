@@ -35,6 +35,8 @@ pytestmark = pytest.mark.timeout(300)
 EXACT = ("--optimizer", "sgd", "--lr", "0.1", "--seed", "3", "--checkpoint_every", "1")
 
 
+# torchrun restarting a job: torch's own fault aside (test_a_job_torchrun_restarts_continues_its_run)
+NO_STALE_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"  # torchrun's four, and SLURM's warnings
 
 
@@ -331,6 +333,49 @@ def test_a_machine_lost_ends_the_run_crashed_and_the_machines_resume_it(rank, ti
         2,
         3,
     ], texts
+
+
+def test_a_job_torchrun_restarts_continues_its_run(tiny_data, tmp_path):
+    """torchrun --max-restarts 1, rank 1's training process killed after epoch 1: torchrun starts every rank
+    again, and the job continues the run it left from its checkpoint, as torch asks of a restarted script:
+    one run, each epoch once, Success, exit 0. Until this test the restart trained a second run from scratch
+    beside the Crashed one. (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: without it torch's restarted ranks may
+    read their predecessors' addresses and fail to join, pytorch/pytorch#135712.)"""
+    flags = [*EXACT, "--epochs", "3", *SLOW, "--wandb_project", "boilerplate-tests"]
+    restarts = ("--max-restarts", "1")
+    proc = torchrun(2, small_run(tiny_data, tmp_path / "out", *flags), tmp_path, *restarts, env=NO_STALE_STORE)
+    output = Output(proc)
+    wait_for_epochs(tmp_path / "out", 1, proc)
+    deadline = time.monotonic() + 60  # the epoch's checkpoint is saved after its results.json
+    while not list((tmp_path / "out").glob("*/*/checkpoint.pt")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(training_process_of_rank(proc.pid, 1), signal.SIGKILL)
+    text, _ = output.finish()
+    assert (
+        proc.wait() == 0 and "torchrun restarted the job (1 of 1 restarts): it continues the run it stopped" in text
+    ), text
+    [folder] = list((tmp_path / "out").glob("*/*/"))
+    res = results(tmp_path / "out")[1]
+    assert res["tags"] == ["Success"] and [row["epoch"] for row in res["history"] if row["evaluated"]] == [1, 2, 3]
+    assert [sitting.tags for sitting in find_runs(tmp_path, folder.name)] == [["Crashed"], ["Success"]]
+
+
+@pytest.mark.parametrize("restarted", [False, True])
+def test_a_rank_that_cannot_join_the_job_says_so_without_a_traceback(restarted, tiny_data, tmp_path):
+    """A rank whose job's address answers nothing (torchrun's variables set by hand, or by a scheduler, with
+    no job there): a start error, exit 1, no traceback (until this test, a traceback). Restarted by torchrun,
+    it names the variable that avoids torch's own fault there."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # closed again: nothing listens there
+    alone = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    if restarted:
+        alone |= {"TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    proc = torchrun(1, small_run(tiny_data, tmp_path / "out", "--epoch_timeout", "0.05"), tmp_path, env=alone)
+    text, _ = Output(proc).finish()
+    assert proc.wait() == 1 and "Error: could not join the other processes of the job" in text, text
+    assert "Traceback" not in text and not list((tmp_path / "out").glob("*/*")), text
+    assert ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in text) == restarted, text
 
 
 def test_a_batch_that_leaves_a_rank_without_samples_is_a_usage_error(tiny_data, tmp_path):
