@@ -273,13 +273,17 @@ def test_rank_0s_start_refused_ends_the_job_with_its_reason(tiny_data, wandb_ser
     assert "resumable" not in text and not list((tmp_path / "out").rglob("*")) and not wandb_server.runs, text
 
 
+def free_port() -> int:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1]
+
+
 def machines(args: list[str], wandb_dir: Path) -> list[subprocess.Popen]:
     """Two machines' way on this one: two torchrun launchers of one rank each, joined by torchrun's c10d
     rendezvous on a free port, as docs/distributed.md's command on each machine joins them. Each launcher is
     in a session of its own, as on a machine of its own."""
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     rendezvous = ("--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "job")
     return [torchrun(1, args, wandb_dir, *rendezvous) for _ in range(2)]
 
@@ -365,9 +369,7 @@ def test_a_rank_that_cannot_join_the_job_says_so_without_a_traceback(restarted, 
     """A rank whose job's address answers nothing (torchrun's variables set by hand, or by a scheduler, with
     no job there): a start error, exit 1, no traceback (until this test, a traceback). Restarted by torchrun,
     it names the variable that avoids torch's own fault there."""
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # nothing listens there
     alone = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     if restarted:
         alone |= {"TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_USE_AGENT_STORE": "True"}
