@@ -966,9 +966,16 @@ def test_bf16_learns_tags_stops_on_a_non_finite_loss_and_names_its_own_group(tin
 
 
 def test_bf16_where_it_cannot_run_is_a_usage_error_and_where_slow_a_warning(tiny_data, tmp_path, capsys, monkeypatch):
-    with pytest.raises(SystemExit) as exit_:
-        run_main(*small_run(tiny_data, tmp_path, "--precision", "bf16", "--device", "meta"))
-    assert exit_.value.code == 2 and "argument --precision: bf16 cannot run on meta" in capsys.readouterr().err
+    # No device here both holds data and refuses bf16 (a GPU older than Ampere would): meta, which refuses
+    # both, gives the check its reason, and the command line is shown a device with that reason
+    why = devices.bf16_error(torch.device("meta"))
+    assert why
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as exit_:
+        patch.setattr(devices, "bf16_error", lambda device: why)
+        run_main(*small_run(tiny_data, tmp_path, "--precision", "bf16"))
+    assert exit_.value.code == 2 and f"argument --precision: bf16 cannot run on cpu ({why}); use fp32" in (
+        capsys.readouterr().err
+    )
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN kept from the CPU's bf16 instructions
     assert run_main(*small_run(tiny_data, tmp_path, "--precision", "bf16", "--epochs", "1")) == 0
     assert "runs emulated here, slower than fp32" in capsys.readouterr().err
