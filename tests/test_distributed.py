@@ -339,6 +339,39 @@ def test_a_machine_lost_ends_the_run_crashed_and_the_machines_resume_it(rank, ti
     ], texts
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_machine_that_stops_answering_ends_the_run_timeout(rank, tiny_data, tmp_path):
+    """Two machines (torchrun's rendezvous, on this one); every process of one machine frozen at once mid-run
+    (SIGSTOP), as the others meet a machine cut off the network: its connections open, nothing coming back.
+    Past --epoch_timeout the other machine's rank gives it up, not a job stuck forever: rank 1's frozen,
+    rank 0 ends the run Timeout; rank 0's, rank 1 says the run is resumable and leaves its end to rank 0,
+    which writes it, Timeout, when its machine comes back (SIGCONT). Either way the run keeps its epochs."""
+    flags = [*EXACT, "--epochs", "50", *SLOW, "--epoch_timeout", "0.1"]
+    nodes = machines(small_run(tiny_data, tmp_path / "out", *flags), tmp_path)
+    outputs = [Output(node) for node in nodes]
+    wait_for_epochs(tmp_path / "out", 1, nodes[0])
+    frozen = machine_of_rank(nodes, rank)
+    tree = [frozen.pid, *descendants(frozen.pid)]
+    for pid in tree:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        [(kept, output)] = [(node, out) for node, out in zip(nodes, outputs, strict=True) if node is not frozen]
+        text, _ = output.finish()
+        assert kept.wait() != 0
+        assert "did not answer in time" in text and "resumable" in text and "boilerplate/" not in text, text
+        res = results(tmp_path / "out")[1]
+        assert (res["status"], res["tags"]) == (("running", []) if rank == 0 else ("failed", ["Timeout"])), text
+    finally:
+        for pid in tree:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGCONT)
+    text, _ = outputs[nodes.index(frozen)].finish()
+    assert frozen.wait() != 0
+    folder, res = results(tmp_path / "out")
+    assert (res["status"], res["tags"]) == ("failed", ["Timeout"]), text
+    assert res["history"] and (folder / "checkpoint.pt").exists(), text
+
+
 def test_a_job_torchrun_restarts_continues_its_run(tiny_data, tmp_path):
     """torchrun --max-restarts 1, rank 1's training process killed after epoch 1: torchrun starts every rank
     again, and the job continues the run it left from its checkpoint, as torch asks of a restarted script:
