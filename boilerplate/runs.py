@@ -162,13 +162,23 @@ def stopped(results: dict) -> bool:
     return results["status"] == "running" or utils.resumable(results["tags"])
 
 
-def resume_folder(opts: dict, config: dict, any_seed: bool) -> tuple[Path, dict, int] | None:
+def torchrun_job() -> str | None:
+    """The torchrun job this process is part of, kept in results.json: its --rdzv-id, which torchrun draws
+    anew for each launch on one machine. None outside torchrun, and for a job across machines left unnamed
+    (torch's default id, "none", is every such job's)."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    return job if job and job != "none" else None
+
+
+def resume_folder(opts: dict, config: dict, any_seed: bool, job: str | None = None) -> tuple[Path, dict, int] | None:
     """The run --resume yes continues, owned by this process: the newest stopped run of this command that
-    no process trains. None when there is none; AlreadyEnded when this command's newest run before it ended
-    for good (with `any_seed`, for --seed random, none counts: each such run is a new replicate); Busy when
-    every stopped one is being trained."""
+    no process trains (with `job`, of that torchrun job alone). None when there is none; AlreadyEnded when
+    this command's newest run before it ended for good (with `any_seed`, for --seed random, none counts:
+    each such run is a new replicate); Busy when every stopped one is being trained."""
     busy = None
     for folder, results in previous_runs(opts, config, any_seed):
+        if job is not None and results.get("job") != job:
+            continue
         if stopped(results):
             try:
                 lock = own(folder)
@@ -213,18 +223,26 @@ def own(folder: Path, wait: float = 0.0) -> int:
 
 
 def run_folder(
-    opts: dict, config: dict, resume: bool, any_seed: bool, hyperparameters: list[str], asked: str = "--resume yes"
+    opts: dict,
+    config: dict,
+    resume: bool,
+    any_seed: bool,
+    hyperparameters: list[str],
+    asked: str = "--resume yes",
+    job: str | None = None,
+    quiet: bool = False,
 ) -> tuple[Path, dict | None, int]:
     """The run's folder, OUTPUT_PATH/GROUP/RUN_ID, owned by this process (see own()), and, with `resume`,
-    the results of the run it continues (see resume_folder); else a new folder holding config.json, and
-    None. RUN_ID is also the W&B run's id: WANDB_RUN_ID under `wandb agent`, else 8 random hex digits.
-    `asked`: what asked for the resume, as the messages name it."""
+    the results of the run it continues (see resume_folder; with `job`, a run of that torchrun job alone);
+    else a new folder holding config.json, and None. RUN_ID is also the W&B run's id: WANDB_RUN_ID under
+    `wandb agent`, else 8 random hex digits. `asked`: what asked for the resume, as the messages name it;
+    `quiet`: no word when there is no run to resume (a job's first start)."""
     wandb_start.check_writable(opts["output_path"])
     if resume:
-        if found := resume_folder(opts, config, any_seed):
+        if found := resume_folder(opts, config, any_seed, job):
             print(f"Resuming the run in {found[0]}", file=sys.stderr)
             return found
-        if not os.environ.get("WANDB_RUN_ID"):  # under the agent a new run id is a new run: nothing to say
+        if not quiet and not os.environ.get("WANDB_RUN_ID"):  # under the agent a new run id is a new run
             which = "of this group" if any_seed else "of this group and seed"
             print(
                 f"{asked}: no stopped run {which} under {Path(opts['output_path'], config['group'])}; "
@@ -276,6 +294,7 @@ def save_results(
                 "best": utils.best_summary(best) if best else None,
                 "constants": constants,
                 "wandb_run_path": run_path,
+                "job": torchrun_job(),
             },
         )
 

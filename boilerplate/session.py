@@ -83,10 +83,12 @@ def run(experiment: Experiment, argv: list[str] | None, link: watch.Link) -> int
     for reason in reasons if owner else []:
         print(f"Warning: irrelevant hyper-parameters: {reason}", file=sys.stderr)
     keep = owner and (args.save or args.checkpoint_every)  # checkpoints live in the run folder too
-    # torchrun's --max-restarts starts every rank again after one failed: the job continues its run, as torch
-    # asks of a script that is restarted, where it would train another from scratch beside the one it left.
+    # torchrun starts every rank again after one failed (--max-restarts) and when a machine joins the job
+    # (--nnodes MIN:MAX): the job continues the run it stopped, as torch asks of a script started again, where
+    # it would train another from scratch beside the one it left. Its run is the one its job id left.
     restart, most = distributed.restarts()
-    continues = owner and restart > 0 and bool(args.checkpoint_every)
+    job = runs.torchrun_job()
+    continues = owner and (restart > 0 or job is not None) and bool(args.checkpoint_every)
     if restart and owner:
         what = (
             "it continues the run it stopped, if it left one"
@@ -94,17 +96,34 @@ def run(experiment: Experiment, argv: list[str] | None, link: watch.Link) -> int
             else "it trains a new run (--checkpoint_every 0: no checkpoint)"
         )
         print(f"torchrun restarted the job ({restart} of {most} restarts): {what}", file=sys.stderr)
-    asked = "--resume yes" if args.resume or not continues else "torchrun's restart"  # as messages name it
+    asked = "--resume yes"  # what continues a run, as messages name it
+    if continues and not args.resume:
+        asked = "torchrun's restart" if restart else f"torchrun's job {job}"
     # Under `wandb agent` a run id that left a checkpoint is a preempted run W&B has re-queued.
-    resume = keep and (args.resume or bool(os.environ.get("WANDB_RUN_ID")) or continues)
+    asked_for = args.resume or bool(os.environ.get("WANDB_RUN_ID"))
+    resume = keep and (asked_for or continues)
+    by_job = continues and not asked_for  # torchrun's own start: the run its job left, if it left one
     folder, previous, lock, ranks = None, None, None, distributed.Word()
     try:
         if keep:
             with link.deferred():  # the folder is made and owned whole, or not at all
                 folder, previous, lock = runs.run_folder(
-                    opts, config, resume, any_seed and (args.resume or continues), hyperparameters, asked
+                    opts,
+                    config,
+                    resume,
+                    any_seed and (args.resume or continues),
+                    hyperparameters,
+                    asked,
+                    job=job if by_job else None,
+                    quiet=by_job and not restart,  # a job's first start, most likely: nothing to say
                 )
                 link.unstarted = folder
+                if previous and by_job and not restart:
+                    print(
+                        f"torchrun started job {job} again (a machine joined it, or it was re-queued): "
+                        "it continues the run it stopped",
+                        file=sys.stderr,
+                    )
         if previous:  # a run resumed: its own seed (another than drawn, with --seed random)
             args.seed = config["seed"] = previous["seed"]
         word = ranks.tell({"seed": args.seed})  # the other ranks train with rank 0's seed, or end with it

@@ -192,6 +192,32 @@ def test_patience_stops_a_run_that_no_longer_improves_and_survives_a_resume(stop
         assert resumed["best"] == res["best"]
 
 
+def test_a_torchrun_jobs_new_start_continues_the_run_it_stopped_and_no_other(tiny_data, tmp_path, monkeypatch, capfd):
+    """torchrun starts a job's processes again when a machine joins it (its restart count still 0): the job
+    continues the run it stopped, found by the job's id (TORCHELASTIC_RUN_ID, kept in results.json), and says
+    so. Another job (a new launch: a new id) leaves that run alone and starts its own, saying nothing."""
+    preempt = Preempted(monkeypatch)
+    argv = small_run(tiny_data, tmp_path, "--epochs", "3")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    preempt.start(2)
+    assert run_main(*argv) == 1
+    stopped, res = results(tmp_path)
+    assert res["tags"] == ["Preempted"] and res["job"] == "job-a"
+    preempt.start()
+    capfd.readouterr()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")
+    assert run_main(*argv) == 0
+    assert "stopped run" not in capfd.readouterr().err
+    [other] = [folder for folder in tmp_path.glob("*/*/") if folder != stopped]
+    assert json.loads((stopped / "results.json").read_text())["tags"] == ["Preempted"]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    assert run_main(*argv) == 0
+    assert "torchrun started job job-a again" in capfd.readouterr().err
+    res = json.loads((stopped / "results.json").read_text())
+    assert res["tags"] == ["Success"] and [row["epoch"] for row in res["history"] if row["evaluated"]] == [1, 2, 3]
+    assert len(list(tmp_path.glob("*/*/"))) == 2
+
+
 @pytest.mark.parametrize("when", ["best", "end"])
 def test_the_model_is_logged_as_a_wandb_artifact_and_read_back_from_the_run_file(when, tiny_data, wandb_dir, tmp_path):
     argv = small_run(tiny_data, tmp_path, "--epochs", "3", "--log_model", when, "--wandb_project", "boilerplate-tests")
