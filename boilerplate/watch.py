@@ -463,6 +463,11 @@ class Watch:
             self.remove_unstarted()
             return 1
         if not self.started.get("owner", True):  # one rank of several under torchrun: rank 0's guard writes the run
+            if self.ending and not self.hung:  # after its last epoch, agreed by every rank: its part is done
+                # (rank 0 may have written the end before this rank said so): the job's status is rank 0's
+                rank = os.environ.get("RANK")
+                print(f"Warning: {message or tag} after its last epoch (rank {rank}).", file=sys.stderr, flush=True)
+                return 0
             print(f"Error: {message or tag} (rank {os.environ.get('RANK')}).", file=sys.stderr, flush=True)
             return 1
         return self.take_over(tag, message and f"{message} before the end of the run")
