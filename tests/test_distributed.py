@@ -436,6 +436,44 @@ def test_a_machine_that_joins_an_elastic_job_continues_its_run(tiny_data, tmp_pa
     assert [sitting.tags for sitting in find_runs(tmp_path, folder.name)] == [["Preempted"], ["Success"]]
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_machine_that_leaves_an_elastic_job_leaves_its_run_to_the_others(rank, tiny_data, tmp_path):
+    """An elastic job (--nnodes 1:2, --max-restarts) on two machines; every process of one killed at once
+    after epoch 1 (the machine lost). torchrun restarts the machine left, and the job continues its run on
+    it, whichever rank the lost machine ran: one run, each epoch once, Success, exit 0. Rank 0's lost, the
+    run's end was never written (results.json says running): it is found all the same. The rendezvous is
+    kept apart from both machines (a store held by the test, as by a host outside the job or etcd): the
+    machine that holds it is one torchrun cannot lose (docs/distributed.md)."""
+    flags = [*EXACT, "--epochs", "6", *SLOW, "--wandb_project", "boilerplate-tests"]
+    args, port = small_run(tiny_data, tmp_path / "out", *flags), free_port()
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True)  # noqa: F841 (held)
+    endpoint = ("--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"job-{port}")
+    conf = ("--rdzv-conf", "is_host=false,last_call_timeout=1")
+    elastic = ("--nnodes", "1:2", *endpoint, *conf, "--max-restarts", "1")
+    nodes = [torchrun(1, args, tmp_path, *elastic, env=NO_STALE_STORE) for _ in range(2)]
+    outputs = [Output(node) for node in nodes]
+    wait_for_epochs(tmp_path / "out", 1, nodes[0])
+    deadline = time.monotonic() + 60  # the epoch's checkpoint is saved after its results.json
+    while not list((tmp_path / "out").glob("*/*/checkpoint.pt")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    lost = machine_of_rank(nodes, rank)
+    tree = [lost.pid, *descendants(lost.pid)]
+    for pid in tree:  # all at once, as a machine goes
+        os.kill(pid, signal.SIGSTOP)
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
+    [(kept, output)] = [(node, out) for node, out in zip(nodes, outputs, strict=True) if node is not lost]
+    text, _ = output.finish()
+    outputs[nodes.index(lost)].finish()
+    assert kept.wait() == 0 and "torchrun restarted the job (1 of 1 restarts): it continues" in text, text
+    [folder] = list((tmp_path / "out").glob("*/*/"))
+    res = results(tmp_path / "out")[1]
+    assert res["tags"] == ["Success"] and [row["epoch"] for row in res["history"] if row["evaluated"]] == list(
+        range(1, 7)
+    ), text
+    assert [sitting.tags for sitting in find_runs(tmp_path, folder.name)][-1] == ["Success"]
+
+
 @pytest.mark.parametrize("restarted", [False, True])
 def test_a_rank_that_cannot_join_the_job_says_so_without_a_traceback(restarted, tiny_data, tmp_path):
     """A rank whose job's address answers nothing (torchrun's variables set by hand, or by a scheduler, with
