@@ -41,6 +41,17 @@ def copy_project(folder: Path) -> Path:
     return folder
 
 
+def fork(tmp_path: Path, *changes: tuple[str, str]) -> Path:
+    """A copy of the project whose main.py has each (anchor, code) change: code inserted before the anchor."""
+    folder = copy_project(tmp_path / "fork")
+    source = (folder / "main.py").read_text()
+    for anchor, code in changes:
+        assert source.count(anchor) == 1, anchor
+        source = source.replace(anchor, code + anchor)
+    (folder / "main.py").write_text(source)
+    return folder
+
+
 def calls_wandb(script: Path) -> bool:
     """Whether the experiment's code calls W&B itself (a fork's own wandb.log), not through the run: such a
     call raises when W&B's service has died, and the run ends `W&B lost`, resumable, by design."""

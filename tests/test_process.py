@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +18,7 @@ from conftest import (
     Output,
     calls_wandb,
     children,
-    copy_project,
+    fork,
     results,
     small_run,
     start_main,
@@ -234,17 +233,6 @@ def test_wandb_service_dying_mid_run_costs_nothing_but_wandb_logging(tiny_data, 
     assert cores and proc.returncode == 0 and "Traceback" not in stderr, stderr
     assert "Warning: W&B failed" in stderr and "results.json holds every epoch" in stderr
     assert res["status"] == "finished" and res["tags"][0] == "Success" and len(res["history"]) == 40
-
-
-def fork(tmp_path: Path, *changes: tuple[str, str]) -> Path:
-    """A copy of the project whose main.py has each (anchor, code) change: code inserted before the anchor."""
-    folder = copy_project(tmp_path / "fork")
-    source = (folder / "main.py").read_text()
-    for anchor, code in changes:
-        assert source.count(anchor) == 1, anchor
-        source = source.replace(anchor, code + anchor)
-    (folder / "main.py").write_text(source)
-    return folder
 
 
 @pytest.mark.parametrize(
