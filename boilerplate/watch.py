@@ -5,7 +5,8 @@ owns its run (W&B, the run folder; see runs.py) and tells the guard, through a p
 write the run's end itself: results.json's status and tags, and the W&B run, re-opened by its id,
 tagged and finished Failed. If the guard dies, Linux sends the training process a signal (GUARD_DIED)
 and it stops as `Stopped`, resumable. Under torchrun each rank's `python main.py` is a guard of its own; the
-run's end is rank 0's to write (a rank of several says `owner: false` when it starts; docs/distributed.md).
+run's end is rank 0's to write (a rank of several says `owner: false` when it starts; docs/distributed.md),
+and torchrun's death stops it as a SIGTERM to main.py alone does (stop_with_torchrun).
 
 Stops. The first cause of a stop names the run's end, and nothing changes it once the end is decided.
 - Ctrl+C (SIGINT) reaches both processes (a terminal signals the whole foreground group); the guard
@@ -301,6 +302,18 @@ def stop_with_parent(parent: int, signum: int) -> None:
         os.kill(os.getpid(), signum)
 
 
+def stop_with_torchrun(guarding: bool) -> None:
+    """Under torchrun, in a rank's first process (the guard, or training without one): torchrun's death,
+    even by SIGKILL (W&B agent's last resort, local_sweep's second Ctrl+C, `kill -9`), stops the run as a
+    SIGTERM to main.py alone does, `Stopped`, resumable. torchrun starts each rank in a session of its own
+    and stops none as it dies: until this, they trained on to their last epoch, unwatched."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # set by torchrun for every rank it starts
+        return
+    word = signal.SIGTERM if guarding else GUARD_STOP  # the guard's own SIGTERM, or its word for one
+    signal.pthread_sigmask(signal.SIG_BLOCK, (word,))  # until the process can act on it, as main.py's first line
+    stop_with_parent(os.getppid(), word)
+
+
 def start_training(script: str, argv: list[str], write: int) -> subprocess.Popen:
     guard_pid = os.getpid()
 
@@ -571,7 +584,10 @@ def begin(script: str, parser: "argparse.ArgumentParser") -> "Link":
     sys.stdout.reconfigure(line_buffering=True)  # a log file gets each line as it is printed, as a terminal does
     output.outlive_readers()  # a reader gone (`| tee` ended by the same Ctrl+C, a closed terminal) ends no run
     args = parser.parse_args()
-    if args.watchdog and not guarded() and (debugged := debugger()):
+    debugged = args.watchdog and not guarded() and debugger()
+    if not guarded():
+        stop_with_torchrun(guarding=bool(args.watchdog and not debugged))
+    if debugged:
         print(
             f"Debugging ({debugged}): training in this process, without the guard (as --watchdog no).",
             file=sys.stderr,

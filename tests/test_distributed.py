@@ -259,6 +259,29 @@ def test_a_stop_that_reaches_any_rank_stops_every_rank_after_the_same_batch(sign
 
 
 @pytest.mark.parametrize("watchdog", ["yes", "no"])
+def test_torchrun_killed_stops_every_rank(watchdog, tiny_data, tmp_path):
+    """torchrun itself killed (SIGKILL: W&B agent's last resort, local_sweep's second Ctrl+C, `kill -9`)
+    mid-run: every rank stops after the same batch, as after a SIGTERM to main.py alone: Stopped, resumable,
+    no process left. torchrun starts each rank in a session of its own and stops none as it dies: until
+    this test the ranks trained on, unwatched, to their last epoch (50 here)."""
+    flags = [*EXACT, "--epochs", "50", *SLOW, "--watchdog", watchdog]
+    proc = torchrun(2, small_run(tiny_data, tmp_path / "out", *flags), tmp_path)
+    output = Output(proc)
+    wait_for_epochs(tmp_path / "out", 1, proc)
+    tree = descendants(proc.pid)
+    proc.kill()
+    text, _ = output.finish()  # the ranks share torchrun's output: it ends when they have
+    deadline = time.monotonic() + 60
+    while not all(ended(pid) for pid in tree):
+        assert time.monotonic() < deadline, f"a rank outlived torchrun:\n{text}"
+        time.sleep(0.1)
+    folder, res = results(tmp_path / "out")
+    assert res["status"] == "failed" and res["tags"] == ["Stopped"], text
+    assert len(res["history"]) < 50 and (folder / "checkpoint.pt").exists(), text
+    assert "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("watchdog", ["yes", "no"])
 def test_a_rank_that_hangs_ends_the_run_timeout(watchdog, tiny_data, tmp_path):
     """Rank 1 frozen (SIGSTOP) mid-epoch: past --epoch_timeout the run ends Timeout, not a job stuck forever:
     its guard kills it (the others see it die after the epoch's deadline), or without guards, the others'
