@@ -119,26 +119,26 @@ def wandb_row(row: dict) -> dict:
 
 def why_no_match(opts: dict, config: dict, any_seed: bool, hyperparameters: list[str]) -> str:
     """What --resume yes would have continued but for this command's group or seed: stopped runs of this
-    group with other seeds, and the newest stopped run of another group with the hyper-parameters that
-    set it apart (a hyper-parameter added since it ran among them). Empty when there is none."""
-    output, seeds, others = Path(opts["output_path"]), set(), []
+    group with other seeds, the newest stopped run of another group with the hyper-parameters that set it
+    apart (a hyper-parameter added since it ran among them), and, when no run of another group is stopped,
+    the newest that ended (`--epochs 20` after a 10-epoch run: another group, and a run that ended is never
+    trained again; its weights can start a new one). Empty when there is none."""
+    output, seeds, others, ended = Path(opts["output_path"]), set(), [], []
     for path in output.glob("*/*/results.json"):
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             results = json.loads(path.read_text())
-            if not stopped(results):
-                continue
             if results["group"] == config["group"]:
-                seeds.add(results["seed"])
+                seeds.update([results["seed"]] if stopped(results) else [])
             else:
-                others.append(path.parent)
+                (others if stopped(results) else ended).append(path.parent)
     reasons = []
     if seeds and not any_seed:
         reasons.append(
             f"The stopped runs of this group have other seeds ({', '.join(map(str, sorted(seeds)))}): "
             "give one with --seed, or --seed random for any."
         )
-    if others:
-        newest = max(others, key=lambda folder: folder.stat().st_mtime)
+    if others or ended:
+        newest = max(others or ended, key=lambda folder: folder.stat().st_mtime)
         with contextlib.suppress(OSError, ValueError):
             theirs = json.loads((newest / "config.json").read_text())
             mine = files.json_safe(config)
@@ -149,10 +149,19 @@ def why_no_match(opts: dict, config: dict, any_seed: bool, hyperparameters: list
                 for name in hyperparameters
                 if theirs.get(name, object()) != mine[name]
             ]
-            reasons.append(
-                f"{len(others)} stopped run(s) under {output} belong to other groups; the newest, in {newest}, "
-                f"differs by {'; '.join(differences) or 'its group name alone (the words files changed?)'}."
-            )
+            differs = f"differs by {'; '.join(differences) or 'its group name alone (the words files changed?)'}"
+            if others:
+                reasons.append(
+                    f"{len(others)} stopped run(s) under {output} belong to other groups; the newest, in {newest}, "
+                    f"{differs}."
+                )
+            else:
+                weights = next((newest / name for name in ("model.pt", "best.pt") if (newest / name).exists()), None)
+                start = f" To start a new one from its weights (optimizer and schedule afresh): --init_from {weights}"
+                reasons.append(
+                    f"The newest run under {output} that ended, in {newest}, {differs}. A run that ended is never "
+                    f"trained again.{start if weights else ''}"
+                )
     return "".join(f"\n  {reason}" for reason in reasons)
 
 

@@ -647,3 +647,19 @@ def test_resume_yes_says_why_no_stopped_run_matched(tiny_data, tmp_path):
         (folder / name).write_text(json.dumps({**data, "group": old.parent.name}))
     text = probe()
     assert "differs by --dropout (added since it ran: a new hyper-parameter renames every group)" in text, text
+
+
+def test_resume_yes_with_more_epochs_names_the_run_that_ended_and_how_to_start_from_it(tiny_data, tmp_path):
+    """To train a run longer: --resume yes --epochs 3 after a finished 1-epoch run. --epochs is a hyper-parameter
+    (a schedule's length depends on it), so the command is another group, and a run that ended is never
+    trained again: a new run starts from scratch, and the message says which run ended, how it differs, and
+    the --init_from that starts from its weights instead (until this test it said nothing of it)."""
+    argv = small_run(tiny_data, tmp_path / "out", "--epochs", "1", "--verbose", "1")
+    assert run(argv, tmp_path)[0] == 0
+    folder, _ = results(tmp_path / "out")
+    code, text = run([*argv, "--epochs", "3", "--resume", "yes"], tmp_path)
+    assert code == 0 and "no stopped run of this group and seed" in text, text
+    said = f"The newest run under {tmp_path / 'out'} that ended, in {folder}, differs by --epochs 3 here, 1 there."
+    assert said in text and f"--init_from {folder / 'model.pt'}" in text, text
+    code, text = run([*argv, "--epochs", "3", "--init_from", str(folder / "model.pt")], tmp_path)
+    assert code == 0, text
