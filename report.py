@@ -266,8 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Warning: skipped {problem}", file=sys.stderr)
     source = args.wandb or args.output_path
     if not runs:
+        # A run that ends keeps its folder only with --save yes (or to be resumed): the default leaves none
+        hint = "" if args.wandb else ": runs keep their folder with --save yes, or read W&B's (--wandb ENTITY/PROJECT)"
         print(
-            f"Error: no runs found in {source}" + (f" ({len(damaged)} unreadable)" if damaged else ""), file=sys.stderr
+            f"Error: no runs found in {source}" + (f" ({len(damaged)} unreadable)" if damaged else "") + hint,
+            file=sys.stderr,
         )
         return 1
     metrics = args.metric or default_metrics(runs)

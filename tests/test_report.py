@@ -190,7 +190,7 @@ def test_bad_input_is_named_with_the_documented_exit_status(runs, tmp_path, caps
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, err = run_report(capsys, empty)
-    assert code == 1 and f"Error: no runs found in {empty}" in err
+    assert code == 1 and f"Error: no runs found in {empty}: runs keep their folder with --save yes" in err
 
     code, _, err = run_report(capsys, tmp_path / "missing")
     assert code == 1 and "is not a folder" in err
