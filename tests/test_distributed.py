@@ -343,6 +343,29 @@ def machines(args: list[str], wandb_dir: Path) -> list[subprocess.Popen]:
     return [torchrun(1, args, wandb_dir, *rendezvous) for _ in range(2)]
 
 
+def wait_for_a_checkpoint(out: Path, proc: subprocess.Popen) -> None:
+    """Until epoch 1 is saved, its checkpoint too (written after its results.json)."""
+    wait_for_epochs(out, 1, proc)
+    deadline = time.monotonic() + 60
+    while not list(out.glob("*/*/checkpoint.pt")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def lose(nodes: list[subprocess.Popen], outputs: list[Output], rank: int) -> tuple[subprocess.Popen, str]:
+    """The machine of `rank` lost: every process of it (its torchrun launcher and all under it) killed at
+    once, as a machine goes, none of them seeing another die. The machine kept, and its output to its end."""
+    lost = machine_of_rank(nodes, rank)
+    tree = [lost.pid, *descendants(lost.pid)]
+    for pid in tree:
+        os.kill(pid, signal.SIGSTOP)
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
+    [(kept, output)] = [(node, out) for node, out in zip(nodes, outputs, strict=True) if node is not lost]
+    text, _ = output.finish()
+    outputs[nodes.index(lost)].finish()
+    return kept, text
+
+
 def ended(pid: int) -> bool:
     """Whether a process has ended (gone, or dead and not yet reaped by its parent)."""
     try:
@@ -373,19 +396,8 @@ def test_a_machine_lost_ends_the_run_crashed_and_the_machines_resume_it(rank, ti
     flags = [*EXACT, "--epochs", "3", *SLOW]
     nodes = machines(small_run(tiny_data, tmp_path / "out", *flags), tmp_path)
     outputs = [Output(node) for node in nodes]
-    wait_for_epochs(tmp_path / "out", 1, nodes[0])
-    deadline = time.monotonic() + 60  # the epoch's checkpoint is saved after its results.json
-    while not list((tmp_path / "out").glob("*/*/checkpoint.pt")) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    lost = machine_of_rank(nodes, rank)
-    tree = [lost.pid, *descendants(lost.pid)]
-    for pid in tree:  # all at once, as a machine goes: none of them sees another die
-        os.kill(pid, signal.SIGSTOP)
-    for pid in tree:
-        os.kill(pid, signal.SIGKILL)
-    [(kept, output)] = [(node, out) for node, out in zip(nodes, outputs, strict=True) if node is not lost]
-    text, _ = output.finish()
-    outputs[nodes.index(lost)].finish()
+    wait_for_a_checkpoint(tmp_path / "out", nodes[0])
+    kept, text = lose(nodes, outputs, rank)
     assert kept.wait() != 0
     folder, res = results(tmp_path / "out")
     assert res["history"] and (folder / "checkpoint.pt").exists(), text
@@ -452,10 +464,7 @@ def test_a_job_torchrun_restarts_continues_its_run(tiny_data, tmp_path):
     restarts = ("--max-restarts", "1")
     proc = torchrun(2, small_run(tiny_data, tmp_path / "out", *flags), tmp_path, *restarts, env=NO_STALE_STORE)
     output = Output(proc)
-    wait_for_epochs(tmp_path / "out", 1, proc)
-    deadline = time.monotonic() + 60  # the epoch's checkpoint is saved after its results.json
-    while not list((tmp_path / "out").glob("*/*/checkpoint.pt")) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_a_checkpoint(tmp_path / "out", proc)
     os.kill(training_process_of_rank(proc.pid, 1), signal.SIGKILL)
     text, _ = output.finish()
     assert (
@@ -507,19 +516,8 @@ def test_a_machine_that_leaves_an_elastic_job_leaves_its_run_to_the_others(rank,
     elastic = ("--nnodes", "1:2", *endpoint, *conf, "--max-restarts", "1")
     nodes = [torchrun(1, args, tmp_path, *elastic, env=NO_STALE_STORE) for _ in range(2)]
     outputs = [Output(node) for node in nodes]
-    wait_for_epochs(tmp_path / "out", 1, nodes[0])
-    deadline = time.monotonic() + 60  # the epoch's checkpoint is saved after its results.json
-    while not list((tmp_path / "out").glob("*/*/checkpoint.pt")) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    lost = machine_of_rank(nodes, rank)
-    tree = [lost.pid, *descendants(lost.pid)]
-    for pid in tree:  # all at once, as a machine goes
-        os.kill(pid, signal.SIGSTOP)
-    for pid in tree:
-        os.kill(pid, signal.SIGKILL)
-    [(kept, output)] = [(node, out) for node, out in zip(nodes, outputs, strict=True) if node is not lost]
-    text, _ = output.finish()
-    outputs[nodes.index(lost)].finish()
+    wait_for_a_checkpoint(tmp_path / "out", nodes[0])
+    kept, text = lose(nodes, outputs, rank)
     assert kept.wait() == 0 and "torchrun restarted the job (1 of 1 restarts): it continues" in text, text
     [folder] = list((tmp_path / "out").glob("*/*/"))
     res = results(tmp_path / "out")[1]
