@@ -236,6 +236,43 @@ def test_a_rank_killed_after_the_ranks_agreed_on_the_end_leaves_the_end_to_rank_
     assert [sitting.tags for sitting in find_runs(tmp_path, folder.name)] == [["Success"]]
 
 
+def test_a_rank_killed_after_its_last_epoch_before_the_ranks_agreed_leaves_a_resumable_end(tiny_data, tmp_path):
+    """Rank 1's training process killed (SIGKILL) after its last epoch was saved, before the ranks agreed
+    the run had ended (as it begins to ask the others): the end was not decided, so the run ends Crashed,
+    exit 1, rank 1's guard warning of the kill; the same command with --resume yes ends it Success without
+    training any epoch again (the just-before window of the agreed-end test above)."""
+    script = (
+        fork(
+            tmp_path,
+            (
+                "def main(",
+                "if os.environ.get('RANK') == '1':  # killed at the last epoch's agreement\n"
+                "    from boilerplate import distributed\n\n"
+                "    agreed, asked = distributed.first, []\n\n"
+                "    def killed_at_the_end(tag):\n"
+                "        asked.append(tag)\n"
+                "        if len(asked) == 2:\n"
+                "            os.kill(os.getpid(), signal.SIGKILL)\n"
+                "        return agreed(tag)\n\n"
+                "    distributed.first = killed_at_the_end\n\n\n",
+            ),
+            ("import signal", "import os\n"),
+        )
+        / "main.py"
+    )
+    args = small_run(tiny_data, tmp_path / "out", *EXACT, "--epochs", "2")
+    proc = torchrun(2, args, tmp_path, script=script)
+    text, _ = Output(proc).finish()
+    killed = "Warning: the training process was killed by SIGKILL" in text and "after its last epoch (rank 1)" in text
+    assert proc.wait() != 0 and killed, text
+    folder, res = results(tmp_path / "out")
+    assert (res["status"], res["tags"]) == ("failed", ["Crashed"]) and (folder / "checkpoint.pt").exists(), text
+    code, text, _ = run(2, [*args, "--resume", "yes"], tmp_path)
+    resumed = results(tmp_path / "out")[1]
+    assert code == 0 and resumed["tags"] == ["Success"], text
+    assert [row["epoch"] for row in resumed["history"] if row["evaluated"]] == [1, 2], text
+
+
 @pytest.mark.parametrize("whom", ["every process", "rank 1 alone"])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=lambda s: s.name)
 def test_a_stop_that_reaches_any_rank_stops_every_rank_after_the_same_batch(signum, whom, tiny_data, tmp_path):
