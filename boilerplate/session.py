@@ -188,6 +188,13 @@ def train_reporting_bugs(
             record.lost_wandb(f"your training code called it{hung}", e, "The run stops here, resumable")
             record.finish(record.tags + [utils.WANDB_LOST()])
             return
+        if stop.requested:  # a job's signal reaches every process of it: a compiler or helper the code ran, killed
+            record.finish(
+                record.tags + [stop.tag],
+                f"after the stop signal the training code raised {described(e)}, as a process it ran (torch.compile's "
+                "compiler, say) was stopped by the same signal; resumable",
+            )
+            return
         traceback.print_exc()
         record.finish(
             record.tags + [utils.EXCEPTION()],

@@ -25,6 +25,7 @@ from conftest import (
     Kernel,
     Output,
     children,
+    fork,
     kill_as_the_end_is_written,
     results,
     small_run,
@@ -216,6 +217,35 @@ def test_ctrl_backslash_ends_the_run_at_once_as_a_second_ctrl_c_does(tiny_data, 
     assert [row["epoch"] for row in res["history"] if row["evaluated"]][:2] == [1, 2]
     run = whole_run(tmp_path, folder.name)
     assert run.exit_code == 1 and run.tags == res["tags"] and not run.preempting
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_stop_that_kills_a_process_the_training_code_runs_ends_the_run_as_that_stop(signum, tiny_data, tmp_path):
+    """Ctrl+C, or a scheduler's SIGTERM, reaches every process of the job, a helper the training code runs
+    too, which then fails (torch.compile's C++ compiler, killed as it compiled the first epoch with --compile
+    yes; here `sleep`, run with check=True): the run ends with the stop's tag, resumable, the helper's error
+    in one line. Until this test: `Exception`, a traceback, and advice to fix the code."""
+    helper = "    if steps.epoch == 2:  # a process the training code runs\n"
+    helper += "        subprocess.run(['sleep', '60'], check=True)\n"
+    script = fork(tmp_path, ("    model.train()\n", helper), ("import math\n", "import subprocess\n")) / "main.py"
+    out = tmp_path / "out"
+    proc = start_main(logged(tiny_data, out), script, cwd=tmp_path, env=launch_env(tmp_path), stderr=subprocess.STDOUT)
+    try:
+        output, deadline = Output(proc), time.monotonic() + 120
+        while not (trained := children(proc.pid, b"main.py")) or not children(trained[0], b"sleep"):
+            assert proc.poll() is None and time.monotonic() < deadline, "the helper never ran"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signum)
+        text, _ = output.finish()
+    finally:
+        proc.kill()
+    tag = STOPS[signum][0]
+    assert proc.returncode == 1 and "CalledProcessError" in text and "Traceback" not in text, text
+    folder, res = results(out)
+    assert res["tags"] == [tag] and (folder / "checkpoint.pt").exists(), text
+    assert [row["epoch"] for row in res["history"] if row["evaluated"]] == [1], text
+    [run] = find_runs(tmp_path, folder.name)
+    assert run.exit_code == 1 and run.tags == [tag]
 
 
 def in_a_terminal(argv: list[str], cwd: Path, stderr=None, env: dict | None = None) -> tuple[subprocess.Popen, int]:
