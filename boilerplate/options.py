@@ -302,6 +302,14 @@ def parser(description: str, add_hyperparameters: Callable[[Any], None]) -> Pars
         help="DataLoader worker processes; 0: data that fits lives on the device, batches are slices",
     )
     exp.add_argument(
+        "--compile",
+        type=yes_no,
+        default="no",
+        metavar="{yes,no}",
+        help="torch.compile the model, in place (its weights keep their names) and for static shapes (a resumed "
+        "run is exact); each batch size's first batches pay the compilation",
+    )
+    exp.add_argument(
         "--epoch_timeout",
         type=Number(float, min=0),
         default=0.0,

@@ -27,6 +27,9 @@ from .files import atomic_write, write_failure
 from .metrics import baselines, metric_values
 from .steps import Steps
 
+# --compile yes compiles the model as the first batch goes through it: a failure there may be torch's.
+COMPILED = "; with --compile yes torch.compile compiles the model in this batch: --compile no tells if it is at fault"
+
 
 class Experiment(NamedTuple):
     """An experiment's parts, which the run calls (main.py says what each takes and gives)."""
@@ -248,6 +251,13 @@ def train(
         raise StartError(f"the model could not be built on {device} ({described(e)})") from None
     if args.init_from:  # before the optimizer: it starts from these weights
         checkpoints.load_weights(model, Path(args.init_from), device)
+    if args.compile:
+        # In place (nn.Module.compile, not torch.compile(model)): the weights keep their names, so model.pt
+        # loads into the model uncompiled. Static shapes: torch's automatic dynamic shapes would switch to
+        # other kernels at the epoch's first shorter batch, and a resumed run would round otherwise than one
+        # never stopped. A reset first: an earlier run in this process (a notebook) leaves no graph behind.
+        torch.compiler.reset()
+        model.compile(dynamic=False)
     optimizer = experiment.build_optimizer(args, model)
     batches = -(-len(data["train"]) // args.batch_size)
     schedule = experiment.build_schedule(args, optimizer, args.epochs * -(-batches // args.accumulate))
@@ -432,7 +442,7 @@ def check_one_batch(
                 f"one batch through the model, the loss, the metrics and the detectors failed before training "
                 f"({described(e)}). Check build_model against the data's description (one sample's "
                 f"shape {description.input_shape}, {len(description.classes)} classes) and the metrics table "
-                "(utils.METRICS); nothing was trained."
+                f"(utils.METRICS){COMPILED if args.compile else ''}; nothing was trained."
             ) from None
 
 

@@ -25,6 +25,7 @@ import utils
 from boilerplate import checkpoints, devices, distributed, metrics, options, runs, schedules, session, steps, watch
 from boilerplate.batches import DeviceBatches, batches_of
 from conftest import (
+    OFFLINE,
     a_disabled_run,
     epoch_rows,
     experiment,
@@ -33,6 +34,7 @@ from conftest import (
     parse,
     results,
     small_run,
+    start_main,
     wandb_epochs,
     whole_epochs,
     without_times,
@@ -377,6 +379,34 @@ def test_a_run_from_saved_weights_resumes_exactly(tiny_data, tmp_path, monkeypat
     assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags, "--resume", "yes")) == 0
     whole, resumed = (results(tmp_path / name)[1]["history"] for name in ("whole", "stopped"))
     assert len(whole) == 3 and without_times(resumed) == without_times(whole)
+
+
+def test_compile_yes_resumes_exactly_and_saves_weights_the_model_uncompiled_loads(tiny_data, tmp_path, monkeypatch):
+    """--compile yes: a run preempted as epoch 2 begins and resumed equals a run never stopped (with torch's
+    automatic dynamic shapes it did not: other kernels after an epoch's shorter last batch, so the resumed
+    epoch rounded otherwise), and its model.pt loads into the model uncompiled (torch.compile(model) would
+    have renamed every weight)."""
+    preempt, flags = Preempted(monkeypatch), ("--epochs", "3", "--compile", "yes", "--batch_size", "128")
+    assert run_main(*small_run(tiny_data, tmp_path / "whole", *flags)) == 0
+    preempt.start(2)
+    assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags)) == 1
+    assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags, "--resume", "yes")) == 0
+    whole, resumed = (results(tmp_path / name)[1]["history"] for name in ("whole", "stopped"))
+    assert len(whole) == 3 and without_times(resumed) == without_times(whole)
+    args = parse(*small_run(tiny_data, tmp_path))
+    model = main.build_model(args, main.load_data(args))
+    model.load_state_dict(torch.load(results(tmp_path / "whole")[0] / "model.pt", weights_only=True))
+
+
+def test_a_model_torch_cannot_compile_is_a_clear_error_before_training(tiny_data, tmp_path):
+    """--compile yes where torch.compile fails (here its C++ compiler cannot be run): exit 1 before any epoch,
+    torch's error in one line, naming --compile, no traceback, nothing left."""
+    env = {"CXX": str(tmp_path / "no-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}  # nothing cached
+    proc = start_main(small_run(tiny_data, tmp_path / "out", "--compile", "yes"), env={**OFFLINE, **env})
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert "InductorError" in err and "--compile no tells if it is at fault; nothing was trained" in err, err
+    assert not list((tmp_path / "out").rglob("*"))
 
 
 def test_wandb_project_from_the_environment_and_the_users_own_tags(tiny_data, wandb_dir, tmp_path, monkeypatch):
