@@ -1,6 +1,6 @@
 """What the boilerplate's detectors, metrics and logging cost per training epoch, in fp32 and bf16.
 
-    python benchmarks/throughput.py --data_path ../shared/data [--repeats 5] [--device cpu] [--accuracy]
+    python benchmarks/throughput.py --data_path ../shared/data [--repeats 5] [--device cpu] [--accuracy] [--compile]
 
 In one process, on the same data, model, optimizer, batch size and device, it times
   (a) a bare hand loop: forward, loss, backward, step, nothing else;
@@ -14,7 +14,9 @@ each ratio is the median of each round's own ratio, not a ratio of medians taken
 target is at least 0.9: an epoch at most about 1.1 times as long as the bare one. A last row, for
 reference, is the bare fp32 loop with PyTorch's default (foreach) Adam; the very last, the boilerplate's
 fp32 loop with a warm-up and cosine schedule and --accumulate 4, set against the boilerplate's fp32 loop
-(its first ratio). With --accuracy it also runs the default configuration (python main.py) in each
+(its first ratio). With --compile, two rows more: the bare fp32 loop with the model compiled as
+--compile yes compiles it, and the boilerplate's fp32 loop with it (set against the bare one compiled:
+its first ratio). With --accuracy it also runs the default configuration (python main.py) in each
 precision and prints its test accuracy.
 """
 
@@ -40,6 +42,8 @@ from boilerplate.steps import Steps
 from generate_readme_stub import markdown_table
 
 SCHEDULED = "train_epoch, fp32, cosine + accumulate 4 (first ratio: to train_epoch, fp32)"
+COMPILED = "train_epoch, fp32, --compile yes (first ratio: to the bare loop compiled)"
+BARE_COMPILED = "bare loop, fp32, compiled"
 
 
 def bare_epoch(model, optimizer, x, y, batch_size, generator, bf16: bool) -> None:
@@ -67,6 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--accuracy", action="store_true", help="also train the default run in each precision")
+    parser.add_argument("--compile", action="store_true", help="also both fp32 loops with the model compiled")
     args = parser.parse_args(argv)
 
     opts = experiment.get_parser().parse_args(["--device", args.device, "--data_path", args.data_path])
@@ -79,20 +84,30 @@ def main(argv=None) -> int:
 
     run = wandb.init(project="throughput-benchmark")
 
-    def fresh(fused=True):
+    kept = {}
+
+    def fresh(fused=True, compiled=None):
+        """A new model and optimizer; a compiled loop's (`compiled` names it) are made once and kept: a new
+        model each round would be compiled again each round, and past torch's recompile limit not at all."""
+        if compiled in kept:
+            return kept[compiled]
         torch.manual_seed(0)
         model = experiment.build_model(opts, description).to(args.device)
+        if compiled:  # as --compile yes does it
+            model.compile(dynamic=False)
+            kept[compiled] = model, torch.optim.Adam(model.parameters(), lr=opts.lr, fused=fused or None)
+            return kept[compiled]
         return model, torch.optim.Adam(model.parameters(), lr=opts.lr, fused=fused or None)
 
     # Each loop is set up (fresh model and optimizer) outside the timing, then timed for one epoch.
-    def bare(precision="fp32", fused=True):
-        model, optimizer = fresh(fused)
+    def bare(precision="fp32", fused=True, compiled=None):
+        model, optimizer = fresh(fused, compiled)
         return lambda: bare_epoch(
             model, optimizer, x, y, opts.batch_size, torch.Generator().manual_seed(0), precision == "bf16"
         )
 
-    def ours(precision="fp32", accumulate=1, schedule="constant"):
-        model, optimizer = fresh()
+    def ours(precision="fp32", accumulate=1, schedule="constant", compiled=None):
+        model, optimizer = fresh(compiled=compiled)
         per_epoch = -(-len(y) // opts.batch_size // accumulate)
         lr_schedule = schedules.standard(optimizer, schedule, 0.1 if schedule != "constant" else 0.0, 10 * per_epoch)
 
@@ -126,6 +141,9 @@ def main(argv=None) -> int:
     }
     same = {name: f"bare loop, {'bf16' if 'bf16' in name else 'fp32'}" for name in loops}
     same[SCHEDULED] = "boilerplate train_epoch, fp32"
+    if args.compile:  # the warm-up round compiles them
+        loops[BARE_COMPILED], loops[COMPILED] = lambda: bare(compiled="bare"), lambda: ours(compiled="ours")
+        same[BARE_COMPILED], same[COMPILED] = "bare loop, fp32", BARE_COMPILED
     rates = {name: [] for name in loops}
     shuffle = random.Random(0).shuffle
     for repeat in range(-1, args.repeats):  # round -1 warms up (allocator, caches) and is not counted
