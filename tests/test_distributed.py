@@ -95,12 +95,14 @@ def assert_same_history(a: list[dict], b: list[dict]) -> None:
 
 
 @pytest.mark.parametrize(
-    "batches", [pytest.param("on the device", marks=pytest.mark.every_python), "DataLoader", "accumulated"]
+    "batches", [pytest.param("on the device", marks=pytest.mark.every_python), "DataLoader", "accumulated", "compiled"]
 )
 def test_two_ranks_train_as_one_process_does(batches, tiny_data, tmp_path):
     """The same weights after two epochs, the same metrics each epoch, the same tags, the same group; rank
-    0 alone writes the run (one W&B run, which records the processes)."""
-    extra = {"on the device": [], "DataLoader": ["--workers", "1"], "accumulated": ["--accumulate", "3"]}[batches]
+    0 alone writes the run (one W&B run, which records the processes). With --compile yes too: each rank
+    compiles the model inside DDP's wrapper."""
+    extra = {"DataLoader": ["--workers", "1"], "accumulated": ["--accumulate", "3"], "compiled": ["--compile", "yes"]}
+    extra = extra.get(batches, [])
     flags = [*EXACT, *extra, "--wandb_project", "boilerplate-tests"]
     for ranks in (1, 2):
         code, text, programs = run(ranks, small_run(tiny_data, tmp_path / str(ranks), *flags), tmp_path)
