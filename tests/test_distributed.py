@@ -210,28 +210,27 @@ def test_a_rank_killed_as_the_end_is_written_changes_nothing(rank, tiny_data, tm
     assert last.exit_code == 0 and last.tags == ["Success"]
 
 
+def rank_1_killed(tmp_path: Path, killing: str, args: list[str]) -> tuple[subprocess.Popen, str, bool]:
+    """A 2-rank job of a fork whose rank 1 runs `killing` (code that makes its training process SIGKILL
+    itself at a chosen moment) before main(): the job, its output, and whether rank 1's guard warned of the
+    kill after its last epoch."""
+    code = "if os.environ.get('RANK') == '1':\n" + killing + "\n\n"
+    script = fork(tmp_path, ("def main(", code), ("import signal", "import os\n")) / "main.py"
+    proc = torchrun(2, args, tmp_path, script=script)
+    text, _ = Output(proc).finish()
+    warned = "Warning: the training process was killed by SIGKILL" in text and "after its last epoch (rank 1)" in text
+    return proc, text, warned
+
+
 def test_a_rank_killed_after_the_ranks_agreed_on_the_end_leaves_the_end_to_rank_0(tiny_data, tmp_path):
     """Rank 1's training process killed (SIGKILL) after every rank agreed the run had ended and before it
     told its guard so (here, as it begins its part of the end): rank 0 writes the end as if nothing had
     happened, and the job says so: Success, exit 0, rank 1's guard warning of the kill. Until this test the
     guard failed the job (exit 1) for a finished run, seen once in CI as a kill fell in that window."""
-    script = (
-        fork(
-            tmp_path,
-            (
-                "def main(",
-                "if os.environ.get('RANK') == '1':  # killed in the window, as the end begins\n"
-                "    from boilerplate import runs\n\n"
-                "    runs.Record.finish = lambda *_, **__: os.kill(os.getpid(), signal.SIGKILL)\n\n\n",
-            ),
-            ("import signal", "import os\n"),
-        )
-        / "main.py"
-    )
+    killing = "    from boilerplate import runs\n\n"
+    killing += "    runs.Record.finish = lambda *_, **__: os.kill(os.getpid(), signal.SIGKILL)\n"
     args = small_run(tiny_data, tmp_path / "out", *EXACT, "--wandb_project", "boilerplate-tests")
-    proc = torchrun(2, args, tmp_path, script=script)
-    text, _ = Output(proc).finish()
-    warned = "Warning: the training process was killed by SIGKILL" in text and "after its last epoch (rank 1)" in text
+    proc, text, warned = rank_1_killed(tmp_path, killing, args)
     assert proc.wait() == 0 and warned, text
     folder, res = results(tmp_path / "out")
     assert res["status"] == "finished" and res["tags"] == ["Success"], text
@@ -243,30 +242,17 @@ def test_a_rank_killed_after_its_last_epoch_before_the_ranks_agreed_leaves_a_res
     the run had ended (as it begins to ask the others): the end was not decided, so the run ends Crashed,
     exit 1, rank 1's guard warning of the kill; the same command with --resume yes ends it Success without
     training any epoch again (the just-before window of the agreed-end test above)."""
-    script = (
-        fork(
-            tmp_path,
-            (
-                "def main(",
-                "if os.environ.get('RANK') == '1':  # killed at the last epoch's agreement\n"
-                "    from boilerplate import distributed\n\n"
-                "    agreed, asked = distributed.first, []\n\n"
-                "    def killed_at_the_end(tag):\n"
-                "        asked.append(tag)\n"
-                "        if len(asked) == 2:\n"
-                "            os.kill(os.getpid(), signal.SIGKILL)\n"
-                "        return agreed(tag)\n\n"
-                "    distributed.first = killed_at_the_end\n\n\n",
-            ),
-            ("import signal", "import os\n"),
-        )
-        / "main.py"
-    )
+    killing = "    from boilerplate import distributed\n\n"  # as it asks the others at its 2nd and last epoch
+    killing += "    agreed, asked = distributed.first, []\n\n"
+    killing += "    def killed_at_the_end(tag):\n"
+    killing += "        asked.append(tag)\n"
+    killing += "        if len(asked) == 2:\n"
+    killing += "            os.kill(os.getpid(), signal.SIGKILL)\n"
+    killing += "        return agreed(tag)\n\n"
+    killing += "    distributed.first = killed_at_the_end\n"
     args = small_run(tiny_data, tmp_path / "out", *EXACT, "--epochs", "2")
-    proc = torchrun(2, args, tmp_path, script=script)
-    text, _ = Output(proc).finish()
-    killed = "Warning: the training process was killed by SIGKILL" in text and "after its last epoch (rank 1)" in text
-    assert proc.wait() != 0 and killed, text
+    proc, text, warned = rank_1_killed(tmp_path, killing, args)
+    assert proc.wait() != 0 and warned, text
     folder, res = results(tmp_path / "out")
     assert (res["status"], res["tags"]) == ("failed", ["Crashed"]) and (folder / "checkpoint.pt").exists(), text
     code, text, _ = run(2, [*args, "--resume", "yes"], tmp_path)

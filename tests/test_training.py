@@ -371,12 +371,16 @@ def test_a_run_from_saved_weights_resumes_exactly(tiny_data, tmp_path, monkeypat
     again) and equals a run never stopped."""
     assert run_main(*small_run(tiny_data, tmp_path / "first", "--epochs", "1")) == 0
     weights = str(results(tmp_path / "first")[0] / "model.pt")
-    preempt = Preempted(monkeypatch)
-    flags = ("--epochs", "3", "--init_from", weights)
-    assert run_main(*small_run(tiny_data, tmp_path / "whole", *flags)) == 0
+    assert_resumed_exactly(tiny_data, tmp_path, monkeypatch, "--init_from", weights)
+
+
+def assert_resumed_exactly(data: Path, tmp_path: Path, monkeypatch, *flags: str) -> None:
+    """A 3-epoch run preempted as epoch 2 begins and resumed (--resume yes) equals a run never stopped."""
+    preempt, flags = Preempted(monkeypatch), ("--epochs", "3", *flags)
+    assert run_main(*small_run(data, tmp_path / "whole", *flags)) == 0
     preempt.start(2)
-    assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags)) == 1
-    assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags, "--resume", "yes")) == 0
+    assert run_main(*small_run(data, tmp_path / "stopped", *flags)) == 1
+    assert run_main(*small_run(data, tmp_path / "stopped", *flags, "--resume", "yes")) == 0
     whole, resumed = (results(tmp_path / name)[1]["history"] for name in ("whole", "stopped"))
     assert len(whole) == 3 and without_times(resumed) == without_times(whole)
 
@@ -386,13 +390,7 @@ def test_compile_yes_resumes_exactly_and_saves_weights_the_model_uncompiled_load
     automatic dynamic shapes it did not: other kernels after an epoch's shorter last batch, so the resumed
     epoch rounded otherwise), and its model.pt loads into the model uncompiled (torch.compile(model) would
     have renamed every weight)."""
-    preempt, flags = Preempted(monkeypatch), ("--epochs", "3", "--compile", "yes", "--batch_size", "128")
-    assert run_main(*small_run(tiny_data, tmp_path / "whole", *flags)) == 0
-    preempt.start(2)
-    assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags)) == 1
-    assert run_main(*small_run(tiny_data, tmp_path / "stopped", *flags, "--resume", "yes")) == 0
-    whole, resumed = (results(tmp_path / name)[1]["history"] for name in ("whole", "stopped"))
-    assert len(whole) == 3 and without_times(resumed) == without_times(whole)
+    assert_resumed_exactly(tiny_data, tmp_path, monkeypatch, "--compile", "yes", "--batch_size", "128")
     args = parse(*small_run(tiny_data, tmp_path))
     model = main.build_model(args, main.load_data(args))
     model.load_state_dict(torch.load(results(tmp_path / "whole")[0] / "model.pt", weights_only=True))
