@@ -385,6 +385,7 @@ def assert_resumed_exactly(data: Path, tmp_path: Path, monkeypatch, *flags: str)
     assert len(whole) == 3 and without_times(resumed) == without_times(whole)
 
 
+@pytest.mark.every_python  # torch.compile reads each Python's own bytecode
 def test_compile_yes_resumes_exactly_and_saves_weights_the_model_uncompiled_loads(tiny_data, tmp_path, monkeypatch):
     """--compile yes: a run preempted as epoch 2 begins and resumed equals a run never stopped (with torch's
     automatic dynamic shapes it did not: other kernels after an epoch's shorter last batch, so the resumed
