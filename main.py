@@ -144,7 +144,8 @@ def loss_of(logits: torch.Tensor, labels: torch.Tensor, args: Namespace) -> torc
 
 
 def predictions_of(logits: torch.Tensor) -> torch.Tensor:
-    """The predicted class of each row of outputs: what the metrics score."""
+    """The predicted class of each row of outputs: what the metrics score. A metric of the scores (top-5
+    accuracy, AUROC) reads the scores instead: return logits.float() (docs/tags-and-metrics.md)."""
     return logits.argmax(1)
 
 

@@ -145,14 +145,15 @@ def total(values: torch.Tensor) -> torch.Tensor:
 
 
 def gathered(values: torch.Tensor) -> torch.Tensor:
-    """Every rank's `values` (1-d, of any length), joined in rank order, on every rank."""
+    """Every rank's `values` (of any length: rows of any shape, a class each or a score each class), joined
+    in rank order, on every rank."""
     if not dist.is_initialized():
         return values
     lengths = [torch.zeros((), dtype=torch.int64, device=values.device) for _ in range(world())]
     with collective():
         dist.all_gather(lengths, torch.tensor(len(values), device=values.device))
     longest = int(max(lengths))
-    padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+    padded = values.new_zeros((longest, *values.shape[1:]))
     padded[: len(values)] = values
     parts = [torch.empty_like(padded) for _ in lengths]
     with collective():

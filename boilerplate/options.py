@@ -261,11 +261,12 @@ def parser(description: str, add_hyperparameters: Callable[[Any], None]) -> Pars
     )
     hyper.add_argument(
         "--monitor",
+        "--judge_by",  # the spelling torchrun passes on: its parser refuses --monitor (--monitor-interval's prefix)
         choices=(*utils.monitors(), utils.NO_MONITOR),
         default="val/accuracy",
         help="the validation metric the run is judged by: its best epoch (best/... in results.json and W&B's "
         "summary, with the test metrics at that epoch; its weights in best.pt with --save yes) and --patience; "
-        "none: no best epoch",
+        "none: no best epoch. Under torchrun, whose own parser takes --monitor for an abbreviation, --judge_by",
     )
     hyper.add_argument(
         "--patience",

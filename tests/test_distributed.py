@@ -3,6 +3,7 @@ real signals and a real SIGKILL of one rank. What holds for one process holds fo
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -63,9 +64,9 @@ def torchrun(
     )
 
 
-def run(ranks: int, args: list[str], wandb_dir: Path) -> tuple[int, str, set[bytes]]:
+def run(ranks: int, args: list[str], wandb_dir: Path, script: Path = MAIN) -> tuple[int, str, set[bytes]]:
     """The job's exit status, its output, and the command lines of the processes seen under it."""
-    proc, programs = torchrun(ranks, args, wandb_dir), set()
+    proc, programs = torchrun(ranks, args, wandb_dir, script=script), set()
     output, deadline = Output(proc), time.monotonic() + WAIT
     while proc.poll() is None and time.monotonic() < deadline:
         for pid in descendants(proc.pid):
@@ -94,18 +95,33 @@ def assert_same_history(a: list[dict], b: list[dict]) -> None:
             assert other[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
+# A fork whose metrics read the model's scores, not its predicted classes: top-5 accuracy and AUROC.
+SCORES = ("    return logits.argmax(1)", "    return logits.float()  # the scores, for the metrics that read them\n")
+SCORE_METRICS = (
+    '    Metric("top5", "multiclass_accuracy", (("k", 5),), "the class among the 5 highest scores"),\n'
+    '    Metric("auroc", "multiclass_auroc", (), "area under the ROC curve, each class against the rest"),\n'
+)
+
+
 @pytest.mark.parametrize(
-    "batches", [pytest.param("on the device", marks=pytest.mark.every_python), "DataLoader", "accumulated", "compiled"]
+    "batches",
+    [pytest.param("on the device", marks=pytest.mark.every_python), "DataLoader", "accumulated", "compiled", "scores"],
 )
 def test_two_ranks_train_as_one_process_does(batches, tiny_data, tmp_path):
     """The same weights after two epochs, the same metrics each epoch, the same tags, the same group; rank
     0 alone writes the run (one W&B run, which records the processes). With --compile yes too: each rank
-    compiles the model inside DDP's wrapper."""
+    compiles the model inside DDP's wrapper. And a fork whose metrics read the scores (rows of a score a
+    class, not a class): the ranks' scores are gathered, and the run is judged by one (--monitor)."""
     extra = {"DataLoader": ["--workers", "1"], "accumulated": ["--accumulate", "3"], "compiled": ["--compile", "yes"]}
-    extra = extra.get(batches, [])
+    extra = extra.get(batches, []) + (["--judge_by", "val/auroc"] if batches == "scores" else [])
     flags = [*EXACT, *extra, "--wandb_project", "boilerplate-tests"]
+    script = MAIN
+    if batches == "scores":
+        script = fork(tmp_path, SCORES) / "main.py"
+        table = script.with_name("utils.py")
+        table.write_text(table.read_text().replace("METRICS = (\n", "METRICS = (\n" + SCORE_METRICS, 1))
     for ranks in (1, 2):
-        code, text, programs = run(ranks, small_run(tiny_data, tmp_path / str(ranks), *flags), tmp_path)
+        code, text, programs = run(ranks, small_run(tiny_data, tmp_path / str(ranks), *flags), tmp_path, script)
         assert code == 0 and "Traceback" not in text, text
     # A Python whose fork() may hang in a threaded process: the job's DataLoader workers start from a fork server
     served = any(b"multiprocessing.forkserver" in program for program in programs)
@@ -116,10 +132,33 @@ def test_two_ranks_train_as_one_process_does(batches, tiny_data, tmp_path):
     assert job["tags"] == alone["tags"] and "Success" in job["tags"]
     assert_same_history(alone["history"], job["history"])
     assert_same_weights(weights(one), weights(two))
+    if batches == "scores":
+        assert all(f"{split}/{name}" in job["history"][-1] for split in ("val", "test") for name in ("top5", "auroc"))
+        assert job["best"]["best/val/auroc"] == max(row["val/auroc"] for row in job["history"])
     assert job["constants"]["torch/processes"] == 2 and alone["constants"]["torch/processes"] == 1
     [wandb_run] = find_runs(tmp_path, two.name)
     assert wandb_run.config["torch/processes"] == 2 and wandb_run.exit_code == 0
     assert len(list(tmp_path.glob("wandb/*run-*"))) == 2  # one W&B run a job, none from rank 1
+
+
+@pytest.mark.every_python  # each Python's argparse reads abbreviations its own way
+def test_every_option_has_a_spelling_torchrun_passes_on_to_main(capsys):
+    """torchrun's parser reads the whole command line, the script's arguments too, and refuses one that could
+    abbreviate two of its own options: --monitor (--monitor-interval, --monitor_interval), which main.py
+    therefore also takes as --judge_by. Every other option reaches main.py as it was given."""
+    from torch.distributed.run import get_args_parser
+
+    import main
+
+    refused = []
+    for option in sorted(set(re.findall(r"--\w+", main.get_parser().format_help()))):
+        with contextlib.suppress(SystemExit):
+            parsed = get_args_parser().parse_args(["--standalone", "main.py", option, "1"])
+            assert parsed.training_script_args == [option, "1"], option
+            continue
+        refused.append(option)
+    assert set(refused) <= {"--monitor"}, capsys.readouterr().err
+    assert main.get_parser().parse_args(["--judge_by", "val/loss"]).monitor == "val/loss"
 
 
 def wait_for_epochs(out: Path, epochs: int, proc: subprocess.Popen) -> None:
