@@ -421,6 +421,7 @@ def check_one_batch(
     that a model that does not fit the data or a metric that cannot be computed fails in seconds with a
     clear message, not as a crash mid-run. It leaves the random generators and the model as they were."""
     device = next(model.parameters()).device
+    predictions = values = None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             model.eval()  # no dropout draw, no batch-norm update
@@ -430,7 +431,8 @@ def check_one_batch(
                 loss = experiment.loss_of(logits, y, args)
             loss.backward()
             model.zero_grad(set_to_none=True)
-            values = metric_values(experiment.predictions_of(logits.detach()), y, "train", len(description.classes))
+            predictions = experiment.predictions_of(logits.detach())
+            values = metric_values(predictions, y, "train", len(description.classes))
             row = {f"{split}/{key.split('/')[1]}": v for split in utils.SPLITS for key, v in values.items()}
             row.update({f"gap/{m}": 0.0 for m in utils.METRIC_NAMES}, **guesses)
             utils.gradient_tags(1.0, 1.0, 0.0, vars(args))
@@ -438,12 +440,24 @@ def check_one_batch(
             for baseline, tag in (("random", utils.RANDOM_GUESSING), ("most_probable", utils.MOST_PROBABLE_GUESSING)):
                 utils.guessing_tags(row, baseline, 0.0, tag)
         except Exception as e:  # noqa: BLE001 (whatever a fork's model, loss or data raise: named to the user)
+            scores = ""
+            if predictions is not None and values is None and reads_scores(logits, y, len(description.classes)):
+                scores = "; a metric of the model's scores needs predictions_of to return them"
             raise StartError(
                 f"one batch through the model, the loss, the metrics and the detectors failed before training "
                 f"({described(e)}). Check build_model against the data's description (one sample's "
                 f"shape {description.input_shape}, {len(description.classes)} classes) and the metrics table "
-                f"(utils.METRICS){COMPILED if args.compile else ''}; nothing was trained."
+                f"(utils.METRICS{scores}){COMPILED if args.compile else ''}; nothing was trained."
             ) from None
+
+
+def reads_scores(logits: torch.Tensor, labels: torch.Tensor, classes: int) -> bool:
+    """Whether every metric computes from the model's scores (check_one_batch: it failed on predictions_of's)."""
+    try:
+        metric_values(logits.detach().float(), labels, "train", classes)
+    except Exception:  # noqa: BLE001 (a metric's own error: the message names the first one)
+        return False
+    return True
 
 
 def summary_line(row: dict, epochs: int) -> str:

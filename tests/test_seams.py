@@ -251,7 +251,7 @@ def test_a_scheduler_added_to_the_training_state_resumes_exactly(tiny_data, tmp_
     assert [row["train/lr"] for row in expected] == pytest.approx([7.75e-4, 5.5e-4, 3.25e-4, 1e-4])
 
 
-@pytest.mark.parametrize("mistake", ["model", "metric"])
+@pytest.mark.parametrize("mistake", ["model", "metric", "metric of the scores"])
 def test_a_model_that_does_not_fit_the_data_or_a_broken_metric_fails_before_the_first_epoch(
     mistake, tiny_data, tmp_path
 ):
@@ -265,13 +265,17 @@ def build_model(args: Namespace, data: Data) -> nn.Module:
 """
             },
         )
-    else:  # a torcheval function that does not exist
+    elif mistake == "metric":  # a torcheval function that does not exist
         broken = 'METRICS = (\n    Metric("auc", "no_such", (), "x"),\n'
+        folder = fork(tmp_path, edits={"utils.py": [("METRICS = (\n", broken)]})
+    else:  # AUROC reads scores, and predictions_of still gives one class a sample
+        broken = 'METRICS = (\n    Metric("auroc", "multiclass_auroc", (), "x"),\n'
         folder = fork(tmp_path, edits={"utils.py": [("METRICS = (\n", broken)]})
     done = run_fork(folder, small_run(tiny_data, tmp_path / "out", "--wandb_project", "boilerplate-tests"), tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "failed before training" in done.stderr and str(demo.INPUT_SHAPE) in done.stderr
     assert f"{demo.CLASSES} classes" in done.stderr
+    assert ("needs predictions_of to return them" in done.stderr) == (mistake == "metric of the scores")
     assert "Crashed" not in done.stdout + done.stderr and "--resume" not in done.stdout + done.stderr
     assert not list((tmp_path / "out").rglob("*")) and not list(tmp_path.glob("wandb/*run-*"))  # nothing left
 
