@@ -8,12 +8,13 @@
     python report.py outputs --replicates 5                 # the commands that run the missing seeds
 
 Each row: the hyper-parameters that differ between the groups (those equal everywhere are printed once,
-above the table), the runs that finished and failed, how many were tagged overfitting or guessing, and for
-each metric the mean, the standard deviation and the 95% confidence interval of the mean (Student's t)
-over the finished replicates. A run with an error tag is counted as failed and left out of the
-statistics. By default the metrics are the monitored validation metric at each run's best epoch and the
-test metrics at that epoch (the last epoch for a run that kept no best): the test score chosen on
-validation, never a maximum over epochs. Groups are ranked by the first metric, best first.
+above the table), the runs that finished and failed, how many were tagged overfitting or guessing, and
+for each metric the mean, the standard deviation and the 95% confidence interval of the mean (Student's
+t) over the finished replicates, one a seed (runs that repeat a seed count once, as their mean). A run
+with an error tag is counted as failed and left out of the statistics. By default the metrics are the
+monitored validation metric at each run's best epoch and the test metrics at that epoch (the last epoch
+for a run that kept no best): the test score chosen on validation, never a maximum over epochs. Groups
+are ranked by the first metric, best first.
 Exit status: 0 reported, 1 no runs or they cannot be read (W&B unreachable), 2 bad command line or an
 unknown metric.
 """
@@ -106,7 +107,8 @@ def shown(value: object) -> str:
 
 
 def runs_cell(g: Group) -> list[str]:
-    return [str(g.finished), str(g.failed) + (f" (+{g.running} running)" if g.running else "")]
+    repeats = f" (+{g.repeats} repeated seed{'s' if g.repeats > 1 else ''})" if g.repeats else ""
+    return [str(g.finished) + repeats, str(g.failed) + (f" (+{g.running} running)" if g.running else "")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,9 +193,13 @@ def plot(found: list[Group], hyperparameters: list[str], metric: str, path: Path
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for g in found:
         by_epoch: dict[int, list[float]] = {}
-        for run in (r for r in g.runs if r.counted):
-            for row in run.history([metric]):
-                by_epoch.setdefault(int(row["epoch"]), []).append(float(row[metric]))
+        for runs_of_seed in g.seeds:  # one value a seed and epoch: the mean of its runs'
+            of_seed: dict[int, list[float]] = {}
+            for run in runs_of_seed:
+                for row in run.history([metric]):
+                    of_seed.setdefault(int(row["epoch"]), []).append(float(row[metric]))
+            for epoch, values in of_seed.items():
+                by_epoch.setdefault(epoch, []).append(statistics.fmean(values))
         if not by_epoch:
             continue
         epochs = sorted(by_epoch)
@@ -289,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.format in ("table", "markdown"):
         skipped = f"; {len(damaged)} unreadable run folders skipped" if damaged else ""
         print(f"\n{len(runs)} runs in {len(found)} groups{skipped}; metrics at each run's {args.at} epoch.")
+        if repeats := sum(g.repeats for g in found):
+            print(f"{repeats} of them repeated a seed of their group: one replicate a seed, the mean of its runs.")
     if args.plot:
         try:
             plot(found, hyperparameters, metrics[0], args.plot)

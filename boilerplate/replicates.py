@@ -185,8 +185,20 @@ class Group:
         return self.runs[0].config
 
     @property
+    def seeds(self) -> list[list[Replicate]]:
+        """The replicates: the counted runs, those of one seed together (a command run twice, a sweep that drew
+        a configuration again: the same numbers, no new evidence); a run that recorded no seed stands alone."""
+        return by_seed(run for run in self.runs if run.counted)
+
+    @property
     def finished(self) -> int:
-        return sum(run.counted for run in self.runs)
+        """The replicates: the seeds that finished."""
+        return len(self.seeds)
+
+    @property
+    def repeats(self) -> int:
+        """The counted runs of a seed another counted run of the group has."""
+        return sum(run.counted for run in self.runs) - self.finished
 
     @property
     def running(self) -> int:
@@ -194,11 +206,20 @@ class Group:
 
     @property
     def failed(self) -> int:
-        return len(self.runs) - self.finished - self.running
+        return len(self.runs) - self.finished - self.repeats - self.running
 
     def tagged(self, kind: str) -> int:
         """How many of the group's runs carry a tag of this kind (COUNTED_TAGS)."""
         return sum(any(tag.matches(t) for tag in COUNTED_TAGS[kind] for t in run.tags) for run in self.runs)
+
+
+def by_seed(runs: Iterable[Replicate]) -> list[list[Replicate]]:
+    """`runs` by their config's seed, in order of first appearance; a run without one in a list of its own."""
+    found: dict[object, list[Replicate]] = {}
+    for i, run in enumerate(runs):
+        seed = run.config.get("seed")
+        found.setdefault(("seed", seed) if seed is not None else ("run", i), []).append(run)
+    return list(found.values())
 
 
 def metrics_found(runs: Iterable[Replicate]) -> list[str]:
@@ -222,9 +243,11 @@ def groups(runs: list[Replicate], metrics: list[str], at: str) -> list[Group]:
         members.setdefault(run.group, []).append(run)
     found = []
     for name, group_runs in members.items():
-        counted = [run for run in group_runs if run.counted]
-        values = {m: [v for run in counted if (v := run.value(m, at)) is not None] for m in metrics}
-        found.append(Group(name, group_runs, {m: stats(v) for m, v in values.items()}))
+        group = Group(name, group_runs, {})
+        for m in metrics:  # one value a seed: the mean of its runs'
+            per_seed = [[v for run in runs if (v := run.value(m, at)) is not None] for runs in group.seeds]
+            group.stats[m] = stats([statistics.fmean(values) for values in per_seed if values])
+        found.append(group)
     first, sign = metrics[0], (-1 if higher_is_better(metrics[0]) else 1)
     return sorted(found, key=lambda g: (math.isnan(g.stats[first].mean), sign * g.stats[first].mean, g.name))
 

@@ -186,6 +186,24 @@ def test_the_missing_seeds_are_commands_that_run_them(runs, tiny_data, tmp_path,
     assert by_lr[HIGH]["finished"] == "3"
 
 
+def test_runs_that_repeat_a_seed_are_one_replicate(runs, tiny_data, tmp_path, capsys):
+    """A command run twice (one seed: the same numbers) is one replicate, not two: counted twice it would
+    narrow the error bars with no new evidence. Each seed's value is the mean of its runs; the top-up
+    counts seeds."""
+    out = shutil.copytree(runs, tmp_path / "out")
+    assert train(small_run(tiny_data, out, "--epochs", "3", "--lr", LOW, "--seed", "0")) == 0
+    code, text, err = run_report(capsys, out, "--format", "csv")
+    assert code == 0 and not err, err
+    low = next(row for row in csv_rows(text).values() if row["lr"] == LOW)
+    values = expected(runs, "best/val/accuracy")[low["group"]]  # the three seeds, each run once
+    assert (low["finished"], low["failed"], low["val/accuracy n"]) == ("3 (+1 repeated seed)", "0", "3")
+    assert float(low["val/accuracy std"]) == pytest.approx(statistics.stdev(values), abs=1e-12)
+    code, text, _ = run_report(capsys, out)
+    assert "8 runs in 3 groups" in text and "1 of them repeated a seed of their group" in text
+    code, text, _ = run_report(capsys, out, "--replicates", "4")
+    assert len([line for line in text.splitlines() if f"--lr {LOW} " in line]) == 1  # seed 3, the fourth
+
+
 def test_bad_input_is_named_with_the_documented_exit_status(runs, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
