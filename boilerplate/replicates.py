@@ -3,6 +3,7 @@ config.json) or from W&B's server (wandb.Api), as plain records; grouped, with t
 group's replicates. Torch-free: 10,000 run folders take seconds, not torch's import.
 """
 
+import collections
 import functools
 import json
 import math
@@ -38,6 +39,7 @@ class Replicate:
     best: dict  # best/... as results.json and W&B's summary keep it; empty without a best epoch
     last: dict  # the metrics of the last evaluated epoch
     history: Callable[[list[str]], list[dict]] = field(repr=False)  # (keys) -> the evaluated epochs' rows
+    code: str | None = None  # code/version: the code that trained it (boilerplate/provenance.py); None: not recorded
 
     @property
     def counted(self) -> bool:
@@ -77,6 +79,7 @@ def read_folders(root: Path) -> tuple[list[Replicate], list[str]]:
                     best=results.get("best") or {},
                     last=history[-1] if history else {},
                     history=lambda keys, rows=history: [row for row in rows if all(k in row for k in keys)],
+                    code=(results.get("constants") or {}).get("code/version"),
                 )
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -116,7 +119,8 @@ def from_wandb(run: "wandb.apis.public.Run") -> Replicate:  # noqa: F821 (import
         return [row for row in rows if all(k in row for k in keys)]
 
     config = {k: v for k, v in dict(run.config).items() if not k.startswith("_")}
-    return Replicate(run.id, run.group or "", config, run.state, list(run.tags), best, last, history)
+    tags = list(run.tags)
+    return Replicate(run.id, run.group or "", config, run.state, tags, best, last, history, config.get("code/version"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,6 +203,11 @@ class Group:
     def repeats(self) -> int:
         """The counted runs of a seed another counted run of the group has."""
         return sum(run.counted for run in self.runs) - self.finished
+
+    @property
+    def codes(self) -> dict[str, int]:
+        """The versions of the code its replicates' runs were trained by, and how many runs each."""
+        return dict(collections.Counter(run.code for run in self.runs if run.counted and run.code))
 
     @property
     def running(self) -> int:

@@ -346,6 +346,13 @@ class Record:
     def start(self, constants: dict) -> None:
         """The run starts: its data is loaded and its model built. W&B starts now, in this process, so
         that a fork's own wandb.log calls anywhere in the training code land in this run."""
+        before, now = self.constants.get("code/version"), constants.get("code/version")
+        if before and now and before != now:  # a resumed run: its epochs so far were trained by other code
+            print(
+                f"Warning: this run began under other code (code/version {before}) and goes on under this code "
+                f"({now}): its results mix the two",
+                file=sys.stderr,
+            )
         self.constants = constants  # the figures that do not change: baselines, split sizes, parameter count
         if self.owner and wandb_wanted(self.opts):
 

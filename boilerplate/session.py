@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import utils
 
-from . import checkpoints, devices, distributed, options, runs, wandb_start, watch
+from . import checkpoints, devices, distributed, options, provenance, runs, wandb_start, watch
 from .batches import Data, batches_of, hold_out
 from .errors import RunEnded, StartError, UsageError, described
 from .files import atomic_write, write_failure
@@ -134,6 +134,7 @@ def run(experiment: Experiment, argv: list[str] | None, link: watch.Link) -> int
             return word["status"]
         args.seed = config["seed"] = word["seed"]
         record = runs.Record(opts, config, folder, previous["history"] if previous else [], link, owner)
+        record.constants = previous.get("constants") or {} if previous else {}  # a resumed run's, till it starts
         record.prepare_wandb()
         if reasons and args.abort_irrelevant:
             with link.deferred():
@@ -287,6 +288,7 @@ def train(
                 "model/parameters": sum(p.numel() for p in model.parameters()),
                 "torch/threads": torch.get_num_threads(),
                 "torch/processes": distributed.world(),  # torchrun's ranks: not a hyper-parameter (the same experiment)
+                "code/version": provenance.code_version(experiment),
             }
         )
         distributed.wait_for_rank_0(stop)  # which has started W&B

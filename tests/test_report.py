@@ -21,7 +21,7 @@ from test_training import Preempted
 import main
 import report
 from boilerplate import replicates
-from conftest import small_run
+from conftest import fork, small_run, start_main
 from wandb_server import ENTITY, WandbServer
 
 PROJECT = "boilerplate-tests"
@@ -202,6 +202,33 @@ def test_runs_that_repeat_a_seed_are_one_replicate(runs, tiny_data, tmp_path, ca
     assert "8 runs in 3 groups" in text and "1 of them repeated a seed of their group" in text
     code, text, _ = run_report(capsys, out, "--replicates", "4")
     assert len([line for line in text.splitlines() if f"--lr {LOW} " in line]) == 1  # seed 3, the fourth
+
+
+def test_a_group_whose_replicates_ran_other_code_is_named(runs, tiny_data, tmp_path, capsys):
+    """A group is named by the hyper-parameters, not the code: a fork that changes its loss keeps the group
+    of the runs before it. Their code/version differs, and the report warns; a fork that changes a comment
+    and a docstring alone does not. A run resumed by other code says so as it goes on."""
+    out = shutil.copytree(runs, tmp_path / "out")
+    reworded = fork(tmp_path / "reworded", ("def loss_of(", "# a comment\n"), ("The loss of a batch;", "Truly: "))
+    changed = fork(tmp_path / "changed", ("    return F.cross_entropy(logits, labels)", "    logits = logits + 0\n"))
+    env = {"WANDB_MODE": "disabled"}
+    for code, seed in ((reworded, "3"), (changed, "4")):
+        proc = start_main(
+            small_run(tiny_data, out, "--epochs", "3", "--lr", LOW, "--seed", seed), code / "main.py", env=env
+        )
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        code, _, err = run_report(capsys, out)
+        assert code == 0 and ("versions of the code" in err) == (seed == "4"), err
+    low = next(row for row in csv_rows(run_report(capsys, out, "--format", "csv")[1]).values() if row["lr"] == LOW)
+    assert f"Warning: group {low['group']}: its replicates were trained by 2 versions of the code" in err
+    assert "(4 runs)" in err and "(1 run)" in err  # the seeds 0 to 3, and the changed fork's
+
+    argv = small_run(tiny_data, tmp_path / "resumed", "--epochs", "3")
+    assert train(argv, preempt=True) == 1
+    proc = start_main([*argv, "--resume", "yes"], changed / "main.py", env=env)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Warning: this run began under other code (code/version " in err, err
 
 
 def test_bad_input_is_named_with_the_documented_exit_status(runs, tmp_path, capsys):
