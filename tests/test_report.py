@@ -298,6 +298,9 @@ def test_wandb_runs_report_as_their_folders_do_and_a_sweep_alone(tiny_data, tmp_
         ]
         states = {r.name: (r.group, r.exit_code, r.tags) for r in stand_in.runs.values()}
         assert not differ and len(csv_rows(online[1])) == 3, (differ, states)
+        codes = sorted(run.code for run in replicates.read_folders(tmp_path / "out")[0])
+        assert codes == sorted(run.code for run in replicates.read_wandb(f"{ENTITY}/{PROJECT}"))  # W&B's config
+        assert len(codes) == 7 and None not in codes
         code, out, _ = run_report(capsys, "--wandb", f"{ENTITY}/{PROJECT}", "--sweep", "sweep1", "--format", "csv")
         assert code == 0 and sorted(row["lr"] for row in csv_rows(out).values()) == sorted([HIGH, LOW])
         code, _, err = run_report(capsys, "--wandb", f"{ENTITY}/{PROJECT}", "--plot", tmp_path / "curves.png")
