@@ -20,15 +20,31 @@ PACKAGE = Path(__file__).resolve().parent
 def code_version(parts: Iterable[Callable]) -> str:
     """12 hex digits naming the code of the files that define the experiment's `parts` (main.py's functions,
     or a fork's), utils.py and the package; a file that cannot be read or parsed counts as such."""
-    scripts = {Path(inspect.getsourcefile(part) or "") for part in parts}
+    # A decorated part (torch.inference_mode's) is named by its own file, not the decorator's; the files are
+    # taken by name, not place: a project in a folder that sorts before site-packages' (CI's checkout) and
+    # its copy in /tmp have one version.
+    scripts = set(map(source_file, parts))
+    files = [*sorted(map(fingerprinted, scripts)), fingerprinted(Path(utils.__file__))]
+    files += sorted(map(fingerprinted, PACKAGE.glob("*.py")))
     digest = hashlib.sha256()
-    for path in [*sorted(scripts), Path(utils.__file__), *sorted(PACKAGE.glob("*.py"))]:
-        try:
-            tree = ast.dump(without_docstrings(ast.parse(path.read_text(encoding="utf-8"))))
-        except (OSError, SyntaxError, ValueError) as e:
-            tree = f"unreadable: {type(e).__name__}"
-        digest.update(f"{path.name}\0{tree}\0".encode())
+    for name, tree in files:
+        digest.update(f"{name}\0{tree}\0".encode())
     return digest.hexdigest()[:12]
+
+
+def source_file(part: Callable) -> Path:
+    try:
+        return Path(inspect.getsourcefile(inspect.unwrap(part)) or "")
+    except TypeError:  # a builtin (C) function: no file of Python to read
+        return Path("")
+
+
+def fingerprinted(path: Path) -> tuple[str, str]:
+    try:
+        tree = ast.dump(without_docstrings(ast.parse(path.read_text(encoding="utf-8"))))
+    except (OSError, SyntaxError, ValueError) as e:
+        tree = f"unreadable: {type(e).__name__}"
+    return path.name, tree
 
 
 def without_docstrings(tree: ast.Module) -> ast.Module:

@@ -3,6 +3,7 @@ W&B's server (a local stand-in answering the queries wandb.Api sends) holding th
 by those runs. The figures are checked against results.json and scipy's t distribution."""
 
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -20,7 +21,7 @@ from test_training import Preempted
 
 import main
 import report
-from boilerplate import replicates
+from boilerplate import provenance, replicates
 from conftest import fork, small_run, start_main
 from wandb_server import ENTITY, WandbServer
 
@@ -229,6 +230,30 @@ def test_a_group_whose_replicates_ran_other_code_is_named(runs, tiny_data, tmp_p
     proc = start_main([*argv, "--resume", "yes"], changed / "main.py", env=env)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "Warning: this run began under other code (code/version " in err, err
+
+
+def test_the_code_version_is_the_same_wherever_the_project_lies(tmp_path):
+    """code/version takes the files by name, not place: a project in a folder that sorts before a library's,
+    and its copy in one that sorts after, have one version (until this test CI's checkout, in a folder that
+    sorts before site-packages, and its copy in /tmp had two, and the report warned of one code). A part
+    under torch's decorator is read from its own file, not torch's; a builtin part counts as one."""
+
+    def loaded(path: Path):
+        spec = importlib.util.spec_from_file_location(f"{path.parent.name}_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    library = tmp_path / "m" / "library.py"
+    library.parent.mkdir()
+    library.write_text("def loss(x):\n    return x\n")
+    versions = {}
+    for place, change in (("a", ""), ("z", ""), ("changed", " + 1")):
+        script = tmp_path / place / "main.py"
+        script.parent.mkdir()
+        script.write_text(f"import torch\n\n\n@torch.inference_mode()\ndef evaluate(x):\n    return x{change}\n")
+        versions[place] = provenance.code_version([loaded(script).evaluate, loaded(library).loss, max])
+    assert versions["a"] == versions["z"] != versions["changed"], versions
 
 
 def test_bad_input_is_named_with_the_documented_exit_status(runs, tmp_path, capsys):
