@@ -541,19 +541,38 @@ def test_a_job_torchrun_restarts_continues_its_run(tiny_data, tmp_path):
     assert [sitting.tags for sitting in find_runs(tmp_path, folder.name)] == [["Crashed"], ["Success"]]
 
 
+# A fork's loss that pauses while the job has one process: 75 batches an epoch, 12 epochs alone take 100 s
+ALONE_CRAWLS = """import os
+import time
+
+_loss_of = loss_of
+
+
+def loss_of(logits, labels, args):
+    if os.environ.get("WORLD_SIZE") == "1":
+        time.sleep(0.1)
+    return _loss_of(logits, labels, args)
+
+
+"""
+
+
 def test_a_machine_that_joins_an_elastic_job_continues_its_run(tiny_data, tmp_path):
     """An elastic job (--nnodes 1:2): one machine trains alone; a second joins after epoch 1, and torchrun
     stops the first's rank (SIGTERM) and starts one on each machine, its restart count still 0. The job
     continues its run with two ranks: one run, each epoch once, Success, exit 0 on both machines. Until this
-    test the join ended the run Preempted and the job trained a second one from scratch beside it."""
+    test the join ended the run Preempted and the job trained a second one from scratch beside it. The rank
+    alone crawls (a fork: a pause each batch), so that the second machine joins before the run's end however
+    long it takes to start on a busy machine; on CI it once came after the 12 epochs."""
     flags = [*EXACT, "--epochs", "12", *SLOW, "--wandb_project", "boilerplate-tests"]
     args, port = small_run(tiny_data, tmp_path / "out", *flags), free_port()
     endpoint = ("--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"job-{port}")
     elastic = ("--nnodes", "1:2", *endpoint, "--rdzv-conf", "last_call_timeout=1")
-    first = torchrun(1, args, tmp_path, *elastic, env=NO_STALE_STORE)
+    script = fork(tmp_path, ("def main(", ALONE_CRAWLS)) / "main.py"
+    first = torchrun(1, args, tmp_path, *elastic, env=NO_STALE_STORE, script=script)
     output = Output(first)
     wait_for_epochs(tmp_path / "out", 1, first)
-    second = torchrun(1, args, tmp_path, *elastic, env=NO_STALE_STORE)
+    second = torchrun(1, args, tmp_path, *elastic, env=NO_STALE_STORE, script=script)
     texts = [output.finish()[0], Output(second).finish()[0]]
     assert [first.wait(), second.wait()] == [0, 0], texts
     assert f"torchrun started job job-{port} again" in "".join(texts), texts
