@@ -20,7 +20,8 @@ divided by --workers (unless OMP_NUM_THREADS is set already), so that they do no
 The sweep's parameters are checked against main.py's parser before the first run.
 At the end it prints report.py's table of the sweep's runs: one row per group, the sweep metric's (and the
 test metrics') mean, standard deviation and 95% confidence interval over the finished runs (the seeds),
-at each run's best epoch, and how many runs finished and failed.
+at each run's best epoch, and how many runs finished and failed; and, as report.py does, a warning of a
+group whose runs were trained by more than one version of the code (main.py changed between sittings).
 Exit status: 0 the sweep is done (whatever its runs' tags), 1 its state file is damaged, 2 bad
 command line or sweep file, 130 interrupted by Ctrl+C.
 """
@@ -277,7 +278,9 @@ def summary(config: dict, runs: list[dict], runs_dir: Path) -> str:
     hyperparameters = options.hyperparameter_names(main_parser())
     text = "No run left results to report."
     if found and metrics:
-        text = report.render(replicates.groups(found, metrics, replicates.BEST), hyperparameters, metrics, "markdown")
+        ranked = replicates.groups(found, metrics, replicates.BEST)
+        table = report.render(ranked, hyperparameters, metrics, "markdown")
+        text = "\n\n".join([table, *replicates.code_warnings(ranked)])  # a main.py changed between sittings
     if known and config["metric"]["name"] not in known:  # a typo (val_accuracy): W&B would say nothing either
         text = (
             f"Warning: no run logged the sweep's metric {config['metric']['name']}; they logged "

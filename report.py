@@ -37,6 +37,7 @@ from boilerplate.replicates import (
     Group,
     ReportError,
     Stats,
+    code_warnings,
     default_metrics,
     groups,
     higher_is_better,
@@ -292,14 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     hyperparameters = options.hyperparameter_names(project)
     found = groups(runs, metrics, args.at)
     print(render(found, hyperparameters, metrics, args.format))
-    for g in found:  # the group names the hyper-parameters, not the code: a model changed in main.py keeps it
-        if len(g.codes) > 1:
-            versions = ", ".join(f"{code} ({n} run{'s' if n > 1 else ''})" for code, n in g.codes.items())
-            print(
-                f"Warning: group {g.name}: its replicates were trained by {len(g.codes)} versions of the code "
-                f"(code/version {versions}): they may not be replicates of one experiment",
-                file=sys.stderr,
-            )
+    for line in code_warnings(found):
+        print(line, file=sys.stderr)
     if args.format in ("table", "markdown"):
         skipped = f"; {len(damaged)} unreadable run folders skipped" if damaged else ""
         print(f"\n{len(runs)} runs in {len(found)} groups{skipped}; metrics at each run's {args.at} epoch.")

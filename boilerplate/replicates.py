@@ -261,6 +261,20 @@ def groups(runs: list[Replicate], metrics: list[str], at: str) -> list[Group]:
     return sorted(found, key=lambda g: (math.isnan(g.stats[first].mean), sign * g.stats[first].mean, g.name))
 
 
+def code_warnings(found: Iterable[Group]) -> list[str]:
+    """A line for each group whose replicates were trained by more than one version of the code: a group is
+    named by the hyper-parameters, not the code, so a model or a loss changed in main.py keeps it."""
+    lines = []
+    for g in found:
+        if len(g.codes) > 1:
+            versions = ", ".join(f"{code} ({n} run{'s' if n > 1 else ''})" for code, n in g.codes.items())
+            lines.append(
+                f"Warning: group {g.name}: its replicates were trained by {len(g.codes)} versions of the code "
+                f"(code/version {versions}): they may not be replicates of one experiment"
+            )
+    return lines
+
+
 def varied(found: list[Group], names: list[str]) -> tuple[list[str], dict]:
     """The hyper-parameters that differ between the groups, and those equal everywhere with their value."""
     values = {name: {json.dumps(g.config.get(name)) for g in found} for name in names}

@@ -26,6 +26,7 @@ from conftest import (
     WAIT,
     Output,
     epoch_rows,
+    fork,
     group_of,
     processes_with,
     results,
@@ -345,6 +346,22 @@ def test_an_interrupted_sweep_resumes_without_repeating_a_run(tiny_data, tmp_pat
     runs = state(sweep)
     assert configs(runs) == configs([{"config": {"seed": s, "epochs": 2}} for s in (0, 1, 2)])
     assert first[0] in runs and all(r["status"] == "finished" for r in runs)
+
+
+def test_a_sweep_whose_main_py_changed_between_sittings_says_so_at_the_end(tiny_data, tmp_path):
+    """A researcher changes main.py's loss and runs the sweep again with a seed more: the group holds runs of
+    two codes (a group is named by the hyper-parameters alone), and the closing table says so, as report.py
+    does; a sweep of one code says nothing."""
+    program = fork(tmp_path) / "main.py"
+    sweep = write_sweep(tmp_path, {"seed": {"values": [0]}, "epochs": {"value": 1}}, program=str(program))
+    stdout = finish(start_local_sweep(sweep, tiny_data, "--wandb", "disabled"))
+    assert "| finished" in stdout and "Warning" not in stdout, stdout
+    old = "    return F.cross_entropy(logits, labels)"
+    program.write_text(program.read_text().replace(old, "    logits = logits + 0\n" + old))
+    write_sweep(tmp_path, {"seed": {"values": [0, 1]}, "epochs": {"value": 1}}, program=str(program))
+    stdout = finish(start_local_sweep(sweep, tiny_data, "--wandb", "disabled"))
+    assert [r["config"]["seed"] for r in state(sweep)] == [0, 1]
+    assert stdout.count("its replicates were trained by 2 versions of the code") == 1, stdout
 
 
 def test_a_sweep_whose_output_nobody_reads_any_more_goes_on_to_its_end(tiny_data, tmp_path):
