@@ -21,6 +21,19 @@ OFFLINE = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}  # real W&B, writing
 WAIT = 120  # seconds a test waits for a line of a process's output before it fails with what it read
 
 
+def cores() -> int:
+    """The cores this process may use (a job's share), as main.py counts them where it can."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# Tests side by side (pytest -n, pytest.ini): each gets its share of the cores for torch's threads, in its
+# own process and in the runs it starts, as local_sweep.py gives its runs. Torch's threads spin while they
+# wait for each other, and two processes with a thread per core each take turns badly
+# (docs/performance.md, "Runs at the same time"). Set here, before any test module imports torch.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores() // workers)))
+
+
 def in_memory(dataset, count: int | None = None):
     """The first `count` samples (all by default) of any map-style dataset, as a TensorDataset: the tests
     that drive train_epoch's device-resident path straight take a fork's data this way, whether its
