@@ -24,7 +24,8 @@ import signal
 
 if __name__ == "__main__":  # first of all: stop signals wait until this process can act on them (the guard's)
     signal.pthread_sigmask(
-        signal.SIG_BLOCK, (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+        signal.SIG_BLOCK,
+        (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT),
     )
 
 import math

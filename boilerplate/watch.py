@@ -82,16 +82,17 @@ TERM_GRACE = 2.0
 GUARD_STOP = utils.GUARD_STOP  # the guard's word for a SIGTERM that reached main.py alone
 GUARD_DIED = utils.GUARD_DIED  # what Linux sends the training process when the guard dies
 WORDS = (GUARD_STOP, GUARD_DIED)
+# Ctrl+\ (SIGQUIT) kills the training process at once, as Linux's default has it; the guard outlives it, to
+# end the run as after a second Ctrl+C (it left results.json `running` for good when it died of it too).
+QUIT = signal.SIGQUIT
 # The signals from outside, which main.py's first line holds back until the process can act on them (the
 # training process holds the guard's words too, from its start: Linux keeps a signal mask across exec).
-HELD = tuple(s for s in utils.STOP_SIGNALS if s not in WORDS)
+# Ctrl+\ too: before the guard had its handler, it killed the guard with no word said (under load, 0.2 s in).
+HELD = (*(s for s in utils.STOP_SIGNALS if s not in WORDS), QUIT)
 # Those this process acts on: nohup starts it ignoring SIGHUP, so that a closed terminal stops nothing, and
 # it stays so (the training process inherits the guard's SIG_IGN; a handler Linux resets as it starts it).
 HEARD = tuple(s for s in utils.STOP_SIGNALS if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN))
 PERSONAL = tuple(s for s in HELD if s in HEARD)  # the guard's
-# Ctrl+\ (SIGQUIT) kills the training process at once, as Linux's default has it; the guard outlives it, to
-# end the run as after a second Ctrl+C (it left results.json `running` for good when it died of it too).
-QUIT = signal.SIGQUIT
 # What stopped a process before its run began, as its last line says: before the run has begun, a
 # preemption and a stop end alike (nothing is recorded), so the message names the signal, not a tag.
 CAUSES = {
@@ -180,7 +181,8 @@ class Link:
         if self.previous is None:
             self.previous = {signum: signal.signal(signum, self._handle) for signum in HEARD}
             self.previous[signal.SIGCONT] = signal.signal(signal.SIGCONT, self._resumed)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, utils.STOP_SIGNALS)  # what waited is handled now
+            # What waited is handled now; a Ctrl+\ kills the process, as Linux's default has it.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, (*utils.STOP_SIGNALS, QUIT))
         return self
 
     def __enter__(self) -> "Link":
@@ -336,7 +338,7 @@ def guard(script: str, argv: list[str], epoch_timeout: float) -> int:
     for signum in (*PERSONAL, QUIT, signal.SIGCONT):
         signal.signal(signum, watch.heard)
     signal.set_wakeup_fd(watch.wake[1])  # a signal wakes the loop's select at once
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, PERSONAL)  # held since main.py's first line
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (*PERSONAL, QUIT))  # held since main.py's first line
     try:
         for signum in watch.take_signals():
             watch.act(signum)
