@@ -26,6 +26,15 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """pytest -n auto (pytest.ini): two tests a core. Most of a test waits on the processes it starts (for
+    their start, for the moment of a fault): with one a core the suite kept 1.66 of this machine's 2 cores
+    busy and took 21.5 minutes, with two 1.90 and 17 (docs/development.md); three a core gained nothing.
+    And no more than one per 2 GiB of memory: four here used 5.5 GiB at most, with their processes."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return max(1, min(2 * cores(), int(memory // 2)))
+
+
 # Tests side by side (pytest -n, pytest.ini): each gets its share of the cores for torch's threads, in its
 # own process and in the runs it starts, as local_sweep.py gives its runs. Torch's threads spin while they
 # wait for each other, and two processes with a thread per core each take turns badly
