@@ -381,6 +381,15 @@ class Record:
         if self.run is None:  # W&B's own way to log nothing: a fork's wandb.log calls work without W&B too
             self.run = wandb_start.disabled_run()
         self.run_path = self.run.path if self.run and not self.run.disabled else None
+        if self.owner and self.opts["log_model"] != "no" and not self.run_path:  # asked for, and nowhere to go
+            why = " (no --wandb_project, WANDB_PROJECT or sweep asks for one)" if not wandb_wanted(self.opts) else ""
+            why = " (WANDB_MODE=disabled)" if why == "" and os.environ.get("WANDB_MODE") == "disabled" else why
+            keeps = "best.pt" if self.opts["log_model"] == "best" else "model.pt"
+            print(
+                f"Warning: --log_model {self.opts['log_model']} logs the model to W&B, and this run logs to no W&B "
+                f"run{why}: no model will be logged (with --save yes, {keeps} in the run folder holds it)",
+                file=sys.stderr,
+            )
         self.user_tags = tuple(self.run.tags) if self.run else ()
         self.save("running")
         self.tell_guard(

@@ -85,6 +85,12 @@ def run(experiment: Experiment, argv: list[str] | None, link: watch.Link) -> int
     reasons = utils.prune_hyperparameters(opts, parser)
     for reason in reasons if owner else []:
         print(f"Warning: irrelevant hyper-parameters: {reason}", file=sys.stderr)
+    if owner and args.log_model == "best" and args.monitor == utils.NO_MONITOR:
+        print(
+            "Warning: --log_model best logs the model at each better --monitor, and --monitor none keeps no best "
+            "epoch: no model will be logged (--log_model end logs the last)",
+            file=sys.stderr,
+        )
     keep = owner and (args.save or args.checkpoint_every)  # checkpoints live in the run folder too
     # torchrun starts every rank again after one failed (--max-restarts) and when a machine joins the job
     # (--nnodes MIN:MAX): the job continues the run it stopped, as torch asks of a script started again, where

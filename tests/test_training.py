@@ -39,7 +39,7 @@ from conftest import (
     whole_epochs,
     without_times,
 )
-from wandb_file import find_run, find_runs
+from wandb_file import find_run, find_runs, read_run
 from wandb_server import WandbServer
 
 
@@ -241,6 +241,33 @@ def test_the_model_is_logged_as_a_wandb_artifact_and_read_back_from_the_run_file
         assert sorted(artifacts[-1]["aliases"]) == ["best", "latest"] and improved[-1] == res["best"]["best/epoch"]
     else:
         assert [(a["metadata"]["epoch"], a["aliases"]) for a in artifacts] == [(3, ["latest"])]
+
+
+def test_a_model_asked_of_wandb_where_none_will_be_logged_is_said_as_the_run_starts(
+    tiny_data, wandb_dir, tmp_path, capfd, monkeypatch
+):
+    """--log_model without a W&B run, or best with --monitor none (never a better epoch), logs no model: the
+    run trains, and says so as it starts, instead of leaving a researcher to look for the artifact."""
+    quick = ("--epochs", "1", "--save", "no")
+    with monkeypatch.context() as without_wandb:
+        without_wandb.setenv("WANDB_MODE", "disabled")
+        assert run_main(*small_run(tiny_data, tmp_path, *quick, "--log_model", "end")) == 0
+        assert run_main(*small_run(tiny_data, tmp_path, *quick, "--log_model", "best", "--wandb_project", "p")) == 0
+    err = capfd.readouterr().err
+    assert "Warning: --log_model end logs the model to W&B, and this run logs to no W&B run (no --wandb_project" in err
+    assert "no W&B run (WANDB_MODE=disabled): no model will be logged (with --save yes, best.pt" in err
+    argv = small_run(tiny_data, tmp_path, *quick, "--log_model", "best", "--wandb_project", "boilerplate-tests")
+    assert run_main(*argv, "--monitor", "none", "--seed", "1") == 0
+    assert run_main(*argv, "--seed", "2") == 0  # logs one: no warning
+    err = capfd.readouterr().err
+    assert err.count("Warning: --log_model") == 1
+    assert "Warning: --log_model best logs the model at each better --monitor, and --monitor none" in err
+    wandb.teardown()  # W&B's service writes the files behind the process's back
+    runs_ = [read_run(path) for path in wandb_dir.glob("wandb/offline-run-*/run-*.wandb")]
+    assert sorted((r.config["seed"], any(a["type"] == "model" for a in r.artifacts)) for r in runs_) == [
+        (1, False),
+        (2, True),
+    ]
 
 
 @pytest.mark.parametrize("when", ["best", "end"])
