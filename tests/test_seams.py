@@ -326,7 +326,8 @@ def test_a_forks_own_wandb_log_in_the_batch_loop_leaves_its_tests_and_its_run_wo
     straight = "batch_loop or witness or host_looks or statistics_are or frozen_layer"
     tests = ["tests/test_syncs.py", "tests/test_training.py", "-k", straight]
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        # -n 0: one process, in this test's share of the cores (pytest.ini's -n auto would start 4 more)
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", *tests],
         cwd=folder,
         capture_output=True,
         text=True,
