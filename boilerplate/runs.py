@@ -546,7 +546,9 @@ class Record:
             )
         # W&B reads its settings once a process: a next run in it (a notebook, the tests) reads them afresh
         wandb_start.teardown()
-        resumable = self.opts["checkpoint_every"] and utils.resumable(self.tags)
+        # A run resumed with --checkpoint_every 0 keeps the checkpoint an earlier sitting left, to go on from
+        checkpointed = self.opts["checkpoint_every"] or (self.folder and (self.folder / "checkpoint.pt").exists())
+        resumable = bool(checkpointed) and utils.resumable(self.tags)
         if self.folder and not resumable:
             (self.folder / "checkpoint.pt").unlink(missing_ok=True)
             if not self.opts["save"]:

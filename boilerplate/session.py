@@ -91,7 +91,9 @@ def run(experiment: Experiment, argv: list[str] | None, link: watch.Link) -> int
             "epoch: no model will be logged (--log_model end logs the last)",
             file=sys.stderr,
         )
-    keep = owner and (args.save or args.checkpoint_every)  # checkpoints live in the run folder too
+    # Checkpoints live in the run folder too. --resume yes looks for the stopped run even where this sitting
+    # keeps nothing (--save no --checkpoint_every 0): an earlier sitting may have left one.
+    keep = owner and (args.save or args.checkpoint_every or args.resume)
     # torchrun starts every rank again after one failed (--max-restarts) and when a machine joins the job
     # (--nnodes MIN:MAX): the job continues the run it stopped, as torch asks of a script started again, where
     # it would train another from scratch beside the one it left. Its run is the one its job id left.

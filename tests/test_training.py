@@ -194,6 +194,35 @@ def test_patience_stops_a_run_that_no_longer_improves_and_survives_a_resume(stop
         assert resumed["best"] == res["best"]
 
 
+def test_resume_yes_continues_the_stopped_run_where_this_sitting_keeps_nothing(tiny_data, tmp_path, monkeypatch, capfd):
+    """--resume yes with --save no --checkpoint_every 0 (a sitting that keeps nothing of its own) still continues
+    the stopped run an earlier sitting left, and a second stop keeps that run's checkpoint to go on from. Before,
+    it did not look: it trained a new run from scratch without a word, and the stopped one was left behind."""
+    preempt = Preempted(monkeypatch)
+    verbose = ("--epochs", "3", "--verbose", "1")
+    assert run_main(*small_run(tiny_data, tmp_path / "whole", *verbose)) == 0
+    last = [line for line in capfd.readouterr().out.splitlines() if line.startswith("epoch 3/3")]
+    argv = small_run(tiny_data, tmp_path / "out", *verbose, "--save", "no")
+    preempt.start(3)  # stopped in epoch 3: the checkpoint holds epochs 1 and 2
+    assert run_main(*argv) == 1
+    folder, _ = results(tmp_path / "out")
+    nothing_kept = (*argv, "--checkpoint_every", "0", "--resume", "yes")
+    preempt.start(1)  # stopped again at once: epoch 3 is this sitting's first
+    capfd.readouterr()
+    assert run_main(*nothing_kept) == 1
+    assert f"Resuming the run in {folder}" in capfd.readouterr().err
+    assert (folder / "checkpoint.pt").exists() and json.loads((folder / "results.json").read_text())["tags"] == [
+        "Preempted"
+    ]
+    preempt.start()
+    assert run_main(*nothing_kept) == 0
+    out = capfd.readouterr().out
+    assert [line.rsplit("(", 1)[0] for line in out.splitlines() if line.startswith("epoch")] == [
+        line.rsplit("(", 1)[0] for line in last
+    ]  # epoch 3 alone, as the run never stopped trained it
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json"))  # finished, --save no
+
+
 def test_a_torchrun_jobs_new_start_continues_the_run_it_stopped_and_no_other(tiny_data, tmp_path, monkeypatch, capfd):
     """torchrun starts a job's processes again when a machine joins it (its restart count still 0): the job
     continues the run it stopped, found by the job's id (TORCHELASTIC_RUN_ID, kept in results.json), and says
